@@ -1,0 +1,124 @@
+"""Configuration of a ScratchPipe engine and the optimizers it supports."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+#: Optimizers whose per-row update FBGEMM's TBE runs on each device type, with the names
+#: of their per-row state tensors (in ``split_optimizer_states()`` order).
+OPTIMIZER_STATE_NAMES: Dict[EmbOptimType, List[str]] = {
+    EmbOptimType.EXACT_SGD: [],
+    EmbOptimType.EXACT_ADAGRAD: ["momentum1"],
+    EmbOptimType.EXACT_ROWWISE_ADAGRAD: ["momentum1"],
+    EmbOptimType.ADAM: ["exp_avg", "exp_avg_sq"],
+}
+CPU_OPTIMIZERS: Tuple[EmbOptimType, ...] = (
+    EmbOptimType.EXACT_SGD,
+    EmbOptimType.EXACT_ADAGRAD,
+    EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+)
+CUDA_OPTIMIZERS: Tuple[EmbOptimType, ...] = CPU_OPTIMIZERS + (EmbOptimType.ADAM,)
+VICTIM_POLICIES: Tuple[str, ...] = ("future", "lru")
+
+
+def supported_optimizers(device: torch.device) -> Tuple[EmbOptimType, ...]:
+    """Optimizers the scratchpad can train with on ``device``."""
+    return CUDA_OPTIMIZERS if device.type == "cuda" else CPU_OPTIMIZERS
+
+
+def check_optimizer(optimizer: EmbOptimType, device: torch.device) -> None:
+    """Raise a ValueError naming the alternatives when ``optimizer`` cannot run on ``device``."""
+    allowed = supported_optimizers(device)
+    if optimizer not in allowed:
+        names = ", ".join(o.name for o in allowed)
+        raise ValueError(
+            f"ScratchPipe cannot train with optimizer {optimizer.name} on a {device.type} "
+            f"device: FBGEMM's TBE supports only {names} there. Pick one of those"
+            + (" (Adam needs CUDA)." if optimizer == EmbOptimType.ADAM else ".")
+        )
+
+
+@dataclass
+class ScratchPipeConfig:
+    """Settings of one ScratchPipe engine.
+
+    Args:
+        cache_rows: scratchpad slots per table group (tables sharing dim and pooling).
+            When None, ``load_factor`` sizes it.
+        load_factor: slots as a fraction of the group's rows (the knob TorchRec's
+            ``CacheParams.load_factor`` gives ``fused_uvm_caching``). Default 0.2.
+        lookahead: L, batches planned and moved in ahead of the training batch.
+        horizon: H >= L, batches ahead of the training batch whose ids the victim policy
+            may look at (ids only; nothing moves for them). Defaults to ``lookahead``.
+        optimizer: fused optimizer applied in backward inside the scratchpad.
+        learning_rate, eps, weight_decay, beta1, beta2: optimizer hyper-parameters,
+            passed to FBGEMM's TBE.
+        victim_policy: ``"future"`` (farthest next use within the horizon, ties by least
+            recent use) or ``"lru"`` (least recent use only).
+
+    Example::
+
+        >>> cfg = ScratchPipeConfig(cache_rows=1024, lookahead=2, horizon=8)
+        >>> cfg.slots_for(100_000)
+        1024
+    """
+
+    cache_rows: Optional[int] = None
+    load_factor: Optional[float] = None
+    lookahead: int = 0
+    horizon: Optional[int] = None
+    optimizer: EmbOptimType = EmbOptimType.EXACT_ROWWISE_ADAGRAD
+    learning_rate: float = 0.01
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    victim_policy: str = "future"
+
+    def __post_init__(self) -> None:
+        if self.cache_rows is not None and self.cache_rows <= 0:
+            raise ValueError(f"cache_rows must be positive, got {self.cache_rows}.")
+        if self.load_factor is not None and not 0.0 < self.load_factor:
+            raise ValueError(
+                f"load_factor must be > 0 (a fraction of the table's rows), got {self.load_factor}."
+            )
+        if self.lookahead < 0:
+            raise ValueError(f"lookahead must be >= 0, got {self.lookahead}.")
+        if self.horizon is not None and self.horizon < self.lookahead:
+            raise ValueError(
+                f"horizon ({self.horizon}) must be >= lookahead ({self.lookahead}): the "
+                "planner must at least see the batches it moves rows in for."
+            )
+        if self.victim_policy not in VICTIM_POLICIES:
+            raise ValueError(
+                f"victim_policy must be one of {VICTIM_POLICIES}, got {self.victim_policy!r}."
+            )
+        if not isinstance(self.optimizer, EmbOptimType):
+            raise ValueError(f"optimizer must be an fbgemm EmbOptimType, got {self.optimizer!r}.")
+
+    @property
+    def effective_horizon(self) -> int:
+        """H, defaulting to L."""
+        return self.lookahead if self.horizon is None else self.horizon
+
+    def slots_for(self, num_rows: int) -> int:
+        """Scratchpad slots for a group of ``num_rows`` rows (never more than the rows)."""
+        if self.cache_rows is not None:
+            return min(self.cache_rows, num_rows)
+        factor = 0.2 if self.load_factor is None else self.load_factor
+        return max(1, min(num_rows, math.ceil(factor * num_rows)))
+
+    def optimizer_kwargs(self) -> Dict[str, float]:
+        """Keyword arguments for FBGEMM's TBE constructor."""
+        return {
+            "learning_rate": self.learning_rate,
+            "eps": self.eps,
+            "weight_decay": self.weight_decay,
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+        }

@@ -1,0 +1,172 @@
+"""Stage 1, plan: the slot map, holds and victim choice of one scratchpad.
+
+The planner knows nothing about weights; it only decides which row lives in which slot.
+The engine, the simulator and the capacity advisor all use this same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+
+class CapacityError(ValueError):
+    """A single batch needs more distinct rows than the scratchpad has slots."""
+
+
+@dataclass
+class SlotPlan:
+    """Where one batch's rows live, and what moves to put them there.
+
+    Args:
+        step: sequence number of the batch (monotone per planner).
+        rows: the batch's distinct rows (group row space), sorted.
+        slots: slot of each entry of ``rows``.
+        miss_rows: rows that were not resident and must be brought in.
+        miss_slots: slots they go to.
+        victim_rows: resident rows evicted for them (to be written back).
+        victim_slots: slots those victims held (a subset of ``miss_slots``).
+    """
+
+    step: int
+    rows: torch.Tensor
+    slots: torch.Tensor
+    miss_rows: torch.Tensor
+    miss_slots: torch.Tensor
+    victim_rows: torch.Tensor
+    victim_slots: torch.Tensor
+
+
+class SlotPlanner:
+    """Slot map (row -> slot, slot -> row), hold counts and victim choice.
+
+    A slot is *held* while any planned, unreleased batch uses it; held slots are never
+    victims. Victims come from unheld slots: empty ones first, then by ``policy``:
+    ``"future"`` evicts the row whose next use in ``peek`` is farthest (rows not seen
+    there count as never used again), ties broken by least recent use; ``"lru"`` uses
+    recency only. Everything is vectorized: no Python loop runs per id.
+
+    Args:
+        num_rows: size of the row space (all tables of the group, concatenated).
+        capacity: number of slots C.
+        policy: ``"future"`` or ``"lru"``.
+        device: where the maps live (the device the ids arrive on).
+
+    Example::
+
+        >>> p = SlotPlanner(num_rows=10, capacity=2)
+        >>> plan = p.try_plan(torch.tensor([3, 7]), step=0)
+        >>> plan.miss_rows.tolist(), p.held_slots()
+        ([3, 7], 2)
+        >>> p.try_plan(torch.tensor([1]), step=1) is None  # both slots are held
+        True
+        >>> p.release(plan)
+        >>> p.try_plan(torch.tensor([1]), step=1).victim_rows.numel()
+        1
+    """
+
+    def __init__(
+        self,
+        num_rows: int,
+        capacity: int,
+        policy: str = "future",
+        device: Optional[torch.device] = None,
+    ) -> None:
+        if capacity <= 0 or num_rows <= 0:
+            raise ValueError(f"capacity ({capacity}) and num_rows ({num_rows}) must be positive.")
+        self.num_rows = num_rows
+        self.capacity = capacity
+        self.policy = policy
+        dev = device or torch.device("cpu")
+        self.row_to_slot = torch.full((num_rows,), -1, dtype=torch.int64, device=dev)
+        self.slot_to_row = torch.full((capacity,), -1, dtype=torch.int64, device=dev)
+        self.hold = torch.zeros(capacity, dtype=torch.int32, device=dev)
+        self.last_use = torch.full((capacity,), -1, dtype=torch.int64, device=dev)
+
+    def held_slots(self) -> int:
+        """Number of slots held by planned, unreleased batches."""
+        return int((self.hold > 0).sum())
+
+    def resident(self) -> torch.Tensor:
+        """Boolean mask over slots that hold a row."""
+        return self.slot_to_row >= 0
+
+    def try_plan(
+        self, rows: torch.Tensor, step: int, peek: Sequence[torch.Tensor] = ()
+    ) -> Optional[SlotPlan]:
+        """Place the distinct ``rows`` of batch ``step`` and hold their slots.
+
+        Args:
+            rows: distinct row ids of the batch (any order).
+            step: the batch's sequence number; later batches have larger steps.
+            peek: row ids of the batches after this one, nearest first (victim policy).
+
+        Returns:
+            The plan, or None when the misses do not fit in the unheld slots now (nothing
+            changes then; retry after older batches are released).
+
+        Raises:
+            CapacityError: the batch alone has more distinct rows than slots.
+        """
+        if rows.numel() > self.capacity:
+            raise CapacityError(
+                f"a batch needs {rows.numel()} distinct rows but the scratchpad has "
+                f"{self.capacity} slots"
+            )
+        slots = self.row_to_slot[rows]
+        hit = slots >= 0
+        miss_rows = rows[~hit]
+        n_miss = miss_rows.numel()
+        free = self.hold == 0
+        free[slots[hit]] = False
+        candidates = free.nonzero().squeeze(1)
+        if n_miss > candidates.numel():
+            return None
+        empty = rows.new_empty(0)
+        victim_rows, victim_slots, miss_slots = empty, empty, empty
+        if n_miss > 0:
+            if n_miss == candidates.numel():
+                miss_slots = candidates
+            else:
+                score = self._victim_score(candidates, step, peek)
+                miss_slots = candidates[torch.topk(score, n_miss, sorted=False).indices]
+            old = self.slot_to_row[miss_slots]
+            was_full = old >= 0
+            victim_rows, victim_slots = old[was_full], miss_slots[was_full]
+            self.row_to_slot[victim_rows] = -1
+            self.row_to_slot[miss_rows] = miss_slots
+            self.slot_to_row[miss_slots] = miss_rows
+            slots = slots.clone()
+            slots[~hit] = miss_slots
+        self.hold[slots] += 1
+        self.last_use[slots] = step
+        return SlotPlan(step, rows, slots, miss_rows, miss_slots, victim_rows, victim_slots)
+
+    def release(self, plan: SlotPlan) -> None:
+        """Drop the holds of a batch that has finished training."""
+        self.hold[plan.slots] -= 1
+
+    def _victim_score(
+        self, candidates: torch.Tensor, step: int, peek: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        """Higher is a better victim: empty, then farthest next use, then least recent."""
+        recency = step - self.last_use[candidates]  # >= 1; larger = older
+        span = step + 2
+        never = len(peek) + 1
+        if self.policy == "future" and len(peek) > 0:
+            next_use = torch.full((self.capacity,), never, dtype=torch.int64, device=candidates.device)
+            ids = torch.cat(list(peek))
+            pos = torch.repeat_interleave(
+                torch.arange(1, len(peek) + 1, device=ids.device),
+                torch.tensor([p.numel() for p in peek], device=ids.device),
+            )
+            s = self.row_to_slot[ids]
+            seen = s >= 0
+            next_use.scatter_reduce_(0, s[seen], pos[seen], reduce="amin")
+            score = next_use[candidates] * span + recency
+        else:
+            score = recency
+        empty = self.slot_to_row[candidates] < 0
+        return torch.where(empty, torch.full_like(score, (never + 1) * span), score)

@@ -1,0 +1,102 @@
+"""Stage 5, train: FBGEMM's TBE over the C scratchpad slots of one table group."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+    ComputeDevice,
+    SplitTableBatchedEmbeddingBagsCodegen,
+)
+
+from torchrec_scratchpipe.core.config import OPTIMIZER_STATE_NAMES, ScratchPipeConfig, check_optimizer
+
+
+class Scratchpad(torch.nn.Module):
+    """C device-resident slots (weights + optimizer state) trained by one TBE.
+
+    Every feature of the group maps to the same single TBE table of C rows, so all the
+    group's tables share the slots. Forward takes *slot* indices; backward runs FBGEMM's
+    fused optimizer on the touched slots, so the numerics are FBGEMM's own.
+
+    Args:
+        capacity: number of slots C.
+        dim: embedding dimension.
+        num_features: features (bags per sample) the group pools.
+        pooling: FBGEMM pooling mode.
+        config: optimizer and hyper-parameters.
+        device: ``cpu`` (HOST placement) or ``cuda`` (DEVICE placement).
+
+    Example::
+
+        >>> pad = Scratchpad(4, 8, num_features=1, pooling=PoolingMode.SUM,
+        ...                  config=ScratchPipeConfig(), device=torch.device("cpu"))
+        >>> pad(torch.tensor([0, 1]), torch.tensor([0, 1, 2])).shape
+        torch.Size([2, 8])
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        dim: int,
+        num_features: int,
+        pooling: PoolingMode,
+        config: ScratchPipeConfig,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        check_optimizer(config.optimizer, device)
+        on_cuda = device.type == "cuda"
+        spec = (
+            capacity,
+            dim,
+            EmbeddingLocation.DEVICE if on_cuda else EmbeddingLocation.HOST,
+            ComputeDevice.CUDA if on_cuda else ComputeDevice.CPU,
+        )
+        self.tbe = SplitTableBatchedEmbeddingBagsCodegen(
+            [spec],
+            feature_table_map=[0] * num_features,
+            optimizer=config.optimizer,
+            pooling_mode=pooling,
+            device=device,
+            **config.optimizer_kwargs(),
+        )
+        self.state_names: List[str] = OPTIMIZER_STATE_NAMES[config.optimizer]
+        self.weights: torch.Tensor = self.tbe.split_embedding_weights()[0]
+        states = self.tbe.split_optimizer_states()
+        self.states: Dict[str, torch.Tensor] = (
+            dict(zip(self.state_names, states[0])) if states else {}
+        )
+        with torch.no_grad():
+            self.weights.zero_()
+
+    def forward(
+        self,
+        slot_indices: torch.Tensor,
+        offsets: torch.Tensor,
+        per_sample_weights: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Pooled embeddings [B, num_features * dim] for slot-remapped bags."""
+        return self.tbe(slot_indices, offsets, per_sample_weights)
+
+    def read(self, slots: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Weights and states of ``slots`` (on the scratchpad's device)."""
+        out = {"weights": self.weights.index_select(0, slots)}
+        for name, st in self.states.items():
+            out[name] = st.index_select(0, slots)
+        return out
+
+    @torch.no_grad()
+    def write(self, slots: torch.Tensor, values: Dict[str, torch.Tensor]) -> None:
+        """Insert rows' weights and states into ``slots``."""
+        self.weights.index_copy_(0, slots, values["weights"])
+        for name, st in self.states.items():
+            st.index_copy_(0, slots, values[name])
+
+    def set_learning_rate(self, lr: float) -> None:
+        self.tbe.set_learning_rate(lr)
+
+    def get_learning_rate(self) -> float:
+        return float(self.tbe.get_learning_rate())

@@ -1,0 +1,71 @@
+"""The backing store: full tables and their per-row optimizer state in host memory."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+
+
+class BackingStore:
+    """Host-resident rows of one table group: weights plus optimizer state per row.
+
+    Tables are concatenated into one row space; table ``t`` owns rows
+    ``[offsets[t], offsets[t + 1])``. Memory is pinned when CUDA is available, so rows
+    can be copied to and from the device asynchronously.
+
+    Args:
+        table_rows: rows of each table, in group order.
+        dim: embedding dimension.
+        state_shapes: per optimizer state, its per-row shape (``()`` or ``(dim,)``).
+        pin: pin the memory (ignored without CUDA).
+
+    Example::
+
+        >>> s = BackingStore([4, 6], dim=2, state_shapes={"momentum1": ()})
+        >>> s.weights.shape, s.states["momentum1"].shape, s.offsets.tolist()
+        (torch.Size([10, 2]), torch.Size([10]), [0, 4, 10])
+    """
+
+    def __init__(
+        self,
+        table_rows: Sequence[int],
+        dim: int,
+        state_shapes: Dict[str, tuple],
+        pin: bool = True,
+    ) -> None:
+        self.table_rows: List[int] = list(table_rows)
+        self.offsets = torch.tensor([0] + self.table_rows).cumsum(0)
+        total = int(self.offsets[-1])
+        pin = pin and torch.cuda.is_available()
+        self.weights = torch.zeros(total, dim, pin_memory=pin)
+        self.states: Dict[str, torch.Tensor] = {
+            name: torch.zeros((total,) + tuple(shape), pin_memory=pin)
+            for name, shape in state_shapes.items()
+        }
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.offsets[-1])
+
+    def table_view(self, tensor: torch.Tensor, t: int) -> torch.Tensor:
+        """Rows of table ``t`` in ``tensor`` (a view, no copy)."""
+        return tensor[int(self.offsets[t]) : int(self.offsets[t + 1])]
+
+    def gather(self, rows: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Weights and states of ``rows`` (collect), keyed ``"weights"`` and state names."""
+        out = {"weights": self.weights.index_select(0, rows)}
+        for name, st in self.states.items():
+            out[name] = st.index_select(0, rows)
+        return out
+
+    def scatter(self, rows: torch.Tensor, values: Dict[str, torch.Tensor]) -> None:
+        """Write ``values`` (as returned by ``gather``) back to ``rows`` (write-back)."""
+        self.weights.index_copy_(0, rows, values["weights"])
+        for name, st in self.states.items():
+            st.index_copy_(0, rows, values[name])
+
+    def nbytes_per_row(self) -> int:
+        """Bytes one row moves (weights and state)."""
+        n = self.weights[0].nelement() * self.weights.element_size()
+        return n + sum(s[0].nelement() * s.element_size() for s in self.states.values())
