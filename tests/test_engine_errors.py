@@ -1,0 +1,142 @@
+"""Bad input gets a clear ValueError, raised before any state changes."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict
+
+import pytest
+import torch
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from engine_utils import make_tables, power_law_stream
+from torchrec_scratchpipe import CapacityError, ScratchPipeConfig, ScratchPipeEmbeddingBags
+
+ROWS = [30, 20]
+
+
+def trained_engine() -> ScratchPipeEmbeddingBags:
+    emb = ScratchPipeEmbeddingBags(make_tables(ROWS, [4, 4]), ScratchPipeConfig(cache_rows=12, lookahead=1))
+    stream = power_law_stream(ROWS, 6, 2, max_len=3)
+    for k in stream[:2]:
+        emb.prefetch(k)
+    for i, k in enumerate(stream[:4]):
+        emb(k).values().sum().backward()
+        emb.prefetch(stream[i + 2])
+    return emb
+
+
+def snapshot(emb: ScratchPipeEmbeddingBags) -> Dict[str, Any]:
+    g = emb.groups["dim4_sum"]
+    return {
+        "stats": copy.deepcopy(emb.stats()),
+        "row_to_slot": g.planner.row_to_slot.clone(),
+        "hold": g.planner.hold.clone(),
+        "pad": g.pad.weights.detach().clone(),
+        "store": g.store.weights.clone(),
+        "queue": len(emb._queue),
+        "window": len(g.window),
+    }
+
+
+def assert_untouched(emb: ScratchPipeEmbeddingBags, before: Dict[str, Any]) -> None:
+    after = snapshot(emb)
+    for key, value in before.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, after[key]), key
+        else:
+            assert value == after[key], key
+
+
+def kjt(values, lengths, keys=("f0", "f1"), offsets=None) -> KeyedJaggedTensor:
+    if offsets is not None:
+        return KeyedJaggedTensor(keys=list(keys), values=torch.tensor(values), offsets=torch.tensor(offsets))
+    return KeyedJaggedTensor(keys=list(keys), values=torch.tensor(values), lengths=torch.tensor(lengths))
+
+
+BAD = {
+    "negative id": (kjt([1, -3, 2], [1, 1, 1, 0]), r"id -3 of feature 'f0' is out of range for table 't0' with 30 rows"),
+    "id past the end": (kjt([1, 3, 20], [1, 1, 1, 0]), r"id 20 of feature 'f1' is out of range for table 't1' with 20 rows"),
+    "lengths vs values": (kjt([1, 2, 3], [1, 1, 2, 0]), r"lengths sum to 4 but there are 3 ids"),
+    "negative length": (kjt([1, 2], [3, -1, 0, 0]), r"feature 'f0' \(table 't0'\) has a negative length -1"),
+    "uneven lengths": (kjt([1, 2, 3], [1, 1, 1]), r"3 lengths cannot split evenly over 2 features"),
+    "decreasing offsets": (kjt([1, 2, 3], None, offsets=[0, 2, 1, 3, 3]), r"offsets must start at 0 and never decrease"),
+    "wrong keys": (kjt([1, 2], [1, 1], keys=("f1", "f0")), r"do not match the engine's features \['f0', 'f1'\]"),
+    "float ids": (KeyedJaggedTensor(keys=["f0", "f1"], values=torch.tensor([1.0, 2.0]), lengths=torch.tensor([1, 1])), r"ids must be a 1-D int32/int64 tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+@pytest.mark.parametrize("entry", ["prefetch", "forward", "peek"])
+def test_bad_batch_is_rejected_without_state_change(case: str, entry: str) -> None:
+    emb = trained_engine()
+    before = snapshot(emb)
+    batch, message = BAD[case]
+    with pytest.raises(ValueError, match=message):
+        if entry == "prefetch":
+            emb.prefetch(batch)
+        elif entry == "peek":
+            emb.peek([batch])
+        else:
+            emb.reset_window()
+            before = snapshot(emb)
+            emb(batch)
+    assert_untouched(emb, before)
+
+
+def test_batch_larger_than_scratchpad_names_group_rows_and_capacity() -> None:
+    emb = trained_engine()
+    before = snapshot(emb)
+    big = kjt(list(range(20)) + list(range(10)), [20, 0, 10, 0])
+    with pytest.raises(CapacityError, match=r"table group 'dim4_sum'.*needs 30 distinct rows but the scratchpad has 12 slots"):
+        emb.prefetch(big)
+    assert_untouched(emb, before)
+
+
+def test_forward_out_of_order_is_rejected() -> None:
+    emb = trained_engine()
+    before = snapshot(emb)
+    with pytest.raises(ValueError, match="not the oldest prefetched one"):
+        emb(kjt([0, 0], [1, 0, 1, 0]))
+    assert_untouched(emb, before)
+
+
+def test_unsupported_optimizer_on_cpu() -> None:
+    with pytest.raises(ValueError, match="ADAM on a cpu device.*EXACT_SGD, EXACT_ADAGRAD, EXACT_ROWWISE_ADAGRAD"):
+        ScratchPipeEmbeddingBags(make_tables(ROWS, [4, 4]), ScratchPipeConfig(optimizer=EmbOptimType.ADAM))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"cache_rows": 0}, "cache_rows must be positive"),
+        ({"load_factor": 0.0}, "load_factor must be > 0"),
+        ({"lookahead": -1}, "lookahead must be >= 0"),
+        ({"lookahead": 3, "horizon": 2}, r"horizon \(2\) must be >= lookahead \(3\)"),
+        ({"victim_policy": "mru"}, "victim_policy must be one of"),
+    ],
+)
+def test_bad_config(kwargs: Dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ScratchPipeConfig(**kwargs)
+
+
+def test_load_with_wrong_shape_changes_nothing() -> None:
+    emb = trained_engine()
+    before = snapshot(emb)
+    with pytest.raises(ValueError, match=r"table 't1' weights: shape \(3, 4\) does not match \(20, 4\)"):
+        emb.load_table_weights({"t0": torch.zeros(30, 4), "t1": torch.zeros(3, 4)})
+    assert_untouched(emb, before)
+
+
+def test_load_refreshes_resident_rows() -> None:
+    emb = trained_engine()
+    new = {"t0": torch.randn(30, 4), "t1": torch.randn(20, 4)}
+    emb.load_table_weights(new)
+    g = emb.groups["dim4_sum"]
+    rows, slots = g.resident()
+    assert rows.numel() > 0
+    torch.testing.assert_close(g.pad.weights[slots], torch.cat([new["t0"], new["t1"]])[rows])
+    for name, w in emb.table_weights().items():
+        torch.testing.assert_close(w, new[name])
