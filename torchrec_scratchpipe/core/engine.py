@@ -6,7 +6,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, List, Optional, Sequence
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
@@ -65,12 +65,9 @@ class _Group:
         entry.payload.ready = self.mover.move_in(plan)
         self.stats.mover_s += time.perf_counter() - t0
 
-    def rows_of(self, kjt: KeyedJaggedTensor) -> tuple:
-        """(distinct group rows, inverse) of a validated batch of this group's features."""
-        ids = kjt.values().to("cpu", torch.int64)
-        per_feature = kjt.length_per_key()
-        base = torch.repeat_interleave(self.feature_base, torch.tensor(per_feature, dtype=torch.int64))
-        return torch.unique(ids + base, return_inverse=True)
+    def rows_of(self, ids: torch.Tensor, feat: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(distinct group rows, inverse) for ``ids`` of group-local features ``feat``."""
+        return self.planner.unique(ids + self.feature_base.index_select(0, feat))
 
     def init_weights(self) -> None:
         with torch.no_grad():
@@ -146,6 +143,9 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         group_order = [f for g in self.groups.values() for f in g.features]
         self._group_perm = [group_order.index(f) for f in self.feature_names]
         self._identity = self._group_perm == list(range(len(self.feature_names)))
+        where = {f: (i, g.features.index(f)) for i, g in enumerate(self.groups.values()) for f in g.features}
+        self._feature_group = torch.tensor([where[f][0] for f in self.feature_names])
+        self._feature_local = torch.tensor([where[f][1] for f in self.feature_names])
         self._queue: Deque[KeyedJaggedTensor] = deque()
         for g in self.groups.values():
             g.init_weights()
@@ -157,8 +157,18 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         order = [self.feature_names.index(f) for g in self.groups.values() for f in g.features]
         return kjt.permute(order).split([len(g.features) for g in self.groups.values()])
 
-    def _validate(self, kjt: KeyedJaggedTensor) -> None:
-        check_kjt(kjt, self.feature_names, self._feature_tables, self._feature_rows)
+    def _validate(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        return check_kjt(kjt, self.feature_names, self._feature_tables, self._feature_rows)[1]
+
+    def _rows(self, kjt: KeyedJaggedTensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Validate and return, per group, (distinct rows, inverse)."""
+        feat = self._validate(kjt).cpu()
+        ids = kjt.values().to("cpu", torch.int64)
+        if len(self.groups) == 1:
+            return [next(iter(self.groups.values())).rows_of(ids, feat)]
+        group_of = self._feature_group.index_select(0, feat)
+        local = self._feature_local.index_select(0, feat)
+        return [g.rows_of(ids[group_of == i], local[group_of == i]) for i, g in enumerate(self.groups.values())]
 
     def prefetch(self, kjt: KeyedJaggedTensor) -> None:
         """Announce a future batch: it is planned and its rows moved in when the window has room.
@@ -167,41 +177,29 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             ValueError: bad ids/lengths, or a batch with more distinct rows than a group has
                 slots (names the group, the rows needed and the capacity). Nothing changes then.
         """
-        self._validate(kjt)
         t0 = time.perf_counter()
-        parts = self._split(kjt)
-        work = []
-        for g, sub in zip(self.groups.values(), parts):
-            rows, inverse = g.rows_of(sub)
+        per_group = self._rows(kjt)
+        for g, (rows, _) in zip(self.groups.values(), per_group):
             if rows.numel() > g.capacity:
                 raise CapacityError(
                     f"table group {g.name!r} (tables {[t.name for t in g.tables]}): one batch needs "
                     f"{rows.numel()} distinct rows but the scratchpad has {g.capacity} slots. "
                     f"Raise cache_rows/load_factor to at least {rows.numel()} rows, or use smaller batches."
                 )
-            work.append((g, sub, rows, inverse))
-        for g, sub, rows, inverse in work:
-            g.stats.lookups += sub.values().numel()
+        elapsed = (time.perf_counter() - t0) / len(self.groups)
+        for g, sub, (rows, inverse) in zip(self.groups.values(), self._split(kjt), per_group):
+            g.stats.planner_s += elapsed
+            g.stats.lookups += inverse.numel()
             g.stats.unique_rows += rows.numel()
             offsets = sub.offsets().to(self.device, torch.int64)
-            weights = sub.weights_or_none()
-            stalls = g.window.stalls
-            g.stats.planner_s += time.perf_counter() - t0
-            g.window.push(rows, _Batch(inverse, offsets, weights))
-            g.stats.window_stalls += g.window.stalls - stalls
-            t0 = time.perf_counter()
+            g.window.push(rows, _Batch(inverse, offsets, sub.weights_or_none()))
         self._queue.append(kjt)
 
     def peek(self, kjts: Sequence[KeyedJaggedTensor]) -> None:
         """Show the victim policy the ids of batches beyond those prefetched (nothing moves)."""
-        for k in kjts:
-            self._validate(k)
-        per_group: List[List[torch.Tensor]] = [[] for _ in self.groups]
-        for k in kjts:
-            for i, (g, sub) in enumerate(zip(self.groups.values(), self._split(k))):
-                per_group[i].append(g.rows_of(sub)[0])
-        for g, rows in zip(self.groups.values(), per_group):
-            g.window.set_peek(rows)
+        per_batch = [self._rows(k) for k in kjts]
+        for i, g in enumerate(self.groups.values()):
+            g.window.set_peek([rows[i][0] for rows in per_batch])
 
     # ---------------------------------------------------------------- train
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
@@ -218,11 +216,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         outs = []
         for g in self.groups.values():
             g.mover.mark_retired()
-            t0 = time.perf_counter()
-            stalls = g.window.stalls
             entry = g.window.pop()
-            g.stats.window_stalls += g.window.stalls - stalls
-            g.stats.planner_s += time.perf_counter() - t0
             plan, batch = entry.plan, entry.payload
             assert plan is not None
             g.stats.train_misses += int((g.planner.slot_to_row[plan.slots] != plan.rows).sum())
@@ -246,6 +240,8 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         out = {}
         for name, g in self.groups.items():
             d = g.stats.as_dict()
+            d["planner_s"] += g.window.plan_seconds
+            d["window_stalls"] = g.window.stalls
             d["capacity"] = g.capacity
             out[name] = d
         return out

@@ -7,7 +7,7 @@ The engine, the simulator and the capacity advisor all use this same code.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -84,6 +84,8 @@ class SlotPlanner:
         self.slot_to_row = torch.full((capacity,), -1, dtype=torch.int64, device=dev)
         self.hold = torch.zeros(capacity, dtype=torch.int32, device=dev)
         self.last_use = torch.full((capacity,), -1, dtype=torch.int64, device=dev)
+        self._one_buf = torch.ones(1024, dtype=torch.int32, device=dev)
+        self._tag = torch.empty(num_rows, dtype=torch.int32, device=dev)  # scratch for unique()
 
     def held_slots(self) -> int:
         """Number of slots held by planned, unreleased batches."""
@@ -115,12 +117,13 @@ class SlotPlanner:
                 f"a batch needs {rows.numel()} distinct rows but the scratchpad has "
                 f"{self.capacity} slots"
             )
-        slots = self.row_to_slot[rows]
+        slots = self.row_to_slot.index_select(0, rows)
         hit = slots >= 0
-        miss_rows = rows[~hit]
+        miss = ~hit
+        miss_rows = rows[miss]
         n_miss = miss_rows.numel()
         free = self.hold == 0
-        free[slots[hit]] = False
+        free.index_fill_(0, slots[hit], False)
         candidates = free.nonzero().squeeze(1)
         if n_miss > candidates.numel():
             return None
@@ -132,21 +135,41 @@ class SlotPlanner:
             else:
                 score = self._victim_score(candidates, step, peek)
                 miss_slots = candidates[torch.topk(score, n_miss, sorted=False).indices]
-            old = self.slot_to_row[miss_slots]
+            old = self.slot_to_row.index_select(0, miss_slots)
             was_full = old >= 0
             victim_rows, victim_slots = old[was_full], miss_slots[was_full]
-            self.row_to_slot[victim_rows] = -1
-            self.row_to_slot[miss_rows] = miss_slots
-            self.slot_to_row[miss_slots] = miss_rows
-            slots = slots.clone()
-            slots[~hit] = miss_slots
-        self.hold[slots] += 1
-        self.last_use[slots] = step
+            self.row_to_slot.index_fill_(0, victim_rows, -1)
+            self.row_to_slot.index_copy_(0, miss_rows, miss_slots)
+            self.slot_to_row.index_copy_(0, miss_slots, miss_rows)
+            slots.masked_scatter_(miss, miss_slots)
+        self.hold.index_add_(0, slots, self._ones(slots.numel()))
+        self.last_use.index_fill_(0, slots, step)
         return SlotPlan(step, rows, slots, miss_rows, miss_slots, victim_rows, victim_slots)
 
     def release(self, plan: SlotPlan) -> None:
         """Drop the holds of a batch that has finished training."""
-        self.hold[plan.slots] -= 1
+        self.hold.index_add_(0, plan.slots, self._ones(plan.slots.numel()), alpha=-1)
+
+    def _ones(self, n: int) -> torch.Tensor:
+        if self._one_buf.numel() < n:
+            self._one_buf = torch.ones(max(n, 2 * self._one_buf.numel()), dtype=torch.int32, device=self.hold.device)
+        return self._one_buf[:n]
+
+    def unique(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Distinct rows of ``ids`` (in first-seen order) and each id's position among them.
+
+        Linear time: a scatter into a row-indexed scratch array replaces sorting.
+        """
+        n = ids.numel()
+        if n >= 2**31 - 1:
+            return torch.unique(ids, return_inverse=True)
+        pos = torch.arange(n, dtype=torch.int32, device=ids.device)
+        self._tag.index_copy_(0, ids, pos)  # one winner per distinct id
+        rep = self._tag.index_select(0, ids)
+        first = rep == pos
+        rows = ids[first]
+        rank = torch.cumsum(first, 0, dtype=torch.int64) - 1
+        return rows, rank.index_select(0, rep.long())
 
     def _victim_score(
         self, candidates: torch.Tensor, step: int, peek: Sequence[torch.Tensor]

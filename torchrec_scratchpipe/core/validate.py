@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -13,8 +13,8 @@ def check_kjt(
     feature_names: Sequence[str],
     feature_tables: Sequence[str],
     feature_rows: torch.Tensor,
-) -> int:
-    """Validate a batch and return its batch size.
+) -> Tuple[int, torch.Tensor]:
+    """Validate a batch; return its batch size and the feature index of every id.
 
     Args:
         kjt: the batch.
@@ -61,9 +61,9 @@ def check_kjt(
     if weights is not None and weights.numel() != values.numel():
         raise ValueError(f"{weights.numel()} per-sample weights for {values.numel()} ids.")
     B = lengths.numel() // T
+    per_feature = lengths.view(T, B).sum(1)
+    feat = torch.repeat_interleave(torch.arange(T, device=values.device), per_feature.to(values.device))
     if values.numel():
-        per_feature = lengths.view(T, B).sum(1)
-        feat = torch.repeat_interleave(torch.arange(T, device=values.device), per_feature.to(values.device))
         bound = feature_rows.to(values.device)[feat]
         bad = (values < 0) | (values >= bound)
         if bool(bad.any()):
@@ -73,4 +73,4 @@ def check_kjt(
                 f"id {int(values[i])} of feature {keys[f]!r} is out of range for table "
                 f"{feature_tables[f]!r} with {int(feature_rows[f])} rows (valid ids: 0..{int(feature_rows[f]) - 1})."
             )
-    return B
+    return B, feat

@@ -8,6 +8,7 @@ the effective lookahead shrinks and training stays correct.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, List, Optional, Sequence
@@ -70,6 +71,7 @@ class PlanWindow:
         self.extra_peek: List[torch.Tensor] = []
         self.next_step = 0
         self.stalls = 0  # times planning waited because the window did not fit
+        self.plan_seconds = 0.0  # time spent choosing slots
 
     def __len__(self) -> int:
         """Batches pushed and not yet popped."""
@@ -127,7 +129,9 @@ class PlanWindow:
     def _fill(self) -> None:
         while self.pending and len(self.planned) + (self.training is not None) <= self.lookahead:
             entry = self.pending[0]
+            t0 = time.perf_counter()
             plan = self.planner.try_plan(entry.rows, entry.step, self._peek_for(0))
+            self.plan_seconds += time.perf_counter() - t0
             if plan is None:
                 self.stalls += 1
                 return

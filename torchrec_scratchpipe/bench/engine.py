@@ -1,0 +1,193 @@
+"""Engine benchmark: ScratchPipe vs plain TBE over the full tables, in one run.
+
+Run::
+
+    python -m torchrec_scratchpipe.bench.engine --steps 40 --json out/bench_engine.json
+
+Prints per-step planner, mover and train time of the engine, the step time of plain
+FBGEMM TBE training the full tables (same device, same batches), and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+    ComputeDevice,
+    SplitTableBatchedEmbeddingBagsCodegen,
+)
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from tqdm import tqdm
+
+from torchrec_scratchpipe.core.config import ScratchPipeConfig
+from torchrec_scratchpipe.core.engine import ScratchPipeEmbeddingBags
+from torchrec_scratchpipe.data.synthetic import SyntheticClickLog, SyntheticConfig
+
+
+@dataclass
+class EngineBenchConfig:
+    """Workload of the engine benchmark.
+
+    Args:
+        tables, rows, dim: table shape (all tables alike).
+        batch_size, pooling, alpha: batches of Zipf(alpha) ids, ``pooling`` ids per bag.
+        load_factor: scratchpad slots as a fraction of all rows.
+        lookahead, horizon: L and H.
+        steps, warmup: timed and untimed steps.
+        device: ``cpu`` or ``cuda``.
+    """
+
+    tables: int = 26
+    rows: int = 100_000
+    dim: int = 64
+    batch_size: int = 4096
+    pooling: int = 1
+    alpha: float = 1.05
+    load_factor: float = 0.1
+    lookahead: int = 4
+    horizon: Optional[int] = None
+    steps: int = 40
+    warmup: int = 5
+    device: str = "cpu"
+    seed: int = 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batches(cfg: EngineBenchConfig, n: int) -> List[KeyedJaggedTensor]:
+    data = SyntheticClickLog(
+        SyntheticConfig(
+            num_embeddings=[cfg.rows] * cfg.tables,
+            batch_size=cfg.batch_size,
+            pooling=cfg.pooling,
+            pooling_dist="fixed",
+            alpha=cfg.alpha,
+            seed=cfg.seed,
+        )
+    )
+    return [data.kjt(i) for i in tqdm(range(n), desc="generating batches", leave=False)]
+
+
+def bench_full_tbe(cfg: EngineBenchConfig, batches: Sequence[KeyedJaggedTensor], device: torch.device) -> List[float]:
+    """Step times of plain TBE over the full tables."""
+    on_cuda = device.type == "cuda"
+    loc = EmbeddingLocation.DEVICE if on_cuda else EmbeddingLocation.HOST
+    spec = [(cfg.rows, cfg.dim, loc, ComputeDevice.CUDA if on_cuda else ComputeDevice.CPU)] * cfg.tables
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(spec, optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, device=device)
+    times = []
+    for i, k in enumerate(tqdm(batches, desc="full-table TBE", leave=False)):
+        k = k.to(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        out = tbe(k.values(), k.offsets())
+        out.sum().backward()
+        _sync(device)
+        if i >= cfg.warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_engine(cfg: EngineBenchConfig, batches: Sequence[KeyedJaggedTensor], device: torch.device) -> Dict[str, List[float]]:
+    """Per-step total, planner, mover and train time of the ScratchPipe engine."""
+    tables = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=cfg.dim, num_embeddings=cfg.rows, feature_names=[f"f{i}"])
+        for i in range(cfg.tables)
+    ]
+    sp = ScratchPipeConfig(
+        load_factor=cfg.load_factor, lookahead=cfg.lookahead, horizon=cfg.horizon,
+        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+    )
+    emb = ScratchPipeEmbeddingBags(tables, sp, device=device)
+    group = next(iter(emb.groups.values()))
+    L = cfg.lookahead
+    steps = len(batches) - L - 1
+    for k in batches[: L + 1]:
+        emb.prefetch(k)
+    rec: Dict[str, List[float]] = {"total": [], "planner": [], "mover": [], "train": []}
+    for i in tqdm(range(steps), desc="scratchpipe", leave=False):
+        p0, m0 = group.stats.planner_s, group.stats.mover_s
+        _sync(device)
+        t0 = time.perf_counter()
+        out = emb.pooled(batches[i])
+        out.sum().backward()
+        emb.prefetch(batches[i + L + 1])
+        _sync(device)
+        total = time.perf_counter() - t0
+        if i >= cfg.warmup:
+            planner, mover = group.stats.planner_s - p0, group.stats.mover_s - m0
+            rec["total"].append(total)
+            rec["planner"].append(planner)
+            rec["mover"].append(mover)
+            rec["train"].append(total - planner - mover)
+    rec["stats"] = emb.stats()  # type: ignore[assignment]
+    return rec
+
+
+def run(cfg: EngineBenchConfig) -> Dict[str, object]:
+    device = torch.device(cfg.device)
+    batches = _batches(cfg, cfg.steps + cfg.warmup + cfg.lookahead + 1)
+    full = bench_full_tbe(cfg, batches[: cfg.steps + cfg.warmup], device)
+    eng = bench_engine(cfg, batches, device)
+    med = {k: statistics.median(v) for k, v in eng.items() if k != "stats"}
+    full_med = statistics.median(full)
+    return {
+        "config": asdict(cfg),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "full_tbe_step_ms": full_med * 1e3,
+        "scratchpipe_step_ms": med["total"] * 1e3,
+        "planner_ms": med["planner"] * 1e3,
+        "mover_ms": med["mover"] * 1e3,
+        "train_ms": med["train"] * 1e3,
+        "overhead_ratio": med["total"] / full_med,
+        "planner_fraction": med["planner"] / med["total"],
+        "engine_stats": eng["stats"],
+    }
+
+
+def format_table(result: Dict[str, object]) -> str:
+    rows = [
+        ("full-table TBE step", f"{result['full_tbe_step_ms']:.2f} ms"),
+        ("ScratchPipe step", f"{result['scratchpipe_step_ms']:.2f} ms"),
+        ("  planner", f"{result['planner_ms']:.2f} ms ({100 * result['planner_fraction']:.1f}% of step)"),  # type: ignore[operator]
+        ("  mover", f"{result['mover_ms']:.2f} ms"),
+        ("  train (TBE on slots)", f"{result['train_ms']:.2f} ms"),
+        ("overhead ratio (SP / full)", f"{result['overhead_ratio']:.3f}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = EngineBenchConfig()
+    for name, value in asdict(defaults).items():
+        kind = type(value) if value is not None else int
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
+    parser.add_argument("--json", type=Path, default=None, help="write the result here")
+    args = vars(parser.parse_args(argv))
+    out = args.pop("json")
+    result = run(EngineBenchConfig(**args))
+    print(format_table(result))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
