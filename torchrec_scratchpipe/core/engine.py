@@ -307,6 +307,25 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
     def get_learning_rate(self) -> float:
         return next(iter(self.groups.values())).pad.get_learning_rate()
 
+    def set_window(self, lookahead: int, horizon: Optional[int] = None) -> None:
+        """Change L and H (a pipeline does this); only while no batch is in flight.
+
+        Args:
+            lookahead: batches planned ahead of the training batch.
+            horizon: batches ahead whose ids guide victim choice (default ``lookahead``).
+        """
+        horizon = lookahead if horizon is None else horizon
+        if lookahead < 0 or horizon < lookahead:
+            raise ValueError(f"need 0 <= lookahead <= horizon, got lookahead={lookahead}, horizon={horizon}.")
+        if self._queue:
+            raise RuntimeError(
+                f"set_window() with {len(self._queue)} batches in flight: call reset_window() "
+                "or finish them first."
+            )
+        self.config.lookahead, self.config.horizon = lookahead, horizon
+        for g in self.groups.values():
+            g.window.lookahead, g.window.horizon = lookahead, horizon
+
     def reset_window(self) -> None:
         """Forget every prefetched batch that has not trained (e.g. at the end of an epoch)."""
         self._queue.clear()
