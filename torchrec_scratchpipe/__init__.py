@@ -1,14 +1,25 @@
-"""torchrec-scratchpipe: a future-aware GPU scratchpad for TorchRec embedding tables."""
+"""torchrec-scratchpipe: a future-aware device scratchpad for TorchRec embedding tables.
+
+The engine (``ScratchPipeEmbeddingBags``) works on its own; the TorchRec layer makes it a
+compute kernel (``SCRATCHPIPE``) that users pick in their sharding plan.
+"""
 
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.core.engine import ScratchPipeEmbeddingBags
 from torchrec_scratchpipe.core.plan import CapacityError, SlotPlanner
 from torchrec_scratchpipe.core.window import PlanWindow
+from torchrec_scratchpipe.distributed import SCRATCHPIPE, ShardingPlanner, cache_stats, get_sharders
+from torchrec_scratchpipe.distributed.pipeline import ScratchPipeTrainPipeline
 
 __all__ = [
     "CapacityError",
     "PlanWindow",
+    "SCRATCHPIPE",
     "ScratchPipeConfig",
     "ScratchPipeEmbeddingBags",
+    "ScratchPipeTrainPipeline",
+    "ShardingPlanner",
     "SlotPlanner",
+    "cache_stats",
+    "get_sharders",
 ]

@@ -21,6 +21,7 @@ from torchrec.distributed.train_pipeline.utils import _wait_for_batch
 from torchrec.streamable import Multistreamable
 
 from torchrec_scratchpipe.distributed.kernel import ScratchPipeEmbeddingBag
+from torchrec_scratchpipe.distributed.stats import scratchpipe_kernels
 
 logger = logging.getLogger(__name__)
 #: Largest horizon accepted: each in-flight batch keeps its distributed ids alive.
@@ -29,7 +30,7 @@ MAX_HORIZON = 1024
 
 def find_scratchpipe_kernels(model: torch.nn.Module) -> List[ScratchPipeEmbeddingBag]:
     """Every ScratchPipe kernel on this rank inside ``model`` (a DMP-wrapped model too)."""
-    return [m for m in model.modules() if isinstance(m, ScratchPipeEmbeddingBag)]
+    return scratchpipe_kernels(model)
 
 
 class ScratchPipeTrainPipeline(TrainPipelineSparseDist):

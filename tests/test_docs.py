@@ -1,0 +1,20 @@
+"""The Python examples in the docs run as written (those that need no GPU or cluster)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+RUNNABLE = ["engine.md"]
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_doc_examples_run(name: str) -> None:
+    text = (DOCS / name).read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, f"{name} has no python example"
+    for block in blocks:
+        exec(compile(block, f"{name}", "exec"), {"__name__": "__doc_example__"})

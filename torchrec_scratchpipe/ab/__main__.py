@@ -1,0 +1,120 @@
+"""A/B comparison: the same model and data under fused, fused_uvm_caching and ScratchPipe.
+
+Run::
+
+    python -m torchrec_scratchpipe.ab --steps 60 --out out/ab
+    python -m torchrec_scratchpipe.ab --data trace:my_trace.pt.gz --batch-size 2048 --load-factor 0.05
+
+Writes ``report.md``, ``report.json``, ``throughput.png`` and ``traffic.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torchrec import EmbeddingBagConfig
+
+from torchrec_scratchpipe.ab.arms import ArmResult, run_arm
+from torchrec_scratchpipe.ab.config import ABConfig
+from torchrec_scratchpipe.ab.report import write_report
+from torchrec_scratchpipe.ab.simulated import simulate_uvm_arm
+from torchrec_scratchpipe.data.source import open_source
+from torchrec_scratchpipe.training import KernelChoice, ModelSpec, init_single_process_group
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available: use --device cpu or auto.")
+    return torch.device(name)
+
+
+def run_ab(cfg: ABConfig) -> Dict[str, Any]:
+    """Run every arm of ``cfg`` and write the report. Returns the report's JSON data."""
+    device = resolve_device(cfg.device)
+    data = open_source(cfg.data, cfg.batch_size, cfg.tables, cfg.rows, cfg.pooling, cfg.distribution, cfg.alpha, cfg.seed)
+    batches = data.take(cfg.steps + cfg.warmup)
+    if len(batches) <= cfg.warmup:
+        raise ValueError(f"{data.description} gave {len(batches)} batches; need more than warmup={cfg.warmup}.")
+    tables = [
+        EmbeddingBagConfig(name=f"t_{f}", embedding_dim=cfg.dim, num_embeddings=n, feature_names=[f])
+        for f, n in zip(data.feature_names, data.table_sizes)
+    ]
+    optimizer = {"sgd": EmbOptimType.EXACT_SGD, "adagrad": EmbOptimType.EXACT_ADAGRAD,
+                 "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD}[cfg.optimizer]
+    spec = ModelSpec(tables, dense_in_features=data.num_dense, optimizer=optimizer, learning_rate=cfg.learning_rate,
+                     batch_size=cfg.batch_size, pooling=float(cfg.pooling))
+    init_single_process_group()
+    initial = spec.initial_state(cfg.seed)
+    arms: List[ArmResult] = []
+    for arm in cfg.arms:
+        if arm == "scratchpipe":
+            for L in cfg.lookaheads:
+                choice = KernelChoice("scratchpipe", cfg.load_factor, lookahead=L, horizon=cfg.horizon)
+                arms.append(run_arm(spec, choice, batches, cfg.warmup, device, initial, cfg.progress))
+        elif arm == "fused_uvm_caching":
+            sim = simulate_uvm_arm(batches, data.table_sizes, data.feature_names, cfg.load_factor,
+                                   row_bytes=4 * cfg.dim, resident_bytes=4 * sum(data.table_sizes))
+            if device.type == "cuda":
+                real = run_arm(spec, KernelChoice("fused_uvm_caching", cfg.load_factor), batches, cfg.warmup, device, initial, cfg.progress)
+                real.h2d_rows, real.d2h_rows, real.misses = sim.h2d_rows, sim.d2h_rows, sim.misses
+                real.lookups, real.unique_rows, real.device_bytes = sim.lookups, sim.unique_rows, sim.device_bytes
+                real.label = "fused_uvm_caching (traffic simulated)"
+                arms.append(real)
+            else:
+                arms.append(sim)
+        else:
+            arms.append(run_arm(spec, KernelChoice("fused"), batches, cfg.warmup, device, initial, cfg.progress))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    header = (
+        f"# A/B: {data.description}, {len(tables)} tables ({sum(data.table_sizes):,} rows, dim {cfg.dim}), "
+        f"batch {cfg.batch_size}, {len(batches) - cfg.warmup} timed steps after {cfg.warmup} warm-up, "
+        f"device budget load_factor {cfg.load_factor}, on {name}"
+    )
+    meta = {k: str(v) for k, v in dataclasses.asdict(cfg).items()}
+    meta["device_name"] = name
+    return write_report(arms, cfg.batch_size, Path(cfg.out), header, meta)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> ABConfig:
+    p = argparse.ArgumentParser(prog="python -m torchrec_scratchpipe.ab", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = ABConfig()
+    p.add_argument("--arms", default=",".join(d.arms), help="comma list of fused,fused_uvm_caching,scratchpipe")
+    p.add_argument("--lookaheads", default=",".join(map(str, d.lookaheads)), help="ScratchPipe lookaheads, comma list")
+    p.add_argument("--horizon", type=int, default=None, help="ScratchPipe horizon H (default: = L)")
+    p.add_argument("--load-factor", type=float, default=d.load_factor)
+    p.add_argument("--data", default=d.data, help="synthetic | trace:PATH | criteo:PATH[,PATH]")
+    for name in ("tables", "rows", "dim", "pooling", "batch_size", "steps", "warmup", "seed"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
+    p.add_argument("--distribution", default=d.distribution, choices=["zipf", "uniform", "drift"])
+    p.add_argument("--alpha", type=float, default=d.alpha)
+    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
+    p.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adagrad", "rowwise_adagrad"])
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    p.add_argument("--out", type=Path, default=d.out)
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    return ABConfig(
+        arms=[x for x in a.arms.split(",") if x], lookaheads=[int(x) for x in a.lookaheads.split(",") if x],
+        horizon=a.horizon, load_factor=a.load_factor, data=a.data, tables=a.tables, rows=a.rows, dim=a.dim,
+        pooling=a.pooling, distribution=a.distribution, alpha=a.alpha, batch_size=a.batch_size, steps=a.steps,
+        warmup=a.warmup, device=a.device, optimizer=a.optimizer, learning_rate=a.learning_rate, seed=a.seed, out=a.out, progress=not a.no_progress,
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    cfg = parse_args(argv)
+    report = run_ab(cfg)
+    print((Path(cfg.out) / "report.md").read_text())
+    print("plots:", ", ".join(report["plots"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Run one arm of an A/B comparison: train, time every step, count traffic."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torchrec.datasets.utils import Batch
+from tqdm import tqdm
+
+from torchrec_scratchpipe.distributed.pipeline import find_scratchpipe_kernels
+from torchrec_scratchpipe.training import KernelChoice, ModelSpec, build_trainer, local_table_weights
+
+
+@dataclass
+class ArmResult:
+    """What one arm measured.
+
+    Args:
+        label: arm name in reports.
+        simulated: True when the numbers come from the cache simulator, not training.
+        step_s: wall time of each timed step (empty when simulated).
+        losses: loss of every step (empty when simulated).
+        breakdown_s: per timed step, seconds by part (``planner``, ``mover``, ``rest``).
+        h2d_rows, d2h_rows: rows moved per step (all steps).
+        lookups, unique_rows, misses, train_misses: totals.
+        row_bytes: bytes one row moves (weights + optimizer state).
+        device_bytes: bytes of embedding state resident on the device.
+        peak_device_bytes: measured peak device memory (CUDA only).
+        weights: final local table weights (not serialized).
+    """
+
+    label: str
+    simulated: bool = False
+    step_s: List[float] = field(default_factory=list)
+    losses: List[float] = field(default_factory=list)
+    breakdown_s: Dict[str, List[float]] = field(default_factory=dict)
+    h2d_rows: List[int] = field(default_factory=list)
+    d2h_rows: List[int] = field(default_factory=list)
+    lookups: int = 0
+    unique_rows: int = 0
+    misses: int = 0
+    train_misses: int = 0
+    row_bytes: int = 0
+    device_bytes: int = 0
+    peak_device_bytes: Optional[int] = None
+    weights: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+
+def _sp_counters(model: torch.nn.Module) -> Dict[str, float]:
+    """Summed engine counters of this rank's ScratchPipe kernels."""
+    total: Dict[str, float] = {}
+    for kernel in find_scratchpipe_kernels(model):
+        for stats in kernel.engine.stats().values():
+            for k, v in stats.items():
+                if isinstance(v, (int, float)):
+                    total[k] = total.get(k, 0.0) + v
+    return total
+
+
+def _row_bytes(spec: ModelSpec) -> int:
+    dim = spec.tables[0].embedding_dim
+    state = 1 if "ROWWISE" in spec.optimizer.name else dim if "ADAGRAD" in spec.optimizer.name else 0
+    return 4 * (dim + state)
+
+
+def run_arm(
+    spec: ModelSpec,
+    choice: KernelChoice,
+    batches: Sequence[Batch],
+    warmup: int,
+    device: torch.device,
+    initial_state: Dict[str, torch.Tensor],
+    progress: bool = True,
+) -> ArmResult:
+    """Train ``batches`` under ``choice`` and measure every step.
+
+    Args:
+        spec: the model.
+        choice: the arm's kernel.
+        batches: the data, identical for every arm.
+        warmup: leading steps left out of the timing statistics.
+        device: training device.
+        initial_state: the common starting weights.
+        progress: tqdm bar.
+    """
+    trainer = build_trainer(spec, choice, device, initial_state)
+    result = ArmResult(choice.label, row_bytes=_row_bytes(spec))
+    total_rows = sum(t.num_embeddings for t in spec.tables)
+    slots = int(choice.load_factor * total_rows) if choice.kernel != "fused" else total_rows
+    result.device_bytes = slots * result.row_bytes
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    it = iter(batches)
+    bar = tqdm(total=len(batches), desc=choice.label, disable=not progress, leave=False)
+    before = _sp_counters(trainer.model)
+    result.breakdown_s = {"planner": [], "mover": [], "rest": []}
+    step = 0
+    while True:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        try:
+            out = trainer.pipeline.progress(it)
+        except StopIteration:
+            break
+        loss = float(out[0])  # forces the step to finish
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - t0
+        after = _sp_counters(trainer.model)
+        d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+        before = after
+        result.losses.append(loss)
+        result.h2d_rows.append(int(d.get("h2d_rows", 0)))
+        result.d2h_rows.append(int(d.get("d2h_rows", 0)))
+        if step >= warmup:
+            result.step_s.append(elapsed)
+            planner, mover = d.get("planner_s", 0.0), d.get("mover_s", 0.0)
+            result.breakdown_s["planner"].append(planner)
+            result.breakdown_s["mover"].append(mover)
+            result.breakdown_s["rest"].append(elapsed - planner - mover)
+        step += 1
+        bar.update(1)
+    bar.close()
+    totals = _sp_counters(trainer.model)
+    result.lookups = int(totals.get("lookups", 0))
+    result.unique_rows = int(totals.get("unique_rows", 0))
+    result.misses = int(totals.get("plan_misses", 0))
+    result.train_misses = int(totals.get("train_misses", 0))
+    if device.type == "cuda":
+        result.peak_device_bytes = int(torch.cuda.max_memory_allocated(device))
+    result.weights = local_table_weights(trainer.model, [t.name for t in spec.tables])
+    return result

@@ -1,0 +1,96 @@
+"""Settings of an A/B comparison."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+ARMS = ("fused", "fused_uvm_caching", "scratchpipe")
+OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+
+
+@dataclass
+class ABConfig:
+    """What to compare, on what data.
+
+    Args:
+        arms: kernels to run; ``scratchpipe`` runs once per entry of ``lookaheads``.
+        lookaheads: ScratchPipe lookaheads L.
+        horizon: ScratchPipe horizon H (None: H = L for each arm).
+        load_factor: device budget per table as a fraction of its rows; the same for the
+            UVM cache and the scratchpad.
+        data: ``"synthetic"``, ``"trace:PATH"`` (FBGEMM request trace) or
+            ``"criteo:PATH[,PATH...]"`` (Criteo TSV).
+        tables, rows, dim, pooling, distribution, alpha: synthetic data and model shape
+            (``rows`` is per table; for traces the sizes come from the file).
+        batch_size: samples per step.
+        steps, warmup: timed steps and untimed first steps per arm.
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+        optimizer, learning_rate: embedding optimizer (exact FBGEMM ones) and its rate.
+            SGD is the default because it makes the arms agree bit for bit; Adagrad-family
+            updates turn summation-order rounding on rows with near-zero gradients into
+            visible weight differences.
+        seed: seed of the data and of the initial weights.
+        out: output folder for the Markdown table, JSON and plots.
+        progress: show tqdm bars.
+
+    Example::
+
+        >>> cfg = ABConfig(steps=20, lookaheads=[0, 2])
+        >>> cfg.arm_labels()
+        ['fused', 'fused_uvm_caching', 'scratchpipe L=0 H=0', 'scratchpipe L=2 H=2']
+    """
+
+    arms: List[str] = field(default_factory=lambda: list(ARMS))
+    lookaheads: List[int] = field(default_factory=lambda: [1, 4])
+    horizon: Optional[int] = None
+    load_factor: float = 0.1
+    data: str = "synthetic"
+    tables: int = 8
+    rows: int = 50_000
+    dim: int = 32
+    pooling: int = 2
+    distribution: str = "zipf"
+    alpha: float = 1.05
+    batch_size: int = 1024
+    steps: int = 60
+    warmup: int = 10
+    device: str = "auto"
+    optimizer: str = "sgd"
+    learning_rate: float = 0.5
+    seed: int = 0
+    out: Path = Path("out/ab")
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        bad = [a for a in self.arms if a not in ARMS]
+        if bad:
+            raise ValueError(f"unknown arms {bad}; choose from {list(ARMS)}.")
+        if not self.arms:
+            raise ValueError("name at least one arm.")
+        if self.load_factor <= 0 or self.load_factor > 1:
+            raise ValueError(f"load_factor must be in (0, 1], got {self.load_factor}.")
+        if any(L < 0 for L in self.lookaheads) or not self.lookaheads:
+            raise ValueError(f"lookaheads must be non-negative and non-empty, got {self.lookaheads}.")
+        if self.horizon is not None and self.horizon < max(self.lookaheads):
+            raise ValueError(f"horizon {self.horizon} is below the largest lookahead {max(self.lookaheads)}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
+        if self.steps <= 0 or self.warmup < 0:
+            raise ValueError("steps must be > 0 and warmup >= 0.")
+        if self.dim % 4:
+            raise ValueError(f"dim must be a multiple of 4 (FBGEMM TBE), got {self.dim}.")
+        if not (self.data == "synthetic" or self.data.startswith(("trace:", "criteo:"))):
+            raise ValueError(f"data must be 'synthetic', 'trace:PATH' or 'criteo:PATH', got {self.data!r}.")
+
+    def arm_labels(self) -> List[str]:
+        labels = []
+        for a in self.arms:
+            if a == "scratchpipe":
+                for L in self.lookaheads:
+                    H = self.horizon if self.horizon is not None else L
+                    labels.append(f"scratchpipe L={L} H={H}")
+            else:
+                labels.append(a)
+        return labels
