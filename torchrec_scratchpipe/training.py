@@ -41,6 +41,7 @@ class KernelChoice:
         load_factor: device cache size as a fraction of a shard's rows (UVM and ScratchPipe).
         lookahead, horizon: ScratchPipe's L and H.
         tables: names of the tables that get ``kernel``; None means all. The others stay ``fused``.
+        overrides: per-table kernel that wins over ``kernel`` (e.g. ``{"small": "fused"}``).
         sharding_type: ``"table_wise"`` or ``"row_wise"``.
         victim_policy: ScratchPipe victim policy.
     """
@@ -50,12 +51,14 @@ class KernelChoice:
     lookahead: int = 2
     horizon: Optional[int] = None
     tables: Optional[List[str]] = None
+    overrides: Dict[str, str] = field(default_factory=dict)
     sharding_type: str = "table_wise"
     victim_policy: str = "future"
 
     def __post_init__(self) -> None:
-        if self.kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}.")
+        for k in [self.kernel, *self.overrides.values()]:
+            if k not in KERNELS:
+                raise ValueError(f"kernel must be one of {KERNELS}, got {k!r}.")
         if self.load_factor <= 0:
             raise ValueError(f"load_factor must be > 0, got {self.load_factor}.")
         if self.lookahead < 0 or (self.horizon is not None and self.horizon < self.lookahead):
@@ -142,12 +145,12 @@ class Trainer:
 def constraints_for(spec: ModelSpec, choice: KernelChoice) -> Dict[str, ParameterConstraints]:
     """Per-table constraints that put ``choice.kernel`` on the chosen tables."""
     chosen = set(choice.tables) if choice.tables is not None else {t.name for t in spec.tables}
-    unknown = chosen - {t.name for t in spec.tables}
+    unknown = (chosen | set(choice.overrides)) - {t.name for t in spec.tables}
     if unknown:
         raise ValueError(f"unknown tables {sorted(unknown)}; the model has {[t.name for t in spec.tables]}.")
     out = {}
     for t in spec.tables:
-        kernel = choice.kernel if t.name in chosen else "fused"
+        kernel = choice.overrides.get(t.name, choice.kernel if t.name in chosen else "fused")
         cache = CacheParams(load_factor=choice.load_factor) if kernel != "fused" else None
         out[t.name] = ParameterConstraints(
             compute_kernels=[kernel],
@@ -182,9 +185,16 @@ def build_trainer(
         >>> losses, out = t.pipeline.progress(iter(batches))  # doctest: +SKIP
     """
     pg = pg or dist.GroupMember.WORLD
+    wanted = {choice.kernel, *choice.overrides.values()}
+    if "fused_uvm_caching" in wanted and device.type != "cuda":
+        raise ValueError(
+            "fused_uvm_caching needs CUDA (FBGEMM's UVM cache); on this device use fused or "
+            "scratchpipe, or compare against it with `python -m torchrec_scratchpipe.ab`, which "
+            "simulates it."
+        )
     world = dist.get_world_size(pg)
     fused_params: Dict[str, Any] = {"optimizer": spec.optimizer, "learning_rate": spec.learning_rate}
-    if choice.kernel == "fused_uvm_caching":
+    if "fused_uvm_caching" in [choice.kernel, *choice.overrides.values()]:
         fused_params["prefetch_pipeline"] = True
         fused_params["gather_uvm_cache_stats"] = True
     sp_config = ScratchPipeConfig(lookahead=choice.lookahead, horizon=choice.horizon, victim_policy=choice.victim_policy)
@@ -205,9 +215,10 @@ def build_trainer(
         lambda params: torch.optim.SGD(params, lr=spec.learning_rate),
     )
     optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
-    if choice.kernel == SCRATCHPIPE:
+    kernels = {c.compute_kernels[0] for c in constraints_for(spec, choice).values()}  # type: ignore[index]
+    if SCRATCHPIPE in kernels:
         pipeline: Any = ScratchPipeTrainPipeline(dmp, optimizer, device, choice.lookahead, choice.horizon)
-    elif choice.kernel == "fused_uvm_caching" and device.type == "cuda":
+    elif "fused_uvm_caching" in kernels and device.type == "cuda":
         pipeline = PrefetchTrainPipelineSparseDist(dmp, optimizer, device)
     else:
         pipeline = TrainPipelineSparseDist(dmp, optimizer, device)

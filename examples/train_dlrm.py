@@ -1,0 +1,172 @@
+"""Train TorchRec's DLRM with the big tables on fused, fused_uvm_caching or ScratchPipe.
+
+One process::
+
+    python examples/train_dlrm.py --kernel scratchpipe --load-factor 0.05 --lookahead 4 --steps 200
+
+Two processes with torchx (CPU, gloo)::
+
+    torchx run -s local_cwd torchrec_scratchpipe/components.py:train --nproc_per_node 2 -- \\
+        --kernel scratchpipe --steps 50
+
+Data: ``--data synthetic`` (default), ``--data trace:FILE`` (FBGEMM request trace) or
+``--data criteo:FILE[,FILE]`` (Criteo TSV). Checkpoints: ``--save DIR`` / ``--resume DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torchmetrics.classification import BinaryAUROC
+from torchrec import EmbeddingBagConfig
+from tqdm import tqdm
+
+from torchrec_scratchpipe import cache_stats
+from torchrec_scratchpipe.data.source import open_source
+from torchrec_scratchpipe.training import KERNELS, KernelChoice, ModelSpec, Trainer, build_trainer
+
+OPTIMIZERS = {"sgd": EmbOptimType.EXACT_SGD, "adagrad": EmbOptimType.EXACT_ADAGRAD,
+              "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="synthetic", help="synthetic | trace:FILE | criteo:FILE[,FILE]")
+    p.add_argument("--kernel", default="scratchpipe", choices=KERNELS, help="kernel for the big tables")
+    p.add_argument("--table-kernel", action="append", default=[], metavar="TABLE=KERNEL",
+                   help="per-table kernel, wins over --kernel (repeatable)")
+    p.add_argument("--big-table-rows", type=int, default=0,
+                   help="tables with at least this many rows are 'big' and get --kernel (0: all)")
+    p.add_argument("--load-factor", type=float, default=0.1)
+    p.add_argument("--lookahead", type=int, default=2)
+    p.add_argument("--horizon", type=int, default=None)
+    p.add_argument("--sharding-type", default="table_wise", choices=["table_wise", "row_wise", "column_wise"])
+    p.add_argument("--tables", type=int, default=8)
+    p.add_argument("--rows", type=int, default=20_000)
+    p.add_argument("--dim", type=int, default=16)
+    p.add_argument("--pooling", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--optimizer", default="rowwise_adagrad", choices=list(OPTIMIZERS))
+    p.add_argument("--learning-rate", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", default=None, help="write a checkpoint folder at the end")
+    p.add_argument("--resume", default=None, help="start from a checkpoint folder")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    for item in args.table_kernel:
+        name, _, kernel = item.partition("=")
+        if not name or kernel not in KERNELS:
+            p.error(f"--table-kernel takes TABLE=KERNEL with KERNEL in {KERNELS}, got {item!r}")
+    if args.steps <= 0:
+        p.error("--steps must be positive")
+    return args
+
+
+def init_distributed() -> torch.device:
+    """Join the job torchrun started (or a one-process group) and pick the device."""
+    cuda = torch.cuda.is_available()
+    if "LOCAL_RANK" in os.environ and cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            from torchrec_scratchpipe.training import init_single_process_group
+
+            init_single_process_group()
+        else:
+            dist.init_process_group("nccl" if cuda else "gloo")
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+
+def save_checkpoint(path: str, trainer: Trainer, step: int) -> None:
+    state = {"model": trainer.model.state_dict(), "optim": trainer.optimizer.state_dict(), "step": torch.tensor(step)}
+    dcp.save(state, checkpoint_id=path)
+
+
+def load_checkpoint(path: str, trainer: Trainer) -> int:
+    state = {"model": trainer.model.state_dict(), "optim": trainer.optimizer.state_dict(), "step": torch.tensor(0)}
+    dcp.load(state, checkpoint_id=path)
+    trainer.model.load_state_dict(state["model"])  # refreshes resident scratchpad rows
+    trainer.optimizer.load_state_dict(state["optim"])
+    return int(state["step"])
+
+
+def format_cache_stats(stats: Dict[str, Dict[str, object]]) -> str:
+    """One line per scratchpad (tables sharing one are listed together)."""
+    if not stats:
+        return "no ScratchPipe tables"
+    cols = ["lookups", "unique_rows", "plan_misses", "train_misses", "evictions", "h2d_rows", "d2h_rows", "capacity"]
+    lines = ["scratchpad tables | hit rate | " + " | ".join(cols)]
+    seen = set()
+    for name, s in stats.items():
+        group = tuple(s.get("shared_with", [name]))  # type: ignore[arg-type]
+        if group in seen:
+            continue
+        seen.add(group)
+        values = " | ".join(f"{int(s.get(c, 0)):,}" for c in cols)  # type: ignore[call-overload]
+        lines.append(f"{','.join(group)} | {100 * float(s.get('hit_rate', 0.0)):.1f}% | {values}")  # type: ignore[arg-type]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> Tuple[Dict[str, float], Trainer]:
+    """Train as ``args`` say; return the summary and the trainer (for tests and notebooks)."""
+    device = init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    data = open_source(args.data, args.batch_size, args.tables, args.rows, args.pooling, seed=args.seed * 1000 + rank)
+    tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=args.dim, num_embeddings=n, feature_names=[f])
+              for f, n in zip(data.feature_names, data.table_sizes)]
+    big = [t.name for t in tables if t.num_embeddings >= args.big_table_rows]
+    overrides = dict(item.split("=", 1) for item in args.table_kernel)
+    spec = ModelSpec(tables, dense_in_features=data.num_dense, optimizer=OPTIMIZERS[args.optimizer],
+                     learning_rate=args.learning_rate, batch_size=args.batch_size, pooling=float(args.pooling))
+    choice = KernelChoice(args.kernel, args.load_factor, args.lookahead, args.horizon, big, overrides, args.sharding_type)
+    trainer = build_trainer(spec, choice, device, spec.initial_state(args.seed))
+    start = load_checkpoint(args.resume, trainer) if args.resume else 0
+    if rank == 0:
+        print(trainer.plan)
+    auroc = BinaryAUROC().to(device)
+    data.take(start)  # a resumed run continues the data stream where the checkpoint stopped
+    batches = iter(data.take(args.steps))
+    losses: List[float] = []
+    bar = tqdm(total=args.steps, desc=f"rank {rank} {choice.label}", disable=args.no_progress or rank != 0)
+    t0 = time.perf_counter()
+    while True:
+        try:
+            loss, logits, labels = trainer.pipeline.progress(batches)
+        except StopIteration:
+            break
+        losses.append(float(loss))
+        auroc.update(torch.sigmoid(logits.detach()), labels.detach().long())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    bar.close()
+    seconds = time.perf_counter() - t0
+    stats = cache_stats(trainer.model)
+    result = {
+        "steps": float(len(losses)),
+        "loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
+        "auc": float(auroc.compute()),
+        "samples_per_s": len(losses) * args.batch_size * world / seconds,
+    }
+    if args.save:
+        save_checkpoint(args.save, trainer, start + len(losses))
+    if rank == 0:
+        print(f"steps {len(losses)}  loss {result['loss']:.4f}  AUC {result['auc']:.4f}  "
+              f"samples/s {result['samples_per_s']:,.0f}  (world size {world}, {device})")
+        print(format_cache_stats(stats))
+    return result, trainer
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
+    return run(parse_args(argv))[0]
+
+
+if __name__ == "__main__":
+    main()
