@@ -42,7 +42,7 @@ def _train(trainer: Any, batches: List[Any]) -> List[float]:
             return losses
 
 
-def _compare_pipelines(rank: int, world_size: int, sharding_type: str) -> Dict[str, Any]:
+def _compare_pipelines(rank: int, world_size: int, sharding_type: str, load_factor: float) -> Dict[str, Any]:
     from torchrec_scratchpipe.distributed import cache_stats
     from torchrec_scratchpipe.training import KernelChoice, build_trainer, local_table_weights
 
@@ -55,7 +55,7 @@ def _compare_pipelines(rank: int, world_size: int, sharding_type: str) -> Dict[s
     ref_w = local_table_weights(ref.model, names)
     out: Dict[str, Any] = {"steps": len(ref_losses)}
     for L, H in LOOKAHEADS:
-        sp = build_trainer(spec, KernelChoice("scratchpipe", 0.15, lookahead=L, horizon=H, sharding_type=sharding_type),
+        sp = build_trainer(spec, KernelChoice("scratchpipe", load_factor, lookahead=L, horizon=H, sharding_type=sharding_type),
                            torch.device("cpu"), init)
         losses = _train(sp, batches)
         w = local_table_weights(sp.model, names)
@@ -94,12 +94,12 @@ def _check(results: List[Dict[str, Any]]) -> None:
 
 
 def test_pipeline_matches_sparse_dist_world_size_1() -> None:
-    _check(spawn(_compare_pipelines, 1, "table_wise"))
+    _check(spawn(_compare_pipelines, 1, "table_wise", 0.15))
 
 
 @pytest.mark.slow
 def test_pipeline_matches_sparse_dist_world_size_2_row_wise() -> None:
-    _check(spawn(_compare_pipelines, 2, "row_wise"))
+    _check(spawn(_compare_pipelines, 2, "row_wise", 0.3))
 
 
 def _eval_and_errors(rank: int, world_size: int) -> Dict[str, Any]:
@@ -118,7 +118,7 @@ def _eval_and_errors(rank: int, world_size: int) -> Dict[str, Any]:
         with torch.no_grad():
             while True:
                 try:
-                    got.append(t.pipeline.progress(it)[1][1])
+                    got.append(t.pipeline.progress(it)[1])
                 except StopIteration:
                     break
         logits[kernel] = torch.cat(got)
@@ -126,7 +126,7 @@ def _eval_and_errors(rank: int, world_size: int) -> Dict[str, Any]:
     t = build_trainer(spec, KernelChoice("scratchpipe", 0.15, lookahead=1), torch.device("cpu"), init)
     errors = {}
     for name, kwargs in {"negative": {"lookahead": -1}, "horizon": {"lookahead": 2, "horizon": 1},
-                         "too_large": {"lookahead": 10_000}}.items():
+                         "too_large": {"lookahead": 500}}.items():
         try:
             ScratchPipeTrainPipeline(t.model, t.optimizer, torch.device("cpu"), **kwargs)
             errors[name] = "no error"
