@@ -1,0 +1,356 @@
+"""The ScratchPipe embedding kernel as TorchRec sees it: one group of sharded tables.
+
+``ScratchPipeEmbeddingBag`` plays the role ``BatchedFusedEmbeddingBag`` plays for the
+``fused`` kernel: it receives one ``GroupedEmbeddingConfig`` (the table shards of one
+kernel on this rank), returns pooled embeddings ``[B, sum(local dims)]``, trains with a
+fused optimizer in backward, and exposes the shards' weights and optimizer state as
+views on the engine's backing store, so TorchRec builds the same ShardedTensors, state
+dict keys and ``fused_optimizer`` state it builds for ``fused``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
+from torch import nn
+from torchrec.distributed.batched_embedding_kernel import EmbeddingFusedOptimizer
+from torchrec.distributed.composable.table_batched_embedding_slice import TableBatchedEmbeddingSlice
+from torchrec.distributed.embedding_kernel import BaseEmbedding, get_state_dict
+from torchrec.distributed.embedding_types import GroupedEmbeddingConfig
+from torchrec.distributed.types import ShardingType
+from torchrec.modules.embedding_configs import DataType, PoolingType, pooling_type_to_pooling_mode
+from torchrec.optim.fused import FusedOptimizerModule
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_scratchpipe.core.config import OPTIMIZER_STATE_NAMES, ScratchPipeConfig
+from torchrec_scratchpipe.core.engine import ScratchPipeEmbeddingBags
+from torchrec_scratchpipe.core.plan import CapacityError
+from torchrec_scratchpipe.distributed.types import FUSED_PARAMS_KEY, ScratchPipeTableParams
+
+logger: logging.Logger = logging.getLogger(__name__)
+
+#: What FBGEMM's TBE (the ``fused`` kernel) uses when TorchRec passes no optimizer.
+TBE_DEFAULTS: Dict[str, Any] = {
+    "optimizer": EmbOptimType.EXACT_SGD,
+    "learning_rate": 0.01,
+    "eps": 1e-8,
+    "weight_decay": 0.0,
+    "beta1": 0.9,
+    "beta2": 0.999,
+}
+#: Fused params that only concern other kernels (UVM cache, SSD, output types...).
+_IGNORED_FUSED_PARAMS = {
+    FUSED_PARAMS_KEY, "cache_load_factor", "cache_algorithm", "cache_reserved_memory",
+    "cache_precision", "prefetch_pipeline", "enforce_hbm", "bounds_check_mode",
+    "stochastic_rounding", "momentum", "output_dtype", "enable_raw_embedding_streaming",
+}
+
+
+def engine_config(fused_params: Optional[Mapping[str, Any]], tables: str = "") -> ScratchPipeConfig:
+    """The engine config of one kernel, from the fused params TorchRec hands it.
+
+    Precedence: TorchRec's optimizer settings (``apply_optimizer_in_backward`` or the
+    sharder's ``fused_params``), then the ``ScratchPipeConfig`` given to
+    ``get_sharders``, then FBGEMM TBE's defaults (what ``fused`` would use).
+
+    Args:
+        fused_params: the group's fused params (must hold ``FUSED_PARAMS_KEY``).
+        tables: table names for messages.
+    """
+    fp = dict(fused_params or {})
+    params: ScratchPipeTableParams = fp.get(FUSED_PARAMS_KEY) or ScratchPipeTableParams(0.2)
+    kwargs: Dict[str, Any] = dict(TBE_DEFAULTS)
+    kwargs.update(dict(params.options))
+    kwargs.update({k: fp[k] for k in TBE_DEFAULTS if k in fp})
+    ignored = sorted(k for k in fp if k not in TBE_DEFAULTS and k not in _IGNORED_FUSED_PARAMS)
+    if ignored:
+        logger.warning("ScratchPipe tables %s: fused params %s are not used by ScratchPipe.", tables, ignored)
+    kwargs["load_factor"] = params.load_factor
+    kwargs["cache_rows"] = None
+    if not isinstance(kwargs["optimizer"], EmbOptimType):
+        raise ValueError(f"ScratchPipe tables {tables}: optimizer must be an fbgemm EmbOptimType, got {kwargs['optimizer']!r}.")
+    return ScratchPipeConfig(**kwargs)
+
+
+@dataclass
+class _EngineTable:
+    """One local shard, described the way the engine reads tables."""
+
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+    feature_names: List[str]
+    pooling: PoolingType
+    init_fn: Optional[Callable[[torch.Tensor], Any]] = field(default=None, repr=False)
+
+
+class _EngineAdapter:
+    """What ``EmbeddingFusedOptimizer`` expects of a TBE, answered by the engine."""
+
+    def __init__(self, kernel: "ScratchPipeEmbeddingBag") -> None:
+        self._kernel = kernel
+
+    def get_learning_rate(self) -> float:
+        return self._kernel.engine.get_learning_rate()
+
+    def set_learning_rate(self, lr: float) -> None:
+        self._kernel.engine.set_learning_rate(float(lr))
+
+    def split_embedding_weights(self) -> List[torch.Tensor]:
+        return self._kernel.split_embedding_weights()
+
+    def get_optimizer_state(self) -> List[Dict[str, torch.Tensor]]:
+        return self._kernel.split_optimizer_states()
+
+    def set_optimizer_step(self, step: int) -> None:
+        raise ValueError("ScratchPipe's optimizers (exact SGD/Adagrad/row-wise Adagrad/Adam) do not take a step count.")
+
+    def update_hyper_parameters(self, params_dict: Dict[str, Any]) -> None:
+        if set(params_dict) - {"lr", "learning_rate"}:
+            raise ValueError(f"ScratchPipe can only update the learning rate, got {sorted(params_dict)}.")
+        self.set_learning_rate(params_dict.get("lr", params_dict.get("learning_rate")))
+
+
+class ScratchPipeFusedOptimizer(EmbeddingFusedOptimizer):
+    """TorchRec's fused-optimizer view (same keys as ``fused``) over a ScratchPipe kernel.
+
+    ``step``/``zero_grad`` push ``param_groups[0]["lr"]`` into the scratchpad as for
+    ``fused``. Reading ``state`` first writes resident rows back, so state dicts are
+    up to date; ``post_load_state_dict`` refreshes resident slots from loaded state.
+    """
+
+    def __init__(
+        self,
+        config: GroupedEmbeddingConfig,
+        kernel: "ScratchPipeEmbeddingBag",
+        pg: Optional[dist.ProcessGroup] = None,
+        create_for_table: Optional[str] = None,
+        param_weight_for_table: Optional[nn.Parameter] = None,
+    ) -> None:
+        self._sp_kernel = kernel
+        self._sp_state: Mapping[Any, Any] = {}
+        self._sp_ready = False  # no write-back while TorchRec builds the state
+        super().__init__(
+            config,
+            _EngineAdapter(kernel),  # type: ignore[arg-type]
+            pg,
+            create_for_table=create_for_table,
+            param_weight_for_table=param_weight_for_table,
+        )
+        self._sp_ready = True
+
+    @property  # type: ignore[override]
+    def state(self) -> Mapping[Any, Any]:
+        if self._sp_ready:
+            self._sp_kernel.flush()
+        return self._sp_state
+
+    @state.setter
+    def state(self, value: Mapping[Any, Any]) -> None:
+        self._sp_state = value
+
+    def post_load_state_dict(self) -> None:
+        super().post_load_state_dict()
+        self._sp_kernel.refresh_optimizer_states()
+
+
+class ScratchPipeEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
+    """TorchRec embedding kernel backed by a ``ScratchPipeEmbeddingBags`` engine.
+
+    Args:
+        config: the tables (local shards) of this kernel on this rank.
+        pg: process group of the sharding (for ShardedTensor state).
+        device: scratchpad device.
+        sharding_type: sharding of these tables (row-wise MEAN pools as SUM; TorchRec
+            divides afterwards, as for ``fused``).
+
+    Example::
+
+        >>> # created by ScratchPipeGroupedPooledEmbeddingsLookup for customized_kernel
+        >>> # groups; a pipeline reaches it through tsp.scratchpipe_kernels(model):
+        >>> # kernel.prefetch(local_kjt); kernel.peek([later_local_kjts])
+    """
+
+    def __init__(
+        self,
+        config: GroupedEmbeddingConfig,
+        pg: Optional[dist.ProcessGroup] = None,
+        device: Optional[torch.device] = None,
+        sharding_type: Optional[ShardingType] = None,
+    ) -> None:
+        super().__init__()
+        self._config = config
+        self._pg = pg
+        self._sharding_type = sharding_type
+        tables = config.embedding_tables
+        self._names: List[str] = [t.name for t in tables]
+        if len(set(self._names)) != len(self._names):
+            raise ValueError(
+                f"ScratchPipe kernel got several shards of one table on one rank ({self._names}); "
+                "this happens with column-wise plans that put two column shards of a table on the "
+                "same rank. Use table_wise/row_wise, or a column-wise plan with one shard per rank."
+            )
+        if config.data_type != DataType.FP32:
+            raise ValueError(f"ScratchPipe tables {self._names}: only FP32 weights are supported, got {config.data_type}.")
+        mode = pooling_type_to_pooling_mode(config.pooling, sharding_type)
+        pooling = PoolingType.SUM if mode == PoolingMode.SUM else PoolingType.MEAN
+        # Engine feature keys are made unique per table (a feature may feed two tables).
+        self._keys: List[str] = [f"{t.name}/{f}" for t in tables for f in t.feature_names]
+        engine_tables = [
+            _EngineTable(t.name, t.local_rows, t.local_cols, [f"{t.name}/{f}" for f in t.feature_names], pooling)
+            for t in tables
+        ]
+        self._sp_config = engine_config(config.fused_params, str(self._names))
+        self._device = device if device is not None else torch.device("cpu")
+        try:
+            self._engine = ScratchPipeEmbeddingBags(engine_tables, self._sp_config, self._device)
+        except ValueError as e:
+            raise ValueError(f"ScratchPipe tables {self._names}: {e}") from e
+        self._state_names: List[str] = OPTIMIZER_STATE_NAMES[self._sp_config.optimizer]
+        # Stable views on the backing store (it is allocated once).
+        weights = self._engine.table_weights()
+        states = self._engine.optimizer_states()
+        self._weights: List[torch.Tensor] = [weights[n] for n in self._names]
+        self._states: List[Dict[str, torch.Tensor]] = [states[n] for n in self._names]
+        self._optim = ScratchPipeFusedOptimizer(config, self, pg)
+
+    # ------------------------------------------------------------------ compute
+    @property
+    def engine(self) -> ScratchPipeEmbeddingBags:
+        """The engine (one scratchpad per (dim, pooling) group of these tables)."""
+        return self._engine
+
+    @property
+    def config(self) -> GroupedEmbeddingConfig:
+        return self._config
+
+    @property
+    def table_names(self) -> List[str]:
+        return list(self._names)
+
+    def _engine_kjt(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        if features.variable_stride_per_key():
+            raise ValueError(f"ScratchPipe tables {self._names}: variable batch size per feature (VBE) is not supported.")
+        return KeyedJaggedTensor(
+            keys=self._keys,
+            values=features.values(),
+            weights=features.weights_or_none(),
+            lengths=features.lengths(),
+            stride=features.stride(),
+        )
+
+    def _context(self) -> str:
+        rank = dist.get_rank(self._pg) if self._pg is not None and dist.is_initialized() else 0
+        t0 = self._config.embedding_tables[0]
+        kind = (
+            "row_wise" if t0.local_rows != t0.num_embeddings
+            else "column_wise" if t0.local_cols != t0.embedding_dim else "table_wise"
+        )
+        rows = {t.name: t.local_rows for t in self._config.embedding_tables}
+        return f"rank {rank}, {kind} shard rows {rows} (CacheParams.load_factor={self._sp_config.load_factor})"
+
+    def _guard(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except CapacityError as e:
+            raise CapacityError(
+                f"ScratchPipe scratchpad too small on {self._context()}: {e} The scratchpad holds "
+                "load_factor x the shard's rows: raise CacheParams.load_factor of these tables to "
+                "at least (rows needed / shard rows), or lower the batch size."
+            ) from e
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """Pooled embeddings ``[B, sum(local dims)]`` of the tables, in feature order."""
+        kjt = self._engine_kjt(features)
+        return self._guard(lambda: self._engine.pooled(kjt))
+
+    def prefetch(self, features: KeyedJaggedTensor) -> None:
+        """Announce a future batch (this kernel's slice of a distributed input)."""
+        kjt = self._engine_kjt(features)
+        self._guard(lambda: self._engine.prefetch(kjt))
+
+    def peek(self, features: Sequence[KeyedJaggedTensor]) -> None:
+        """Show the victim policy batches beyond the prefetched ones (nothing moves)."""
+        self._engine.peek([self._engine_kjt(f) for f in features])
+
+    def stats(self) -> Dict[str, Dict[str, Any]]:
+        """Engine counters per scratchpad group, with the tables of each group."""
+        out: Dict[str, Dict[str, Any]] = {}
+        for name, d in self._engine.stats().items():
+            group = self._engine.groups[name]
+            out[name] = dict(d, tables=[t.name for t in group.tables], rows=group.store.num_rows)
+        return out
+
+    # ------------------------------------------------------------------ state
+    def flush(self) -> None:
+        """Write resident rows back, so the store views are up to date."""
+        self._engine.flush()
+
+    def purge(self) -> None:
+        """Called by TorchRec before loading a state dict: make the store current."""
+        self._engine.flush()
+
+    def refresh_weights(self) -> None:
+        """Reload resident slots after the weight views were written from outside."""
+        self._engine.load_table_weights({n: w.clone() for n, w in zip(self._names, self._weights)})
+
+    def refresh_optimizer_states(self) -> None:
+        """Reload resident slots after the optimizer-state views were written from outside."""
+        if self._state_names:
+            self._engine.load_optimizer_states(
+                {n: {k: v.clone() for k, v in s.items()} for n, s in zip(self._names, self._states)}
+            )
+
+    def split_embedding_weights(self) -> List[torch.Tensor]:
+        return list(self._weights)
+
+    def split_optimizer_states(self) -> List[Dict[str, torch.Tensor]]:
+        """Per table, its states in FBGEMM order (``[]`` for SGD, like TBE)."""
+        if not self._state_names:
+            return []
+        return [{k: s[k] for k in self._state_names} for s in self._states]
+
+    @property
+    def fused_optimizer(self) -> ScratchPipeFusedOptimizer:
+        return self._optim
+
+    def state_dict(  # type: ignore[override]
+        self,
+        destination: Optional[Dict[str, Any]] = None,
+        prefix: str = "",
+        keep_vars: bool = False,
+    ) -> Dict[str, Any]:
+        self.flush()
+        return get_state_dict(self._config.embedding_tables, self._weights, self._pg, destination, prefix)
+
+    def named_split_embedding_weights(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[Tuple[str, torch.Tensor]]:
+        for name, w in zip(self._names, self._weights):
+            yield f"{prefix}{'.' if prefix else ''}{name}.weight", w
+
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[Tuple[str, nn.Parameter]]:
+        for name, param in self.named_parameters_by_table():
+            yield f"{prefix}{'.' if prefix else ''}{name}.weight", param
+
+    def named_buffers(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[Tuple[str, torch.Tensor]]:
+        yield from ()
+
+    def named_parameters_by_table(self) -> Iterator[Tuple[str, TableBatchedEmbeddingSlice]]:
+        """Per table, a parameter viewing its weights in the store (as ``fused`` yields)."""
+        for name, w in zip(self._names, self._weights):
+            param = TableBatchedEmbeddingSlice(w, 0, w.shape[0], -1, w.shape[1])
+            param._in_backward_optimizers = [  # type: ignore[attr-defined]
+                ScratchPipeFusedOptimizer(self._config, self, self._pg, create_for_table=name, param_weight_for_table=param)
+            ]
+            yield name, param

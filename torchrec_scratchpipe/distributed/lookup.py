@@ -1,0 +1,134 @@
+"""Lookup and sharding classes that create ScratchPipe kernels for their table groups.
+
+TorchRec creates kernels in ``GroupedPooledEmbeddingsLookup._create_embedding_kernel``
+(an if/elif over its enum that raises for anything else) and only forwards ``prefetch``
+to UVM-caching kernels. The subclass here adds the ``customized_kernel`` branch for
+ScratchPipe groups, forwards ``prefetch``/``peek`` to them, and delegates every other
+group to TorchRec unchanged. The sharding subclasses only swap in that lookup.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torchrec.distributed.embedding_kernel import BaseEmbedding
+from torchrec.distributed.embedding_lookup import GroupedPooledEmbeddingsLookup
+from torchrec.distributed.embedding_types import (
+    BaseGroupedFeatureProcessor,
+    EmbeddingComputeKernel,
+    GroupedEmbeddingConfig,
+)
+from torchrec.distributed.sharding.cw_sharding import CwPooledEmbeddingSharding
+from torchrec.distributed.sharding.rw_sharding import RwPooledEmbeddingSharding
+from torchrec.distributed.sharding.tw_sharding import TwPooledEmbeddingSharding
+from torchrec.distributed.types import ShardingEnv, ShardingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_scratchpipe.distributed.kernel import ScratchPipeEmbeddingBag
+from torchrec_scratchpipe.distributed.types import FUSED_PARAMS_KEY
+
+
+def is_scratchpipe_group(config: GroupedEmbeddingConfig) -> bool:
+    """True for a table group TorchRec built from ScratchPipe plan entries."""
+    return config.compute_kernel == EmbeddingComputeKernel.CUSTOMIZED_KERNEL and bool(
+        config.fused_params and config.fused_params.get(FUSED_PARAMS_KEY) is not None
+    )
+
+
+class ScratchPipeGroupedPooledEmbeddingsLookup(GroupedPooledEmbeddingsLookup):
+    """``GroupedPooledEmbeddingsLookup`` that also runs ScratchPipe table groups.
+
+    Example::
+
+        >>> # lookup.prefetch(kjt)        # like TorchRec's, plus ScratchPipe kernels
+        >>> # lookup.peek([kjt2, kjt3])   # ids of later batches, for victim choice
+    """
+
+    def _create_embedding_kernel(
+        self,
+        config: GroupedEmbeddingConfig,
+        device: Optional[torch.device],
+        pg: Optional[dist.ProcessGroup],
+        sharding_type: Optional[ShardingType],
+        env: Optional[ShardingEnv],
+    ) -> BaseEmbedding:
+        if is_scratchpipe_group(config):
+            return ScratchPipeEmbeddingBag(config=config, pg=pg, device=device, sharding_type=sharding_type)
+        return super()._create_embedding_kernel(config, device, pg, sharding_type, env)
+
+    def scratchpipe_kernels(self) -> List[ScratchPipeEmbeddingBag]:
+        """This lookup's ScratchPipe kernels, in group order."""
+        return [m for m in self._emb_modules if isinstance(m, ScratchPipeEmbeddingBag)]
+
+    def _scratchpipe_parts(self, features: KeyedJaggedTensor) -> List[tuple]:
+        parts = features.split(self._feature_splits)
+        return [(m, f) for m, f in zip(self._emb_modules, parts) if isinstance(m, ScratchPipeEmbeddingBag)]
+
+    def prefetch(
+        self,
+        sparse_features: KeyedJaggedTensor,
+        forward_stream: Optional[Any] = None,
+    ) -> None:
+        """Prefetch for TorchRec's caching kernels, and announce the batch to ScratchPipe ones."""
+        super().prefetch(sparse_features, forward_stream)
+        if self.scratchpipe_kernels():
+            for kernel, features in self._scratchpipe_parts(sparse_features):
+                kernel.prefetch(features)
+
+    def peek(self, future_features: Sequence[KeyedJaggedTensor]) -> None:
+        """Pass the ids of batches after the prefetched ones to the victim policy."""
+        if not self.scratchpipe_kernels():
+            return
+        per_kernel: Dict[int, List[KeyedJaggedTensor]] = {}
+        kernels: Dict[int, ScratchPipeEmbeddingBag] = {}
+        for features in future_features:
+            for kernel, part in self._scratchpipe_parts(features):
+                per_kernel.setdefault(id(kernel), []).append(part)
+                kernels[id(kernel)] = kernel
+        for key, kernel in kernels.items():
+            kernel.peek(per_kernel[key])
+
+
+class _ScratchPipeLookupMixin:
+    """Makes a TorchRec pooled sharding create a ScratchPipe-aware lookup."""
+
+    _lookup_sharding_type: Optional[ShardingType] = None
+
+    def create_lookup(
+        self,
+        device: Optional[torch.device] = None,
+        fused_params: Optional[Dict[str, Any]] = None,
+        feature_processor: Optional[BaseGroupedFeatureProcessor] = None,
+    ) -> ScratchPipeGroupedPooledEmbeddingsLookup:
+        return ScratchPipeGroupedPooledEmbeddingsLookup(
+            grouped_configs=self._grouped_embedding_configs,  # type: ignore[attr-defined]
+            pg=self._pg,  # type: ignore[attr-defined]
+            device=device if device is not None else self._device,  # type: ignore[attr-defined]
+            feature_processor=feature_processor,
+            sharding_type=self._lookup_sharding_type,
+            env=self._env,  # type: ignore[attr-defined]
+        )
+
+
+class ScratchPipeTwPooledEmbeddingSharding(_ScratchPipeLookupMixin, TwPooledEmbeddingSharding):
+    """Table-wise pooled sharding whose lookup runs ScratchPipe groups."""
+
+
+class ScratchPipeRwPooledEmbeddingSharding(_ScratchPipeLookupMixin, RwPooledEmbeddingSharding):
+    """Row-wise pooled sharding whose lookup runs ScratchPipe groups."""
+
+    _lookup_sharding_type = ShardingType.ROW_WISE
+
+
+class ScratchPipeCwPooledEmbeddingSharding(_ScratchPipeLookupMixin, CwPooledEmbeddingSharding):
+    """Column-wise pooled sharding whose lookup runs ScratchPipe groups."""
+
+
+#: Sharding type -> ScratchPipe-aware sharding class.
+SCRATCHPIPE_SHARDINGS = {
+    ShardingType.TABLE_WISE.value: ScratchPipeTwPooledEmbeddingSharding,
+    ShardingType.ROW_WISE.value: ScratchPipeRwPooledEmbeddingSharding,
+    ShardingType.COLUMN_WISE.value: ScratchPipeCwPooledEmbeddingSharding,
+}

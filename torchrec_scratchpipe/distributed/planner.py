@@ -1,0 +1,285 @@
+"""``ShardingPlanner``: TorchRec's ``EmbeddingShardingPlanner`` that understands ScratchPipe.
+
+What it adds to TorchRec's planner:
+
+- the ``"scratchpipe"`` kernel is enumerated for tables whose constraints name it
+  (TorchRec's enumerator already keeps constrained kernels the sharder offers), costed by
+  :mod:`~torchrec_scratchpipe.distributed.estimators`, and shown in the plan and stats;
+- clear errors before planning: ``load_factor <= 0``, an optimizer the compute device
+  cannot run, ScratchPipe asked for a module it does not support, and a scratchpad
+  smaller than one batch's rows (the size needed is in the message);
+- row-wise is offered on CPU only to tables whose constraints ask for it, so tables
+  without ScratchPipe constraints plan exactly as in plain TorchRec.
+
+The one scoped patch: TorchRec's ``planners.validate_compute_kernels`` rejects kernel
+names outside its enum, so during ``plan()`` (and only then)
+:func:`scratchpipe_kernel_registered` adds ``"scratchpipe"`` to the module-level set it
+checks, and removes it afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
+
+import torch
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torch import nn
+from torchrec.distributed.planner import planners as _trec_planners
+from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+from torchrec.distributed.planner.planners import EmbeddingShardingPlanner
+from torchrec.distributed.planner.stats import EmbeddingStats
+from torchrec.distributed.planner.types import ParameterConstraints, ShardingOption, Topology
+from torchrec.distributed.planner.utils import sharder_name
+from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
+from torchrec.distributed.utils import optimizer_type_to_emb_opt_type
+
+from torchrec_scratchpipe.core.config import check_optimizer
+from torchrec_scratchpipe.distributed.estimators import (
+    ScratchPipePerfEstimator,
+    ScratchPipeStorageEstimator,
+    ids_per_batch,
+    load_factor_of,
+    slots_of,
+)
+from torchrec_scratchpipe.distributed.kernel import TBE_DEFAULTS
+from torchrec_scratchpipe.distributed.plan_stats import ScratchPipeStats
+from torchrec_scratchpipe.distributed.sharder import ScratchPipeEmbeddingBagCollectionSharder
+from torchrec_scratchpipe.distributed.types import SCRATCHPIPE, check_load_factor
+
+logger: logging.Logger = logging.getLogger(__name__)
+_lock = threading.Lock()
+#: Values of ``ShardingPlanner(capacity_check=...)``.
+CAPACITY_CHECKS = ("warn", "error", "off")
+_depth = 0
+
+
+@contextlib.contextmanager
+def scratchpipe_kernel_registered() -> Iterator[None]:
+    """Let TorchRec's final plan validation accept ``"scratchpipe"`` inside this block.
+
+    Re-entrant; the kernel name is removed again when the outermost block exits.
+
+    Example::
+
+        >>> with scratchpipe_kernel_registered():
+        ...     pass  # EmbeddingShardingPlanner.plan(...) accepts "scratchpipe" here
+    """
+    global _depth
+    with _lock:
+        _depth += 1
+        _trec_planners._VALID_COMPUTE_KERNELS.add(SCRATCHPIPE)
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                _trec_planners._VALID_COMPUTE_KERNELS.discard(SCRATCHPIPE)
+
+
+def scratchpipe_tables(constraints: Optional[Dict[str, ParameterConstraints]]) -> List[str]:
+    """Tables whose constraints allow the ScratchPipe kernel."""
+    return sorted(
+        name for name, c in (constraints or {}).items() if c.compute_kernels and SCRATCHPIPE in c.compute_kernels
+    )
+
+
+def table_optimizer(param: torch.Tensor, sharder: Any) -> EmbOptimType:
+    """The fused optimizer a table will train with (same precedence as the kernel)."""
+    classes = getattr(param, "_optimizer_classes", [None])
+    kwargs = getattr(param, "_optimizer_kwargs", [{}])
+    if kwargs and kwargs[0] and "optimizer" in kwargs[0]:
+        return kwargs[0]["optimizer"]
+    if classes and classes[0] is not None:
+        return optimizer_type_to_emb_opt_type(classes[0])  # type: ignore[return-value]
+    fused = getattr(sharder, "fused_params", None) or {}
+    if "optimizer" in fused:
+        return fused["optimizer"]
+    config = getattr(sharder, "config", None)
+    return config.optimizer if config is not None else TBE_DEFAULTS["optimizer"]
+
+
+class ScratchPipeEnumerator(EmbeddingEnumerator):
+    """``EmbeddingEnumerator`` with the ScratchPipe checks and CPU row-wise rule.
+
+    Args: as ``EmbeddingEnumerator``; estimators default to the ScratchPipe-aware ones.
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        batch_size: int,
+        constraints: Optional[Dict[str, ParameterConstraints]] = None,
+        estimator: Optional[Any] = None,
+        use_exact_enumerate_order: Optional[bool] = False,
+    ) -> None:
+        self._perf_estimator = ScratchPipePerfEstimator(topology, constraints)
+        self._storage_estimator = ScratchPipeStorageEstimator(topology, constraints)
+        super().__init__(
+            topology,
+            batch_size,
+            constraints,
+            estimator if estimator is not None else [self._perf_estimator, self._storage_estimator],
+            use_exact_enumerate_order,
+        )
+        self._topology = topology
+        self.capacity_check: str = "warn"
+        self._warned: Set[str] = set()
+
+    @property
+    def storage_estimator(self) -> ScratchPipeStorageEstimator:
+        """The ScratchPipe storage estimator (its ``breakdown`` feeds the plan stats)."""
+        return self._storage_estimator
+
+    def _filter_sharding_types(self, name: str, allowed_sharding_types: List[str], sharder_key: str = "") -> List[str]:
+        if self._compute_device == "cpu":
+            c = self._constraints.get(name) if self._constraints else None
+            if not (c and c.sharding_types and ShardingType.ROW_WISE.value in c.sharding_types):
+                allowed_sharding_types = [t for t in allowed_sharding_types if t != ShardingType.ROW_WISE.value]
+        return super()._filter_sharding_types(name, allowed_sharding_types, sharder_key)
+
+    def _walk(self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]]) -> List[Tuple[str, nn.Module, Any]]:
+        """(path, module, sharder) of each module the planner will shard."""
+        by_type = {sharder_name(s.module_type): s for s in sharders}
+        found, queue = [], [("", module)]
+        while queue:
+            path, m = queue.pop()
+            sharder = by_type.get(sharder_name(type(m)))
+            if sharder is not None:
+                found.append((path, m, sharder))
+                continue
+            queue.extend((f"{path}.{n}" if path else n, c) for n, c in m.named_children())
+        return found
+
+    def check(self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]]) -> None:
+        """Raise a clear error for ScratchPipe requests that cannot work (before planning)."""
+        wanted = set(scratchpipe_tables(self._constraints))
+        if not wanted:
+            return
+        device = torch.device(self._compute_device)
+        optimizers: Dict[str, EmbOptimType] = {}
+        for path, m, sharder in self._walk(module, sharders):
+            for name, param in sharder.shardable_parameters(m).items():
+                if name not in wanted:
+                    continue
+                if not isinstance(sharder, ScratchPipeEmbeddingBagCollectionSharder):
+                    raise ValueError(
+                        f"table {name!r} is in a {type(m).__name__} (at '{path}'), but ScratchPipe runs "
+                        "pooled EmbeddingBagCollection tables only: remove 'scratchpipe' from its "
+                        "ParameterConstraints.compute_kernels (and shard with tsp.get_sharders())."
+                    )
+                c = self._constraints[name]  # type: ignore[index]
+                check_load_factor(c.cache_params.load_factor if c.cache_params else None, name)
+                optimizers[name] = table_optimizer(param, sharder)
+                try:
+                    check_optimizer(optimizers[name], device)
+                except ValueError as e:
+                    raise ValueError(f"table {name!r}: {e}") from e
+                config = sharder.config
+                if config is not None:
+                    self._storage_estimator.config = config
+        self._perf_estimator.optimizers = dict(optimizers)
+        self._storage_estimator.optimizers = dict(optimizers)
+
+    def enumerate(self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]]) -> List[ShardingOption]:
+        """TorchRec's options, with the scratchpad-vs-batch check applied (``capacity_check``)."""
+        self.check(module, sharders)
+        options = super().enumerate(module, sharders)
+        if self.capacity_check == "off":
+            return options
+        kept, reasons = [], {}
+        for so in options:
+            reason = self._too_small(so) if so.compute_kernel == SCRATCHPIPE else None
+            if reason is None:
+                kept.append(so)
+            else:
+                reasons.setdefault(so.name, []).append(reason)
+        missing = sorted({so.name for so in options} - {so.name for so in kept})
+        if not missing:
+            return kept
+        msg = (
+            "ScratchPipe scratchpad smaller than one batch's rows: "
+            + "; ".join(f"table {n!r}: {' / '.join(reasons[n])}" for n in missing)
+            + ". Raise CacheParams.load_factor (the estimate counts every id of a batch as a "
+            "distinct row: set ParameterConstraints.pooling_factors/batch_sizes if it is too high)."
+        )
+        if self.capacity_check == "error":
+            raise ValueError(msg)
+        if msg not in self._warned:
+            self._warned.add(msg)
+            logger.warning("%s A batch that really needs more rows fails at run time.", msg)
+        return options
+
+    def _too_small(self, so: ShardingOption) -> Optional[str]:
+        for shard in so.shards:
+            rows = shard.size[0]
+            need = min(rows, math.ceil(ids_per_batch(so, rows, self._world_size, self._constraints)))
+            have = slots_of(so, rows)
+            if need > have:
+                return (
+                    f"{so.sharding_type} shard of {rows} rows gets up to {need} distinct rows per batch "
+                    f"but load_factor {load_factor_of(so)} gives {have} slots (needs load_factor >= "
+                    f"{need / rows:.4g})"
+                )
+        return None
+
+
+class ShardingPlanner(EmbeddingShardingPlanner):
+    """``EmbeddingShardingPlanner`` that plans, costs and validates the ScratchPipe kernel.
+
+    Takes the arguments of ``EmbeddingShardingPlanner``. Pick the kernel per table with
+    ``ParameterConstraints(compute_kernels=[tsp.SCRATCHPIPE], cache_params=CacheParams(load_factor=...))``.
+
+    Args:
+        capacity_check: what to do when a shard's scratchpad (``load_factor x rows``) is
+            smaller than the ids one batch is expected to send it (``batch_size x world
+            size x pooling factors``, scaled by the shard's share of rows for row-wise):
+            ``"warn"`` (default: the estimate counts repeated ids as distinct rows, so it
+            may be pessimistic; a batch that really does not fit fails at run time with
+            the rows needed), ``"error"`` (raise, naming the load factor needed; other
+            kernels allowed for the table are still planned), or ``"off"``.
+        *args, **kwargs: as ``EmbeddingShardingPlanner``.
+
+    Example::
+
+        >>> constraints = {"big": ParameterConstraints(compute_kernels=[SCRATCHPIPE],
+        ...     sharding_types=["row_wise"], cache_params=CacheParams(load_factor=0.05))}
+        >>> planner = ShardingPlanner(topology=Topology(world_size=2, compute_device="cpu"),
+        ...                           constraints=constraints)
+        >>> plan = planner.collective_plan(model, get_sharders(), pg)   # doctest: +SKIP
+    """
+
+    def __init__(self, *args: Any, capacity_check: str = "warn", **kwargs: Any) -> None:
+        if capacity_check not in CAPACITY_CHECKS:
+            raise ValueError(f"capacity_check must be one of {CAPACITY_CHECKS}, got {capacity_check!r}.")
+        constraints: Optional[Dict[str, ParameterConstraints]] = kwargs.get("constraints")
+        for name in scratchpipe_tables(constraints):
+            c = constraints[name]  # type: ignore[index]
+            check_load_factor(c.cache_params.load_factor if c.cache_params else None, name)
+        self._sp_stats = ScratchPipeStats()
+        if kwargs.get("stats") is None and len(args) < 8:
+            kwargs["stats"] = [EmbeddingStats(), self._sp_stats]
+        super().__init__(*args, **kwargs)
+        if kwargs.get("enumerator") is None and (len(args) < 3 or args[2] is None):
+            self._enumerator = ScratchPipeEnumerator(
+                topology=self._topology, batch_size=self._batch_size, constraints=self._constraints
+            )
+        if isinstance(self._enumerator, ScratchPipeEnumerator):
+            self._enumerator.capacity_check = capacity_check
+
+    @property
+    def scratchpipe_summary(self) -> List[Dict[str, Any]]:
+        """Per ScratchPipe shard of the last plan: rows, slots, and scratchpad, staging and
+        backing-store bytes (what the planner logs after the TorchRec stats)."""
+        return list(self._sp_stats.rows)
+
+    def plan(self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]]) -> ShardingPlan:
+        """Plan as TorchRec does, with ``"scratchpipe"`` accepted as a kernel name."""
+        if isinstance(self._enumerator, ScratchPipeEnumerator):
+            self._enumerator.check(module, sharders)
+        with scratchpipe_kernel_registered():
+            return super().plan(module, sharders)
