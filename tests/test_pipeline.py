@@ -138,6 +138,24 @@ def _eval_and_errors(rank: int, world_size: int) -> Dict[str, Any]:
     except ValueError as e:
         errors["empty"] = str(e)
     out["errors"] = errors
+    # A batch with foreign features is refused before the step runs; training goes on after it.
+    from torchrec import KeyedJaggedTensor
+    from torchrec.datasets.utils import Batch
+
+    good = _batches(rank, 5)
+    sf = good[2].sparse_features
+    bad = Batch(good[2].dense_features, KeyedJaggedTensor(["f0", "f1", "zz"], sf.values(), lengths=sf.lengths()), good[2].labels)
+    t = build_trainer(spec, KernelChoice("scratchpipe", 0.15, lookahead=1), torch.device("cpu"), init)
+    it, steps, refused = iter(good[:3] + [bad] + good[3:]), 0, []
+    while True:
+        try:
+            t.pipeline.progress(it)
+            steps += 1
+        except ValueError as e:
+            refused.append(str(e))
+        except StopIteration:
+            break
+    out["bad_batch"] = {"steps": steps, "refused": refused}
     return out
 
 
@@ -149,3 +167,6 @@ def test_eval_mode_and_bad_arguments() -> None:
     assert "horizon must be between lookahead (2)" in e["horizon"]
     assert "too large for the scratchpad" in e["too_large"]
     assert "empty data iterator" in e["empty"]
+    bad = res["bad_batch"]
+    assert bad["steps"] == 5 and len(bad["refused"]) == 1
+    assert "differ from the first batch's ['f0', 'f1', 'f2']" in bad["refused"][0]

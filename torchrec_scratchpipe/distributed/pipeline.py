@@ -108,6 +108,34 @@ class ScratchPipeTrainPipeline(TrainPipelineSparseDist):
             kernel.engine.reset_window()
             kernel.engine.set_window(lookahead, horizon)
         self._started = False
+        self._keys: Optional[List[str]] = None
+        self._required = sorted(
+            {f for m in model.modules() for c in getattr(m, "_embedding_bag_configs", []) for f in c.feature_names}
+        )
+
+    def _check_batch(self, batch: Any) -> None:
+        """Refuse a batch whose sparse features do not match the model, before its input dist.
+
+        TorchRec's input dist permutes features by the positions it saw in the first batch,
+        so a batch with other or reordered keys would silently train the wrong tables.
+        """
+        kjt = getattr(batch, "sparse_features", None)
+        if kjt is None:
+            return
+        keys = list(kjt.keys())
+        if self._keys is None:
+            missing = [f for f in self._required if f not in keys]
+            if missing:
+                raise ValueError(
+                    f"batch features {keys} lack {missing}, which the model's embedding tables read: "
+                    "give every batch a KeyedJaggedTensor with all the model's features."
+                )
+            self._keys = keys
+        elif keys != self._keys:
+            raise ValueError(
+                f"batch features {keys} differ from the first batch's {self._keys}: every batch must "
+                "carry the same features in the same order."
+            )
 
     @property
     def kernels(self) -> List[ScratchPipeEmbeddingBag]:
@@ -123,6 +151,7 @@ class ScratchPipeTrainPipeline(TrainPipelineSparseDist):
                         "ScratchPipeTrainPipeline got an empty data iterator: it yielded no batch."
                     )
                 return
+            self._check_or_drop_last()
             self._started = True
             self._init_pipelined_modules(
                 self.batches[0], self.contexts[0], self._pipelined_forward_type  # type: ignore[arg-type]
@@ -133,27 +162,51 @@ class ScratchPipeTrainPipeline(TrainPipelineSparseDist):
             pass
 
     def _enqueue_and_announce(self, dataloader_iter: Iterator[Any]) -> bool:
+        if not self._enqueue_checked(dataloader_iter):
+            return False
+        self._dist_and_announce()
+        return True
+
+    def _enqueue_checked(self, dataloader_iter: Iterator[Any]) -> bool:
+        """Fetch the next batch and check its features; a bad batch leaves no trace."""
         if not self.enqueue_batch(dataloader_iter):
             return False
+        self._check_or_drop_last()
+        return True
+
+    def _dist_and_announce(self) -> None:
         self.start_sparse_data_dist(self.batches[-1], self.contexts[-1])
         self.wait_sparse_data_dist(self.contexts[-1])
         self._announce(cast(PrefetchTrainPipelineContext, self.contexts[-1]))
-        return True
+
+    def _check_or_drop_last(self) -> None:
+        try:
+            self._check_batch(self.batches[-1])
+        except ValueError:
+            self.batches.pop()
+            self.contexts.pop()
+            raise
 
     def progress(self, dataloader_iter: Iterator[Any]) -> Any:
-        """Train one batch; raise StopIteration when none is left."""
+        """Train one batch; raise StopIteration when none is left.
+
+        Raises:
+            ValueError: the next batch's features do not match the model (checked before
+                this step changes anything), or the iterator was empty from the start.
+        """
         if not self._model_attached:
             self.attach(self._model)
         self.fill_pipeline(dataloader_iter)
         if not self.batches:
             raise StopIteration
+        fetched = self._enqueue_checked(dataloader_iter)
         self._set_module_context(self.contexts[0])
         if self._model.training:
             self._optimizer.zero_grad()
         _wait_for_batch(self.batches[0], self._data_dist_stream)  # type: ignore[arg-type]
         losses, output = self._model_fwd(self.batches[0])
-        # The next batch enters the window while this one trains: its rows move now.
-        self._enqueue_and_announce(dataloader_iter)
+        if fetched:  # the next batch enters the window while this one trains: its rows move now
+            self._dist_and_announce()
         if self._model.training:
             torch.sum(losses, dim=0).backward()
             self._optimizer.step()
