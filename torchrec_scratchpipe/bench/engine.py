@@ -81,27 +81,14 @@ def _batches(cfg: EngineBenchConfig, n: int) -> List[KeyedJaggedTensor]:
     return [data.kjt(i) for i in tqdm(range(n), desc="generating batches", leave=False)]
 
 
-def bench_full_tbe(cfg: EngineBenchConfig, batches: Sequence[KeyedJaggedTensor], device: torch.device) -> List[float]:
-    """Step times of plain TBE over the full tables."""
+def _full_tbe(cfg: EngineBenchConfig, device: torch.device) -> SplitTableBatchedEmbeddingBagsCodegen:
     on_cuda = device.type == "cuda"
     loc = EmbeddingLocation.DEVICE if on_cuda else EmbeddingLocation.HOST
     spec = [(cfg.rows, cfg.dim, loc, ComputeDevice.CUDA if on_cuda else ComputeDevice.CPU)] * cfg.tables
-    tbe = SplitTableBatchedEmbeddingBagsCodegen(spec, optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, device=device)
-    times = []
-    for i, k in enumerate(tqdm(batches, desc="full-table TBE", leave=False)):
-        k = k.to(device)
-        _sync(device)
-        t0 = time.perf_counter()
-        out = tbe(k.values(), k.offsets())
-        out.sum().backward()
-        _sync(device)
-        if i >= cfg.warmup:
-            times.append(time.perf_counter() - t0)
-    return times
+    return SplitTableBatchedEmbeddingBagsCodegen(spec, optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, device=device)
 
 
-def bench_engine(cfg: EngineBenchConfig, batches: Sequence[KeyedJaggedTensor], device: torch.device) -> Dict[str, List[float]]:
-    """Per-step total, planner, mover and train time of the ScratchPipe engine."""
+def _engine(cfg: EngineBenchConfig, device: torch.device) -> ScratchPipeEmbeddingBags:
     tables = [
         EmbeddingBagConfig(name=f"t{i}", embedding_dim=cfg.dim, num_embeddings=cfg.rows, feature_names=[f"f{i}"])
         for i in range(cfg.tables)
@@ -110,51 +97,55 @@ def bench_engine(cfg: EngineBenchConfig, batches: Sequence[KeyedJaggedTensor], d
         load_factor=cfg.load_factor, lookahead=cfg.lookahead, horizon=cfg.horizon,
         optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
     )
-    emb = ScratchPipeEmbeddingBags(tables, sp, device=device)
-    group = next(iter(emb.groups.values()))
-    L = cfg.lookahead
-    steps = len(batches) - L - 1
-    for k in batches[: L + 1]:
-        emb.prefetch(k)
-    rec: Dict[str, List[float]] = {"total": [], "planner": [], "mover": [], "train": []}
-    for i in tqdm(range(steps), desc="scratchpipe", leave=False):
-        p0, m0 = group.stats.planner_s, group.stats.mover_s
-        _sync(device)
-        t0 = time.perf_counter()
-        out = emb.pooled(batches[i])
-        out.sum().backward()
-        emb.prefetch(batches[i + L + 1])
-        _sync(device)
-        total = time.perf_counter() - t0
-        if i >= cfg.warmup:
-            planner, mover = group.stats.planner_s - p0, group.stats.mover_s - m0
-            rec["total"].append(total)
-            rec["planner"].append(planner)
-            rec["mover"].append(mover)
-            rec["train"].append(total - planner - mover)
-    rec["stats"] = emb.stats()  # type: ignore[assignment]
-    return rec
+    return ScratchPipeEmbeddingBags(tables, sp, device=device)
 
 
 def run(cfg: EngineBenchConfig) -> Dict[str, object]:
+    """Alternate one full-table TBE step and one ScratchPipe step, so both see the same machine."""
     device = torch.device(cfg.device)
-    batches = _batches(cfg, cfg.steps + cfg.warmup + cfg.lookahead + 1)
-    full = bench_full_tbe(cfg, batches[: cfg.steps + cfg.warmup], device)
-    eng = bench_engine(cfg, batches, device)
-    med = {k: statistics.median(v) for k, v in eng.items() if k != "stats"}
-    full_med = statistics.median(full)
+    ahead = max(cfg.lookahead, cfg.horizon or 0) + 1  # announced batches: L planned, the rest peeked
+    n = cfg.steps + cfg.warmup
+    batches = [k.to(device) for k in _batches(cfg, n + ahead)]
+    tbe, emb = _full_tbe(cfg, device), _engine(cfg, device)
+    group = next(iter(emb.groups.values()))
+    for k in batches[:ahead]:
+        emb.prefetch(k)
+    rec: Dict[str, List[float]] = {"full": [], "total": [], "planner": [], "mover": [], "train": []}
+    for i in tqdm(range(n), desc="full TBE / ScratchPipe", leave=False):
+        k = batches[i]
+        _sync(device)
+        t0 = time.perf_counter()
+        tbe(k.values(), k.offsets()).sum().backward()
+        _sync(device)
+        t1 = time.perf_counter()
+        stats = emb.stats()[group.name]
+        p0, m0 = stats["planner_s"], stats["mover_s"]
+        t2 = time.perf_counter()
+        emb.pooled(k).sum().backward()
+        emb.prefetch(batches[i + ahead])
+        _sync(device)
+        t3 = time.perf_counter()
+        stats = emb.stats()[group.name]
+        if i >= cfg.warmup:
+            planner, mover = stats["planner_s"] - p0, stats["mover_s"] - m0
+            rec["full"].append(t1 - t0)
+            rec["total"].append(t3 - t2)
+            rec["planner"].append(planner)
+            rec["mover"].append(mover)
+            rec["train"].append(t3 - t2 - planner - mover)
+    med = {k: statistics.median(v) for k, v in rec.items()}
     return {
         "config": asdict(cfg),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),
-        "full_tbe_step_ms": full_med * 1e3,
+        "full_tbe_step_ms": med["full"] * 1e3,
         "scratchpipe_step_ms": med["total"] * 1e3,
         "planner_ms": med["planner"] * 1e3,
         "mover_ms": med["mover"] * 1e3,
         "train_ms": med["train"] * 1e3,
-        "overhead_ratio": med["total"] / full_med,
+        "overhead_ratio": med["total"] / med["full"],
         "planner_fraction": med["planner"] / med["total"],
-        "engine_stats": eng["stats"],
+        "engine_stats": emb.stats(),
     }
 
 
