@@ -1,0 +1,209 @@
+"""Build :class:`BatchStream` s from FBGEMM request traces, the synthetic generator, Criteo TSV.
+
+All readers come from :mod:`torchrec_scratchpipe.data`; this module only cuts their
+output into steps and flattens tables into one row space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+
+from torchrec_scratchpipe.data.trace import PathLike, RequestTrace, read_request_trace
+from torchrec_scratchpipe.sim.stream import BatchStream, _offsets
+
+
+def trace_to_stream(
+    trace: RequestTrace, batch_size: int, table_sizes: Sequence[int], drop_last: bool = False
+) -> BatchStream:
+    """Cut one request trace into steps of ``batch_size`` samples (vectorized, one sort).
+
+    Args:
+        trace: the trace (``lengths [T, B]``, table-major offsets).
+        batch_size: samples per step; the last partial step is kept unless ``drop_last``.
+        table_sizes: rows per table of the shared row space (>= the trace's ids).
+        drop_last: drop a final step smaller than ``batch_size``.
+
+    Example::
+
+        >>> tr = RequestTrace.from_lengths(torch.tensor([1, 2, 0, 0]), torch.tensor([[1, 1], [1, 1]]))
+        >>> [r.tolist() for r in trace_to_stream(tr, 1, [3, 3]).rows]
+        [[1, 3], [2, 3]]
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    t, b = trace.num_tables, trace.num_samples
+    if t != len(table_sizes):
+        raise ValueError(f"trace has {t} tables but {len(table_sizes)} table sizes were given")
+    num_rows = int(sum(table_sizes))
+    n = trace.indices.numel()
+    bag = torch.repeat_interleave(torch.arange(t * b), trace.lengths.reshape(-1), output_size=n)
+    table, sample = bag // b, bag % b
+    step = sample // batch_size
+    num_steps = b // batch_size if drop_last else -(-b // batch_size)
+    keep = step < num_steps
+    off = _offsets(table_sizes)
+    flat = trace.indices + off[table]
+    if bool((trace.indices >= torch.tensor(list(table_sizes))[table]).any()):
+        raise ValueError("trace ids exceed the given table sizes")
+    key = (step * num_rows + flat)[keep]
+    uniq, counts = torch.unique(key, sorted=True, return_counts=True)
+    per_step = torch.bincount(uniq // num_rows, minlength=num_steps).tolist()
+    rows = list(torch.split(uniq % num_rows, per_step))
+    return BatchStream(rows, list(torch.split(counts, per_step)), list(table_sizes))
+
+
+def load_traces(
+    paths: Sequence[PathLike],
+    batch_size: int,
+    table_sizes: Optional[Sequence[int]] = None,
+    table_names: Optional[Sequence[str]] = None,
+    drop_last: bool = False,
+) -> BatchStream:
+    """Read FBGEMM request-trace files and cut each, in order, into steps.
+
+    Args:
+        paths: trace files (``torch.save``d ``(indices, offsets, lengths)``, maybe gzipped).
+        batch_size: samples per step.
+        table_sizes: rows per table; default the largest ``max id + 1`` over all files.
+        table_names: names for reports (default ``f0..``).
+        drop_last: drop each file's final partial step.
+
+    Example::
+
+        >>> s = load_traces(["day0.pt.gz"], batch_size=4096)  # doctest: +SKIP
+    """
+    traces = [read_request_trace(p) for p in paths]
+    if not traces:
+        raise ValueError("no trace files given")
+    t = traces[0].num_tables
+    if any(tr.num_tables != t for tr in traces):
+        raise ValueError(f"trace files disagree on the number of tables: {[tr.num_tables for tr in traces]}")
+    if table_sizes is None:
+        table_sizes = [max(tr.table_sizes()[i] for tr in traces) for i in range(t)]
+    parts = [trace_to_stream(tr, batch_size, table_sizes, drop_last) for tr in traces]
+    out = BatchStream.concat(parts)
+    out.table_names = list(table_names) if table_names else [f"f{i}" for i in range(t)]
+    out.name = ",".join(str(p) for p in paths) if len(paths) < 4 else f"{len(paths)} trace files"
+    return out
+
+
+def parse_tables(spec: str) -> List[int]:
+    """``"26x100000"`` -> 26 tables of 100000 rows; ``"1000,5000"`` -> two tables.
+
+    Example::
+
+        >>> parse_tables("2x10"), parse_tables("5,7")
+        ([10, 10], [5, 7])
+    """
+    spec = spec.strip()
+    if "x" in spec:
+        count, size = spec.split("x", 1)
+        return [int(size)] * int(count)
+    return [int(s) for s in spec.split(",") if s]
+
+
+@dataclass
+class SyntheticSpec:
+    """What ``--synthetic`` asks for (see :func:`parse_synthetic`).
+
+    Args:
+        distribution: ``"zipf"``, ``"uniform"`` or ``"drift"`` (moving hot set).
+        alpha: Zipf exponent.
+        table_sizes: rows per table.
+        batch_size: samples per step.
+        steps: number of steps.
+        pooling: mean ids per bag.
+        seed: generator seed.
+        drift_period: steps between hot-set moves (``drift``).
+        drift_fraction: fraction of rows the ranking rotates by per period (``drift``).
+    """
+
+    distribution: str = "zipf"
+    alpha: float = 1.05
+    table_sizes: Sequence[int] = (100_000,) * 26
+    batch_size: int = 4096
+    steps: int = 100
+    pooling: float = 1.0
+    seed: int = 0
+    drift_period: int = 10
+    drift_fraction: float = 0.01
+
+    def label(self) -> str:
+        """Short description for reports."""
+        base = self.distribution if self.distribution == "uniform" else f"{self.distribution}({self.alpha})"
+        if self.distribution == "drift":
+            base += f"/p{self.drift_period}/f{self.drift_fraction}"
+        return f"{base} {len(self.table_sizes)}x{max(self.table_sizes)} B={self.batch_size}"
+
+
+def parse_synthetic(text: str, **kw: object) -> SyntheticSpec:
+    """Parse ``kind[:alpha][,key=value...]``, e.g. ``zipf:1.05`` or ``drift:1.05,period=20``.
+
+    Keys: ``period``, ``fraction``, ``pooling``, ``seed``. Other fields come from ``kw``.
+
+    Example::
+
+        >>> s = parse_synthetic("drift:0.9,period=5", steps=3)
+        >>> s.distribution, s.alpha, s.drift_period, s.steps
+        ('drift', 0.9, 5, 3)
+    """
+    head, *opts = text.split(",")
+    kind, _, alpha = head.partition(":")
+    spec = SyntheticSpec(distribution=kind.strip(), **kw)  # type: ignore[arg-type]
+    if alpha:
+        spec.alpha = float(alpha)
+    names = {"period": ("drift_period", int), "fraction": ("drift_fraction", float),
+             "pooling": ("pooling", float), "seed": ("seed", int)}
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        if key.strip() not in names:
+            raise ValueError(f"unknown synthetic option {key!r}; known: {sorted(names)}")
+        attr, cast = names[key.strip()]
+        setattr(spec, attr, cast(value))
+    return spec
+
+
+def synthetic_stream(spec: SyntheticSpec) -> BatchStream:
+    """Generate ``spec.steps`` batches with :class:`~torchrec_scratchpipe.data.SyntheticClickLog`.
+
+    Example::
+
+        >>> s = synthetic_stream(SyntheticSpec(table_sizes=[50, 50], batch_size=8, steps=3))
+        >>> s.num_steps, s.num_rows
+        (3, 100)
+    """
+    from torchrec_scratchpipe.data.synthetic import SyntheticClickLog, SyntheticConfig
+
+    cfg = SyntheticConfig(
+        num_embeddings=list(spec.table_sizes), batch_size=spec.batch_size, pooling=spec.pooling,
+        distribution=spec.distribution, alpha=spec.alpha, seed=spec.seed, num_dense=0,
+        drift_period=spec.drift_period, drift_fraction=spec.drift_fraction,
+    )
+    log = SyntheticClickLog(cfg)
+    stream = BatchStream.from_table_ids(log.id_stream(0, spec.steps), cfg.num_embeddings,
+                                        cfg.feature_names, spec.label())
+    return stream
+
+
+def criteo_stream(
+    paths: Sequence[PathLike], batch_size: int, table_sizes: Sequence[int], max_samples: Optional[int] = None
+) -> BatchStream:
+    """Read Criteo TSV files (hashed into ``table_sizes``) and cut them into steps.
+
+    Example::
+
+        >>> s = criteo_stream(["day_0.gz"], 4096, [1_000_000] * 26, max_samples=400_000)  # doctest: +SKIP
+    """
+    from torchrec_scratchpipe.data.criteo import CriteoTsvReader
+
+    reader = CriteoTsvReader(list(paths), batch_size, list(table_sizes), max_samples=max_samples)
+
+    def steps() -> Iterator[List[torch.Tensor]]:
+        for batch in reader:
+            kjt = batch.sparse_features
+            yield list(torch.split(kjt.values(), kjt.lengths().view(len(table_sizes), -1).sum(1).tolist()))
+
+    return BatchStream.from_table_ids(steps(), table_sizes, reader.feature_names, "criteo")
