@@ -99,3 +99,26 @@ def test_engine_never_misses_at_train_time(capacity_extra: int, lookahead: int, 
     s = emb.stats()["dim4_sum"]
     assert s["train_misses"] == 0 and s["steps"] == len(stream)
     assert s["peak_held_rows"] <= s["capacity"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    batches=st.lists(st.sets(st.integers(0, 15), min_size=1, max_size=8), min_size=1, max_size=25),
+    plan_every=st.integers(1, 4),
+)
+def test_next_use_matches_brute_force(batches: List[Set[int]], plan_every: int) -> None:
+    from torchrec_scratchpipe.core.next_use import NONE, NextUse
+
+    nu = NextUse(16)
+    planned = 0
+    for k, b in enumerate(batches):
+        nu.push(k, torch.tensor(sorted(b)))
+        while planned < k + 1 and (k % plan_every == 0 or k == len(batches) - 1):
+            nu.planned(torch.tensor(sorted(batches[planned])))
+            planned += 1
+        # Brute force: a row's next use is its first occurrence among pushed, unplanned batches
+        # after its last planned occurrence.
+        for r in range(16):
+            last = max((j for j in range(planned) if r in batches[j]), default=-1)
+            nxt = next((j for j in range(max(last + 1, planned), k + 1) if r in batches[j]), NONE)
+            assert int(nu.step_of(torch.tensor([r]))) == nxt, (r, k, planned)

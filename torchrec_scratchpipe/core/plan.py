@@ -7,9 +7,13 @@ The engine, the simulator and the capacity advisor all use this same code.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
+
+
+#: Maps candidate slots to the distance (in batches) to their rows' next use.
+NextUseFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 class CapacityError(ValueError):
@@ -96,14 +100,16 @@ class SlotPlanner:
         return self.slot_to_row >= 0
 
     def try_plan(
-        self, rows: torch.Tensor, step: int, peek: Sequence[torch.Tensor] = ()
+        self, rows: torch.Tensor, step: int, next_use: Optional[NextUseFn] = None
     ) -> Optional[SlotPlan]:
         """Place the distinct ``rows`` of batch ``step`` and hold their slots.
 
         Args:
             rows: distinct row ids of the batch (any order).
             step: the batch's sequence number; later batches have larger steps.
-            peek: row ids of the batches after this one, nearest first (victim policy).
+            next_use: maps candidate slots to how many batches ahead their rows are next
+                needed (larger = later; rows not needed within the horizon share one
+                largest value). None: recency only.
 
         Returns:
             The plan, or None when the misses do not fit in the unheld slots now (nothing
@@ -133,7 +139,7 @@ class SlotPlanner:
             if n_miss == candidates.numel():
                 miss_slots = candidates
             else:
-                score = self._victim_score(candidates, step, peek)
+                score = self._victim_score(candidates, step, next_use)
                 miss_slots = candidates[torch.topk(score, n_miss, sorted=False).indices]
             old = self.slot_to_row.index_select(0, miss_slots)
             was_full = old >= 0
@@ -172,24 +178,15 @@ class SlotPlanner:
         return rows, rank.index_select(0, rep.long())
 
     def _victim_score(
-        self, candidates: torch.Tensor, step: int, peek: Sequence[torch.Tensor]
+        self, candidates: torch.Tensor, step: int, next_use: Optional[NextUseFn]
     ) -> torch.Tensor:
         """Higher is a better victim: empty, then farthest next use, then least recent."""
-        recency = step - self.last_use[candidates]  # >= 1; larger = older
+        recency = step - self.last_use.index_select(0, candidates)  # >= 1; larger = older
         span = step + 2
-        never = len(peek) + 1
-        if self.policy == "future" and len(peek) > 0:
-            next_use = torch.full((self.capacity,), never, dtype=torch.int64, device=candidates.device)
-            ids = torch.cat(list(peek))
-            pos = torch.repeat_interleave(
-                torch.arange(1, len(peek) + 1, device=ids.device),
-                torch.tensor([p.numel() for p in peek], device=ids.device),
-            )
-            s = self.row_to_slot[ids]
-            seen = s >= 0
-            next_use.scatter_reduce_(0, s[seen], pos[seen], reduce="amin")
-            score = next_use[candidates] * span + recency
+        if self.policy == "future" and next_use is not None:
+            score = next_use(candidates) * span + recency
         else:
             score = recency
-        empty = self.slot_to_row[candidates] < 0
-        return torch.where(empty, torch.full_like(score, (never + 1) * span), score)
+        empty = self.slot_to_row.index_select(0, candidates) < 0
+        top = int(score.max()) + span if score.numel() else 0
+        return torch.where(empty, torch.full_like(score, top), score)

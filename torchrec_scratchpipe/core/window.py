@@ -15,7 +15,8 @@ from typing import Any, Callable, Deque, List, Optional, Sequence
 
 import torch
 
-from torchrec_scratchpipe.core.plan import SlotPlan, SlotPlanner
+from torchrec_scratchpipe.core.next_use import NONE, NextUse, peek_steps
+from torchrec_scratchpipe.core.plan import NextUseFn, SlotPlan, SlotPlanner
 
 
 @dataclass
@@ -72,6 +73,7 @@ class PlanWindow:
         self.next_step = 0
         self.stalls = 0  # times planning waited because the window did not fit
         self.plan_seconds = 0.0  # time spent choosing slots
+        self.next_use = NextUse(planner.num_rows)
 
     def __len__(self) -> int:
         """Batches pushed and not yet popped."""
@@ -88,6 +90,7 @@ class PlanWindow:
             # Same check the planner makes, made before anything is queued.
             self.planner.try_plan(rows, self.next_step)
         entry = WindowEntry(self.next_step, rows, payload)
+        self.next_use.push(entry.step, rows)
         self.next_step += 1
         self.pending.append(entry)
         self._fill()
@@ -121,16 +124,33 @@ class PlanWindow:
         self.planned.clear()
         self.pending.clear()
         self.extra_peek = []
+        self.next_use.clear()
 
-    def _peek_for(self, index_in_pending: int) -> List[torch.Tensor]:
-        later = [e.rows for e in list(self.pending)[index_in_pending + 1 :]] + self.extra_peek
-        return later[: max(self.horizon - self.lookahead, 0)]
+    def _distance_fn(self, step: int) -> Optional[NextUseFn]:
+        """Distance from ``step`` to each candidate slot's next use, capped at H - L."""
+        limit = self.horizon - self.lookahead
+        if limit <= 0:
+            return None
+        extra = self.extra_peek[:limit]
+
+        def distance(candidates: torch.Tensor) -> torch.Tensor:
+            nxt = self.next_use.step_of(self.planner.slot_to_row.index_select(0, candidates))
+            peeked = peek_steps(self.planner.row_to_slot, extra, self.next_step, self.planner.capacity)
+            if peeked is not None:
+                nxt = torch.minimum(nxt, peeked.index_select(0, candidates))
+            d = nxt.long() - step
+            never = (nxt == NONE) | (d > limit)
+            return torch.where(never, torch.full_like(d, limit + 1), d)
+
+        return distance
 
     def _fill(self) -> None:
         while self.pending and len(self.planned) + (self.training is not None) <= self.lookahead:
             entry = self.pending[0]
             t0 = time.perf_counter()
-            plan = self.planner.try_plan(entry.rows, entry.step, self._peek_for(0))
+            plan = self.planner.try_plan(entry.rows, entry.step, self._distance_fn(entry.step))
+            if plan is not None:
+                self.next_use.planned(entry.rows)
             self.plan_seconds += time.perf_counter() - t0
             if plan is None:
                 self.stalls += 1

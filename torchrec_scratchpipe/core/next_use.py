@@ -1,0 +1,116 @@
+"""Next use of every row among the queued batches, kept incrementally.
+
+The victim policy ranks resident rows by when they are next needed. Re-scanning every
+queued batch at each plan costs O(horizon x batch); this keeps, in O(batch) per batch,
+each row's next occurrence after its last *planned* occurrence:
+
+- ``push(step, rows)``: rows whose previous occurrence is still waiting to be planned get
+  a successor link (stored with that earlier batch); the others learn ``step`` directly.
+- ``planned(entry)``: the batch's rows now point at their successors (or "none").
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+NONE = torch.iinfo(torch.int32).max  # "no known next use"
+
+
+class NextUse:
+    """Per-row next-use step over a FIFO of pushed batches.
+
+    Args:
+        num_rows: size of the row space.
+
+    Example::
+
+        >>> nu = NextUse(10)
+        >>> nu.push(0, torch.tensor([1, 2]))
+        >>> nu.push(1, torch.tensor([2, 3]))
+        >>> nu.planned(torch.tensor([1, 2]))   # batch 0 planned: row 2 is next used at 1
+        >>> nu.step_of(torch.tensor([1, 2, 3])).tolist() == [NONE, 1, 1]
+        True
+    """
+
+    def __init__(self, num_rows: int) -> None:
+        self.next = torch.full((num_rows,), NONE, dtype=torch.int32)
+        self._last_step = torch.full((num_rows,), -1, dtype=torch.int32)
+        self._last_pos = torch.zeros(num_rows, dtype=torch.int32)
+        self._succ = torch.empty(0, dtype=torch.int32)  # successor links, one slice per waiting batch
+        self._used = 0
+        self._waiting: List[List[int]] = []  # [step, base, length] of batches not yet planned
+
+    def push(self, step: int, rows: torch.Tensor) -> None:
+        """Record a batch (distinct ``rows``) pushed at ``step``."""
+        n = rows.numel()
+        base = self._alloc(n)
+        prev = self._last_step.index_select(0, rows)
+        first_waiting = self._waiting[0][0] if self._waiting else step
+        waiting = prev >= first_waiting
+        if bool(waiting.any()):
+            bases = torch.tensor([w[1] for w in self._waiting], dtype=torch.int64)
+            w_rows = rows[waiting]
+            slot = bases[(prev[waiting] - first_waiting).long()] + self._last_pos.index_select(0, w_rows).long()
+            self._succ.index_fill_(0, slot, step)
+        self.next.index_fill_(0, rows[~waiting], step)
+        self._last_step.index_fill_(0, rows, step)
+        self._last_pos.index_copy_(0, rows, torch.arange(n, dtype=torch.int32))
+        self._waiting.append([step, base, n])
+
+    def planned(self, rows: torch.Tensor) -> None:
+        """The oldest waiting batch, whose distinct rows are ``rows``, was planned."""
+        _, base, n = self._waiting.pop(0)
+        if n != rows.numel():
+            raise RuntimeError("NextUse: batches must be planned in the order they were pushed.")
+        self.next.index_copy_(0, rows, self._succ[base : base + n])
+
+    def step_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """Next-use step of ``rows`` (``NONE`` where unknown; ``rows < 0`` give ``NONE``)."""
+        out = self.next.index_select(0, rows.clamp(min=0))
+        return torch.where(rows >= 0, out, torch.full_like(out, NONE))
+
+    def clear(self) -> None:
+        self.next.fill_(NONE)
+        self._last_step.fill_(-1)
+        self._waiting.clear()
+        self._used = 0
+
+    def _alloc(self, n: int) -> int:
+        live = sum(w[2] for w in self._waiting)
+        if self._used + n > self._succ.numel():
+            new = torch.empty(max(2 * (live + n), 1024), dtype=torch.int32)
+            pos = 0
+            for w in self._waiting:  # compact the waiting batches' links to the front
+                new[pos : pos + w[2]] = self._succ[w[1] : w[1] + w[2]]
+                w[1] = pos
+                pos += w[2]
+            self._succ, self._used = new, pos
+        base = self._used
+        self._succ[base : base + n] = NONE
+        self._used += n
+        return base
+
+
+def peek_steps(slots_of: torch.Tensor, peek: Sequence[torch.Tensor], first_step: int, capacity: int) -> Optional[torch.Tensor]:
+    """Per slot, the first step among explicitly peeked batches (``NONE`` where absent).
+
+    Args:
+        slots_of: the planner's row -> slot map.
+        peek: row ids of batches after everything pushed, nearest first.
+        first_step: the step number of ``peek[0]``.
+        capacity: number of slots.
+    """
+    if not peek:
+        return None
+    ids = torch.cat(list(peek))
+    steps = torch.repeat_interleave(
+        torch.arange(first_step, first_step + len(peek), dtype=torch.int32),
+        torch.tensor([p.numel() for p in peek]),
+    )
+    s = slots_of.index_select(0, ids)
+    seen = s >= 0
+    out = torch.full((capacity,), NONE, dtype=torch.int32)
+    out.scatter_reduce_(0, s[seen], steps[seen], reduce="amin")
+    return out
