@@ -44,6 +44,7 @@ class EngineBenchConfig:
         load_factor: scratchpad slots as a fraction of all rows.
         lookahead, horizon: L and H.
         steps, warmup: timed and untimed steps.
+        block: steps run back to back before switching to the other contender.
         device: ``cpu`` or ``cuda``.
     """
 
@@ -58,6 +59,7 @@ class EngineBenchConfig:
     horizon: Optional[int] = None
     steps: int = 40
     warmup: int = 5
+    block: int = 10
     device: str = "cpu"
     seed: int = 0
 
@@ -101,7 +103,7 @@ def _engine(cfg: EngineBenchConfig, device: torch.device) -> ScratchPipeEmbeddin
 
 
 def run(cfg: EngineBenchConfig) -> Dict[str, object]:
-    """Alternate one full-table TBE step and one ScratchPipe step, so both see the same machine."""
+    """Alternate blocks of full-table TBE and ScratchPipe steps, so both see the same machine."""
     device = torch.device(cfg.device)
     ahead = max(cfg.lookahead, cfg.horizon or 0) + 1  # announced batches: L planned, the rest peeked
     n = cfg.steps + cfg.warmup
@@ -111,28 +113,36 @@ def run(cfg: EngineBenchConfig) -> Dict[str, object]:
     for k in batches[:ahead]:
         emb.prefetch(k)
     rec: Dict[str, List[float]] = {"full": [], "total": [], "planner": [], "mover": [], "train": []}
-    for i in tqdm(range(n), desc="full TBE / ScratchPipe", leave=False):
-        k = batches[i]
-        _sync(device)
-        t0 = time.perf_counter()
-        tbe(k.values(), k.offsets()).sum().backward()
-        _sync(device)
-        t1 = time.perf_counter()
-        stats = emb.stats()[group.name]
-        p0, m0 = stats["planner_s"], stats["mover_s"]
-        t2 = time.perf_counter()
-        emb.pooled(k).sum().backward()
-        emb.prefetch(batches[i + ahead])
-        _sync(device)
-        t3 = time.perf_counter()
-        stats = emb.stats()[group.name]
-        if i >= cfg.warmup:
-            planner, mover = stats["planner_s"] - p0, stats["mover_s"] - m0
-            rec["full"].append(t1 - t0)
-            rec["total"].append(t3 - t2)
-            rec["planner"].append(planner)
-            rec["mover"].append(mover)
-            rec["train"].append(t3 - t2 - planner - mover)
+    bar = tqdm(total=2 * n, desc="full TBE / ScratchPipe", leave=False)
+    for start in range(0, n, cfg.block):  # alternate blocks: both see the same machine state
+        block = range(start, min(n, start + cfg.block))
+        for i in block:
+            k = batches[i]
+            _sync(device)
+            t0 = time.perf_counter()
+            tbe(k.values(), k.offsets()).sum().backward()
+            _sync(device)
+            if i >= cfg.warmup:
+                rec["full"].append(time.perf_counter() - t0)
+            bar.update(1)
+        for i in block:
+            stats = emb.stats()[group.name]
+            p0, m0 = stats["planner_s"], stats["mover_s"]
+            _sync(device)
+            t0 = time.perf_counter()
+            emb.pooled(batches[i]).sum().backward()
+            emb.prefetch(batches[i + ahead])
+            _sync(device)
+            total = time.perf_counter() - t0
+            stats = emb.stats()[group.name]
+            if i >= cfg.warmup:
+                planner, mover = stats["planner_s"] - p0, stats["mover_s"] - m0
+                rec["total"].append(total)
+                rec["planner"].append(planner)
+                rec["mover"].append(mover)
+                rec["train"].append(total - planner - mover)
+            bar.update(1)
+    bar.close()
     med = {k: statistics.median(v) for k, v in rec.items()}
     return {
         "config": asdict(cfg),

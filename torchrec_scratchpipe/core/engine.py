@@ -61,7 +61,7 @@ class _Group:
         assert plan is not None
         self.stats.plan_misses += plan.miss_rows.numel()
         self.stats.evictions += plan.victim_rows.numel()
-        self.stats.peak_held_rows = max(self.stats.peak_held_rows, self.planner.held_slots())
+        self.stats.peak_held_rows = max(self.stats.peak_held_rows, plan.held_after)
         entry.payload.ready = self.mover.move_in(plan)
         self.stats.mover_s += time.perf_counter() - t0
 
@@ -324,6 +324,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             )
         self.config.lookahead, self.config.horizon = lookahead, horizon
         for g in self.groups.values():
+            g.window.clear()
             g.window.lookahead, g.window.horizon = lookahead, horizon
 
     def reset_window(self) -> None:

@@ -32,6 +32,7 @@ class SlotPlan:
         miss_slots: slots they go to.
         victim_rows: resident rows evicted for them (to be written back).
         victim_slots: slots those victims held (a subset of ``miss_slots``).
+        held_after: slots held by planned batches right after this plan.
     """
 
     step: int
@@ -41,6 +42,7 @@ class SlotPlan:
     miss_slots: torch.Tensor
     victim_rows: torch.Tensor
     victim_slots: torch.Tensor
+    held_after: int = 0
 
 
 class SlotPlanner:
@@ -150,7 +152,8 @@ class SlotPlanner:
             slots.masked_scatter_(miss, miss_slots)
         self.hold.index_add_(0, slots, self._ones(slots.numel()))
         self.last_use.index_fill_(0, slots, step)
-        return SlotPlan(step, rows, slots, miss_rows, miss_slots, victim_rows, victim_slots)
+        held_after = self.capacity - candidates.numel() + n_miss
+        return SlotPlan(step, rows, slots, miss_rows, miss_slots, victim_rows, victim_slots, held_after)
 
     def release(self, plan: SlotPlan) -> None:
         """Drop the holds of a batch that has finished training."""
@@ -180,13 +183,11 @@ class SlotPlanner:
     def _victim_score(
         self, candidates: torch.Tensor, step: int, next_use: Optional[NextUseFn]
     ) -> torch.Tensor:
-        """Higher is a better victim: empty, then farthest next use, then least recent."""
-        recency = step - self.last_use.index_select(0, candidates)  # >= 1; larger = older
-        span = step + 2
+        """Higher is a better victim: farthest next use, then least recent use.
+
+        Empty slots have ``last_use == -1`` and no row (so no next use): they rank first.
+        """
+        older = -self.last_use.index_select(0, candidates)
         if self.policy == "future" and next_use is not None:
-            score = next_use(candidates) * span + recency
-        else:
-            score = recency
-        empty = self.slot_to_row.index_select(0, candidates) < 0
-        top = int(score.max()) + span if score.numel() else 0
-        return torch.where(empty, torch.full_like(score, top), score)
+            return next_use(candidates) * (step + 2) + older
+        return older

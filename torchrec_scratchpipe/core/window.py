@@ -90,7 +90,8 @@ class PlanWindow:
             # Same check the planner makes, made before anything is queued.
             self.planner.try_plan(rows, self.next_step)
         entry = WindowEntry(self.next_step, rows, payload)
-        self.next_use.push(entry.step, rows)
+        if self._tracks_next_use:
+            self.next_use.push(entry.step, rows)
         self.next_step += 1
         self.pending.append(entry)
         self._fill()
@@ -126,10 +127,15 @@ class PlanWindow:
         self.extra_peek = []
         self.next_use.clear()
 
+    @property
+    def _tracks_next_use(self) -> bool:
+        """Only a horizon beyond the lookahead and the "future" policy need next uses."""
+        return self.horizon > self.lookahead and self.planner.policy == "future"
+
     def _distance_fn(self, step: int) -> Optional[NextUseFn]:
         """Distance from ``step`` to each candidate slot's next use, capped at H - L."""
         limit = self.horizon - self.lookahead
-        if limit <= 0:
+        if not self._tracks_next_use:
             return None
         extra = self.extra_peek[:limit]
 
@@ -149,7 +155,7 @@ class PlanWindow:
             entry = self.pending[0]
             t0 = time.perf_counter()
             plan = self.planner.try_plan(entry.rows, entry.step, self._distance_fn(entry.step))
-            if plan is not None:
+            if plan is not None and self._tracks_next_use:
                 self.next_use.planned(entry.rows)
             self.plan_seconds += time.perf_counter() - t0
             if plan is None:
