@@ -15,7 +15,7 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_scratchpipe.core.config import OPTIMIZER_STATE_NAMES, ScratchPipeConfig, check_optimizer
-from torchrec_scratchpipe.core.mover import Mover, split_rows_by_table
+from torchrec_scratchpipe.core.mover import Mover
 from torchrec_scratchpipe.core.plan import CapacityError, SlotPlanner
 from torchrec_scratchpipe.core.scratchpad import Scratchpad
 from torchrec_scratchpipe.core.stats import GroupStats

@@ -9,7 +9,7 @@ the next collect reads the backing store (hazard 2).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 
@@ -136,8 +136,3 @@ class Mover:
             values = {k: v.to(self.device) for k, v in self.store.gather(rows).items()}
             self.pad.write(slots.to(self.device), values)
 
-
-def split_rows_by_table(rows: torch.Tensor, offsets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(table index, local row) of each group row, given the store's table offsets."""
-    t = torch.searchsorted(offsets[1:], rows, right=True)
-    return t, rows - offsets[t]
