@@ -107,7 +107,9 @@ def plots(arms: List[ArmResult], rows: List[Dict[str, Any]], out: Path) -> List[
         ax.bar(range(len(timed)), med, yerr=err, capsize=4, color="#4C72B0")
         ax.set_xticks(range(len(timed)), [r["arm"] for r in timed], rotation=15, ha="right")
         ax.set_ylabel("samples / s (median, p10–p90)")
-        ax.set_title("Throughput per arm")
+        simulated = [r["arm"] for r in rows if r["simulated"]]
+        ax.set_title("Throughput per arm" + (f"\n({', '.join(simulated)}: traffic only, not timed)" if simulated else ""),
+                     fontsize=10)
         fig.tight_layout()
         paths.append(out / "throughput.png")
         fig.savefig(paths[-1], dpi=120)
