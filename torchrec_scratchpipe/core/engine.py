@@ -158,14 +158,17 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         return kjt.permute(order).split([len(g.features) for g in self.groups.values()])
 
     def _validate(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        return check_kjt(kjt, self.feature_names, self._feature_tables, self._feature_rows)[1]
+        """Check the batch; return the number of ids of each feature."""
+        return check_kjt(kjt, self.feature_names, self._feature_tables, self._feature_rows)[1].cpu()
 
     def _rows(self, kjt: KeyedJaggedTensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """Validate and return, per group, (distinct rows, inverse)."""
-        feat = self._validate(kjt).cpu()
+        per_feature = self._validate(kjt)
         ids = kjt.values().to("cpu", torch.int64)
         if len(self.groups) == 1:
-            return [next(iter(self.groups.values())).rows_of(ids, feat)]
+            g = next(iter(self.groups.values()))
+            return [g.planner.unique(ids + torch.repeat_interleave(g.feature_base, per_feature))]
+        feat = torch.repeat_interleave(torch.arange(len(self.feature_names)), per_feature)
         group_of = self._feature_group.index_select(0, feat)
         local = self._feature_local.index_select(0, feat)
         return [g.rows_of(ids[group_of == i], local[group_of == i]) for i, g in enumerate(self.groups.values())]

@@ -126,14 +126,15 @@ class SlotPlanner:
                 f"{self.capacity} slots"
             )
         slots = self.row_to_slot.index_select(0, rows)
-        hit = slots >= 0
-        miss = ~hit
+        miss = slots < 0
         miss_rows = rows[miss]
         n_miss = miss_rows.numel()
-        free = self.hold == 0
-        free.index_fill_(0, slots[hit], False)
-        candidates = free.nonzero().squeeze(1)
+        hit_slots = slots[~miss]
+        # Hold the hits first: the candidates are then exactly the slots with no hold.
+        self.hold.index_add_(0, hit_slots, self._ones(hit_slots.numel()))
+        candidates = (self.hold == 0).nonzero().squeeze(1)
         if n_miss > candidates.numel():
+            self.hold.index_add_(0, hit_slots, self._ones(hit_slots.numel()), alpha=-1)
             return None
         empty = rows.new_empty(0)
         victim_rows, victim_slots, miss_slots = empty, empty, empty
@@ -145,12 +146,15 @@ class SlotPlanner:
                 miss_slots = candidates[torch.topk(score, n_miss, sorted=False).indices]
             old = self.slot_to_row.index_select(0, miss_slots)
             was_full = old >= 0
-            victim_rows, victim_slots = old[was_full], miss_slots[was_full]
+            if bool(was_full.all()):
+                victim_rows, victim_slots = old, miss_slots
+            else:
+                victim_rows, victim_slots = old[was_full], miss_slots[was_full]
             self.row_to_slot.index_fill_(0, victim_rows, -1)
             self.row_to_slot.index_copy_(0, miss_rows, miss_slots)
             self.slot_to_row.index_copy_(0, miss_slots, miss_rows)
-            slots.masked_scatter_(miss, miss_slots)
-        self.hold.index_add_(0, slots, self._ones(slots.numel()))
+            self.hold.index_add_(0, miss_slots, self._ones(n_miss))
+            slots = slots.masked_scatter(miss, miss_slots)
         self.last_use.index_fill_(0, slots, step)
         held_after = self.capacity - candidates.numel() + n_miss
         return SlotPlan(step, rows, slots, miss_rows, miss_slots, victim_rows, victim_slots, held_after)

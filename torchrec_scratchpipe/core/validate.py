@@ -14,7 +14,7 @@ def check_kjt(
     feature_tables: Sequence[str],
     feature_rows: torch.Tensor,
 ) -> Tuple[int, torch.Tensor]:
-    """Validate a batch; return its batch size and the feature index of every id.
+    """Validate a batch; return its batch size and the number of ids of each feature.
 
     Args:
         kjt: the batch.
@@ -62,15 +62,15 @@ def check_kjt(
         raise ValueError(f"{weights.numel()} per-sample weights for {values.numel()} ids.")
     B = lengths.numel() // T
     per_feature = lengths.view(T, B).sum(1)
-    feat = torch.repeat_interleave(torch.arange(T, device=values.device), per_feature.to(values.device))
-    if values.numel():
-        bound = feature_rows.to(values.device)[feat]
-        bad = (values < 0) | (values >= bound)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            f = int(feat[i])
+    bounds = feature_rows.tolist()
+    for f, ids in enumerate(torch.split(values, per_feature.tolist())):
+        if ids.numel() == 0:
+            continue
+        lo, hi = torch.aminmax(ids)
+        if int(lo) < 0 or int(hi) >= bounds[f]:
+            bad = int(ids[(ids < 0) | (ids >= bounds[f])][0])
             raise ValueError(
-                f"id {int(values[i])} of feature {keys[f]!r} is out of range for table "
-                f"{feature_tables[f]!r} with {int(feature_rows[f])} rows (valid ids: 0..{int(feature_rows[f]) - 1})."
+                f"id {bad} of feature {keys[f]!r} is out of range for table {feature_tables[f]!r} "
+                f"with {bounds[f]} rows (valid ids: 0..{bounds[f] - 1})."
             )
-    return B, feat
+    return B, per_feature
