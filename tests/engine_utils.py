@@ -64,7 +64,7 @@ class FullTableReference:
         outs = []
         for t, tbe in zip(self.tables, self.tbes):
             jt = kjt[t.feature_names[0]]
-            outs.append(tbe(jt.values(), jt.offsets()))
+            outs.append(tbe(jt.values(), jt.offsets(), jt.weights_or_none()))
         return torch.cat(outs, dim=1)
 
     def weights(self) -> Dict[str, torch.Tensor]:

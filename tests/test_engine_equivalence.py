@@ -70,3 +70,32 @@ def test_mixed_dims_form_groups_and_match() -> None:
     weights = emb.table_weights()
     for name, w in ref.weights().items():
         torch.testing.assert_close(weights[name], w, atol=1e-5, rtol=1e-5)
+
+
+def test_weighted_bags_match() -> None:
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    tables = make_tables(ROWS, [8, 8, 8])
+    g = torch.Generator().manual_seed(5)
+    stream = [
+        KeyedJaggedTensor(keys=k.keys(), values=k.values(), lengths=k.lengths(),
+                          weights=torch.rand(k.values().numel(), generator=g))
+        for k in power_law_stream(ROWS, 40, BATCH, seed=11)
+    ]
+    cfg = ScratchPipeConfig(cache_rows=window_capacity(stream, ROWS, 2), lookahead=2,
+                            optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.1)
+    emb = ScratchPipeEmbeddingBags(tables, cfg)
+    ref = FullTableReference(tables, EmbOptimType.EXACT_ROWWISE_ADAGRAD, lr=0.1)
+    ref.load(emb.table_weights())
+    for k in stream[:3]:
+        emb.prefetch(k)
+    for i, k in enumerate(stream):
+        out, expect = emb(k).values(), ref(k)
+        torch.testing.assert_close(out, expect, atol=1e-5, rtol=1e-5)
+        grad = torch.randn(out.shape, generator=g)
+        out.backward(grad)
+        expect.backward(grad)
+        if i + 3 < len(stream):
+            emb.prefetch(stream[i + 3])
+    for name, w in ref.weights().items():
+        torch.testing.assert_close(emb.table_weights()[name], w, atol=1e-5, rtol=1e-5)

@@ -195,7 +195,9 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             g.stats.lookups += inverse.numel()
             g.stats.unique_rows += rows.numel()
             offsets = sub.offsets().to(self.device, torch.int64)
-            g.window.push(rows, _Batch(inverse, offsets, sub.weights_or_none()))
+            weights = sub.weights_or_none()
+            weights = weights.to(self.device, non_blocking=True) if weights is not None else None
+            g.window.push(rows, _Batch(inverse, offsets, weights))
         self._queue.append(kjt)
 
     def peek(self, kjts: Sequence[KeyedJaggedTensor]) -> None:
