@@ -17,12 +17,7 @@ from torchrec_scratchpipe.data.trace import RequestTrace, write_request_trace
 from torchrec_scratchpipe.sim import BatchStream, SyntheticSpec, simulate_scratchpipe, synthetic_stream
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @settings(max_examples=60, deadline=None)

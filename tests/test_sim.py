@@ -21,13 +21,7 @@ from torchrec_scratchpipe.sim.report import parse_capacity
 FAST = settings(max_examples=60, deadline=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The simulator's ops are small: one thread is faster and steadier on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @st.composite
