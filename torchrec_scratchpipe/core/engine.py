@@ -143,6 +143,9 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         group_order = [f for g in self.groups.values() for f in g.features]
         self._group_perm = [group_order.index(f) for f in self.feature_names]
         self._identity = self._group_perm == list(range(len(self.feature_names)))
+        self._split_order = [self.feature_names.index(f) for f in group_order]
+        self._split_sizes = [len(g.features) for g in self.groups.values()]
+        self._group_dims = [self._dims[self.feature_names.index(f)] for f in group_order]
         where = {f: (i, g.features.index(f)) for i, g in enumerate(self.groups.values()) for f in g.features}
         self._feature_group = torch.tensor([where[f][0] for f in self.feature_names])
         self._feature_local = torch.tensor([where[f][1] for f in self.feature_names])
@@ -154,8 +157,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
     def _split(self, kjt: KeyedJaggedTensor) -> List[KeyedJaggedTensor]:
         if len(self.groups) == 1:
             return [kjt]
-        order = [self.feature_names.index(f) for g in self.groups.values() for f in g.features]
-        return kjt.permute(order).split([len(g.features) for g in self.groups.values()])
+        return kjt.permute(self._split_order).split(self._split_sizes)
 
     def _validate(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         """Check the batch; return the number of ids of each feature."""
@@ -231,7 +233,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             outs.append(g.pad(slot_idx, batch.offsets, batch.weights))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         if not self._identity:
-            cols = torch.split(out, [self._dims[self.feature_names.index(f)] for g in self.groups.values() for f in g.features], dim=1)
+            cols = torch.split(out, self._group_dims, dim=1)
             out = torch.cat([cols[i] for i in self._group_perm], dim=1)
         return out
 
