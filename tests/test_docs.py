@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,3 +20,12 @@ def test_doc_examples_run(name: str) -> None:
     assert blocks, f"{name} has no python example"
     for block in blocks:
         exec(compile(block, f"{name}", "exec"), {"__name__": "__doc_example__"})
+
+
+def test_integration_guide_example_runs_in_its_own_process() -> None:
+    """The TorchRec guide starts its own process group, so it runs in a fresh interpreter."""
+    text = (DOCS / "torchrec_integration.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks
+    proc = subprocess.run([sys.executable, "-c", "\n".join(blocks)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
