@@ -23,17 +23,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchmetrics.classification import BinaryAUROC
 from torchrec import EmbeddingBagConfig
 from tqdm import tqdm
 
 from torchrec_scratchpipe import cache_stats
+from torchrec_scratchpipe.core.config import OPTIMIZERS_BY_NAME
 from torchrec_scratchpipe.data.source import open_source
 from torchrec_scratchpipe.training import KERNELS, KernelChoice, ModelSpec, Trainer, build_trainer
 
-OPTIMIZERS = {"sgd": EmbOptimType.EXACT_SGD, "adagrad": EmbOptimType.EXACT_ADAGRAD,
-              "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -54,7 +52,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--pooling", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--optimizer", default="rowwise_adagrad", choices=list(OPTIMIZERS))
+    p.add_argument("--optimizer", default="rowwise_adagrad", choices=list(OPTIMIZERS_BY_NAME))
     p.add_argument("--learning-rate", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", default=None, help="write a checkpoint folder at the end")
@@ -124,7 +122,7 @@ def run(args: argparse.Namespace) -> Tuple[Dict[str, float], Trainer]:
               for f, n in zip(data.feature_names, data.table_sizes)]
     big = [t.name for t in tables if t.num_embeddings >= args.big_table_rows]
     overrides = dict(item.split("=", 1) for item in args.table_kernel)
-    spec = ModelSpec(tables, dense_in_features=data.num_dense, optimizer=OPTIMIZERS[args.optimizer],
+    spec = ModelSpec(tables, dense_in_features=data.num_dense, optimizer=OPTIMIZERS_BY_NAME[args.optimizer],
                      learning_rate=args.learning_rate, batch_size=args.batch_size, pooling=float(args.pooling))
     choice = KernelChoice(args.kernel, args.load_factor, args.lookahead, args.horizon, big, overrides, args.sharding_type)
     trainer = build_trainer(spec, choice, device, spec.initial_state(args.seed))

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec import EmbeddingBagConfig
 
 from torchrec_scratchpipe.ab.arms import ArmResult, run_arm
 from torchrec_scratchpipe.ab.config import ABConfig
 from torchrec_scratchpipe.ab.report import write_report
 from torchrec_scratchpipe.ab.simulated import simulate_uvm_arm
+from torchrec_scratchpipe.core.config import OPTIMIZERS_BY_NAME
 from torchrec_scratchpipe.data.source import open_source
 from torchrec_scratchpipe.training import KernelChoice, ModelSpec, init_single_process_group
 
@@ -46,8 +46,7 @@ def run_ab(cfg: ABConfig) -> Dict[str, Any]:
         EmbeddingBagConfig(name=f"t_{f}", embedding_dim=cfg.dim, num_embeddings=n, feature_names=[f])
         for f, n in zip(data.feature_names, data.table_sizes)
     ]
-    optimizer = {"sgd": EmbOptimType.EXACT_SGD, "adagrad": EmbOptimType.EXACT_ADAGRAD,
-                 "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD}[cfg.optimizer]
+    optimizer = OPTIMIZERS_BY_NAME[cfg.optimizer]
     spec = ModelSpec(tables, dense_in_features=data.num_dense, optimizer=optimizer, learning_rate=cfg.learning_rate,
                      batch_size=cfg.batch_size, pooling=float(cfg.pooling))
     init_single_process_group()
@@ -96,7 +95,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> ABConfig:
     p.add_argument("--distribution", default=d.distribution, choices=["zipf", "uniform", "drift"])
     p.add_argument("--alpha", type=float, default=d.alpha)
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
-    p.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adagrad", "rowwise_adagrad"])
+    p.add_argument("--optimizer", default=d.optimizer, choices=list(OPTIMIZERS_BY_NAME))
     p.add_argument("--learning-rate", type=float, default=d.learning_rate)
     p.add_argument("--out", type=Path, default=d.out)
     p.add_argument("--no-progress", action="store_true")

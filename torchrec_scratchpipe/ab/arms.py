@@ -10,7 +10,8 @@ import torch
 from torchrec.datasets.utils import Batch
 from tqdm import tqdm
 
-from torchrec_scratchpipe.distributed.pipeline import find_scratchpipe_kernels
+from torchrec_scratchpipe.core.config import row_bytes
+from torchrec_scratchpipe.distributed.stats import scratchpipe_kernels
 from torchrec_scratchpipe.training import KernelChoice, ModelSpec, build_trainer, local_table_weights
 
 
@@ -52,18 +53,12 @@ class ArmResult:
 def _sp_counters(model: torch.nn.Module) -> Dict[str, float]:
     """Summed engine counters of this rank's ScratchPipe kernels."""
     total: Dict[str, float] = {}
-    for kernel in find_scratchpipe_kernels(model):
+    for kernel in scratchpipe_kernels(model):
         for stats in kernel.engine.stats().values():
             for k, v in stats.items():
                 if isinstance(v, (int, float)):
                     total[k] = total.get(k, 0.0) + v
     return total
-
-
-def _row_bytes(spec: ModelSpec) -> int:
-    dim = spec.tables[0].embedding_dim
-    state = 1 if "ROWWISE" in spec.optimizer.name else dim if "ADAGRAD" in spec.optimizer.name else 0
-    return 4 * (dim + state)
 
 
 def run_arm(
@@ -87,7 +82,7 @@ def run_arm(
         progress: tqdm bar.
     """
     trainer = build_trainer(spec, choice, device, initial_state)
-    result = ArmResult(choice.label, row_bytes=_row_bytes(spec))
+    result = ArmResult(choice.label, row_bytes=row_bytes(spec.optimizer, spec.tables[0].embedding_dim))
     total_rows = sum(t.num_embeddings for t in spec.tables)
     slots = int(choice.load_factor * total_rows) if choice.kernel != "fused" else total_rows
     result.device_bytes = slots * result.row_bytes

@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from torchrec_scratchpipe.core.config import OPTIMIZERS_BY_NAME
+
 ARMS = ("fused", "fused_uvm_caching", "scratchpipe")
-OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+OPTIMIZERS = tuple(OPTIMIZERS_BY_NAME)
 
 
 @dataclass

@@ -17,6 +17,12 @@ OPTIMIZER_STATE_NAMES: Dict[EmbOptimType, List[str]] = {
     EmbOptimType.EXACT_ROWWISE_ADAGRAD: ["momentum1"],
     EmbOptimType.ADAM: ["exp_avg", "exp_avg_sq"],
 }
+#: Command-line names of the exact optimizers (A/B tool, example trainer).
+OPTIMIZERS_BY_NAME: Dict[str, EmbOptimType] = {
+    "sgd": EmbOptimType.EXACT_SGD,
+    "adagrad": EmbOptimType.EXACT_ADAGRAD,
+    "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+}
 CPU_OPTIMIZERS: Tuple[EmbOptimType, ...] = (
     EmbOptimType.EXACT_SGD,
     EmbOptimType.EXACT_ADAGRAD,
@@ -24,6 +30,17 @@ CPU_OPTIMIZERS: Tuple[EmbOptimType, ...] = (
 )
 CUDA_OPTIMIZERS: Tuple[EmbOptimType, ...] = CPU_OPTIMIZERS + (EmbOptimType.ADAM,)
 VICTIM_POLICIES: Tuple[str, ...] = ("future", "lru")
+
+
+def state_shapes(optimizer: EmbOptimType, dim: int) -> Dict[str, Tuple[int, ...]]:
+    """Per-row shape of each optimizer state: ``()`` for row-wise Adagrad, ``(dim,)`` otherwise."""
+    row_wise = optimizer == EmbOptimType.EXACT_ROWWISE_ADAGRAD
+    return {name: (() if row_wise else (dim,)) for name in OPTIMIZER_STATE_NAMES[optimizer]}
+
+
+def row_bytes(optimizer: EmbOptimType, dim: int) -> int:
+    """FP32 bytes one row moves: its weights and optimizer state."""
+    return 4 * (dim + sum(math.prod(shape) for shape in state_shapes(optimizer, dim).values()))
 
 
 def supported_optimizers(device: torch.device) -> Tuple[EmbOptimType, ...]:

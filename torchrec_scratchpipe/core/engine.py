@@ -9,12 +9,11 @@ from dataclasses import dataclass
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from torchrec_scratchpipe.core.config import OPTIMIZER_STATE_NAMES, ScratchPipeConfig, check_optimizer
+from torchrec_scratchpipe.core.config import OPTIMIZER_STATE_NAMES, ScratchPipeConfig, check_optimizer, state_shapes
 from torchrec_scratchpipe.core.mover import Mover
 from torchrec_scratchpipe.core.plan import CapacityError, SlotPlanner
 from torchrec_scratchpipe.core.scratchpad import Scratchpad
@@ -45,8 +44,7 @@ class _Group:
         self.features: List[str] = [f for t in tables for f in t.feature_names]
         self.feature_table = torch.tensor([i for i, t in enumerate(tables) for _ in t.feature_names])
         dim = tables[0].embedding_dim
-        shapes = {n: (() if config.optimizer == EmbOptimType.EXACT_ROWWISE_ADAGRAD else (dim,)) for n in OPTIMIZER_STATE_NAMES[config.optimizer]}
-        self.store = BackingStore([t.num_embeddings for t in tables], dim, shapes)
+        self.store = BackingStore([t.num_embeddings for t in tables], dim, state_shapes(config.optimizer, dim))
         self.capacity = config.slots_for(self.store.num_rows)
         self.pad = Scratchpad(self.capacity, dim, len(self.features), _POOLING[tables[0].pooling], config, device)
         self.stats = GroupStats()
@@ -65,9 +63,9 @@ class _Group:
         entry.payload.ready = self.mover.move_in(plan)
         self.stats.mover_s += time.perf_counter() - t0
 
-    def rows_of(self, ids: torch.Tensor, feat: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(distinct group rows, inverse) for ``ids`` of group-local features ``feat``."""
-        return self.planner.unique(ids + self.feature_base.index_select(0, feat))
+    def rows_of(self, ids: torch.Tensor, per_feature: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(distinct group rows, inverse) of this group's ``ids``, ``per_feature`` ids per feature."""
+        return self.planner.unique(ids + torch.repeat_interleave(self.feature_base, per_feature))
 
     def init_weights(self) -> None:
         with torch.no_grad():
@@ -146,9 +144,6 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         self._split_order = [self.feature_names.index(f) for f in group_order]
         self._split_sizes = [len(g.features) for g in self.groups.values()]
         self._group_dims = [self._dims[self.feature_names.index(f)] for f in group_order]
-        where = {f: (i, g.features.index(f)) for i, g in enumerate(self.groups.values()) for f in g.features}
-        self._feature_group = torch.tensor([where[f][0] for f in self.feature_names])
-        self._feature_local = torch.tensor([where[f][1] for f in self.feature_names])
         self._queue: Deque[KeyedJaggedTensor] = deque()
         for g in self.groups.values():
             g.init_weights()
@@ -163,17 +158,14 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         """Check the batch; return the number of ids of each feature."""
         return check_kjt(kjt, self.feature_names, self._feature_tables, self._feature_rows)[1].cpu()
 
-    def _rows(self, kjt: KeyedJaggedTensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """Validate and return, per group, (distinct rows, inverse)."""
-        per_feature = self._validate(kjt)
-        ids = kjt.values().to("cpu", torch.int64)
-        if len(self.groups) == 1:
-            g = next(iter(self.groups.values()))
-            return [g.planner.unique(ids + torch.repeat_interleave(g.feature_base, per_feature))]
-        feat = torch.repeat_interleave(torch.arange(len(self.feature_names)), per_feature)
-        group_of = self._feature_group.index_select(0, feat)
-        local = self._feature_local.index_select(0, feat)
-        return [g.rows_of(ids[group_of == i], local[group_of == i]) for i, g in enumerate(self.groups.values())]
+    def _rows(self, kjt: KeyedJaggedTensor) -> List[Tuple[KeyedJaggedTensor, torch.Tensor, torch.Tensor]]:
+        """Validate; return, per group, (its sub-batch, distinct rows, inverse)."""
+        per_feature = self._validate(kjt)[self._split_order]
+        counts = per_feature.split(self._split_sizes)
+        return [
+            (sub, *g.rows_of(sub.values().to("cpu", torch.int64), n))
+            for g, sub, n in zip(self.groups.values(), self._split(kjt), counts)
+        ]
 
     def prefetch(self, kjt: KeyedJaggedTensor) -> None:
         """Announce a future batch: it is planned and its rows moved in when the window has room.
@@ -184,7 +176,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         """
         t0 = time.perf_counter()
         per_group = self._rows(kjt)
-        for g, (rows, _) in zip(self.groups.values(), per_group):
+        for g, (_, rows, _) in zip(self.groups.values(), per_group):
             if rows.numel() > g.capacity:
                 raise CapacityError(
                     f"table group {g.name!r} (tables {[t.name for t in g.tables]}): one batch needs "
@@ -192,7 +184,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
                     f"Raise cache_rows/load_factor to at least {rows.numel()} rows, or use smaller batches."
                 )
         elapsed = (time.perf_counter() - t0) / len(self.groups)
-        for g, sub, (rows, inverse) in zip(self.groups.values(), self._split(kjt), per_group):
+        for g, (sub, rows, inverse) in zip(self.groups.values(), per_group):
             g.stats.planner_s += elapsed
             g.stats.lookups += inverse.numel()
             g.stats.unique_rows += rows.numel()
@@ -206,7 +198,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         """Show the victim policy the ids of batches beyond those prefetched (nothing moves)."""
         per_batch = [self._rows(k) for k in kjts]
         for i, g in enumerate(self.groups.values()):
-            g.window.set_peek([rows[i][0] for rows in per_batch])
+            g.window.set_peek([rows[i][1] for rows in per_batch])
 
     # ---------------------------------------------------------------- train
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:

@@ -28,11 +28,6 @@ logger = logging.getLogger(__name__)
 MAX_HORIZON = 1024
 
 
-def find_scratchpipe_kernels(model: torch.nn.Module) -> List[ScratchPipeEmbeddingBag]:
-    """Every ScratchPipe kernel on this rank inside ``model`` (a DMP-wrapped model too)."""
-    return scratchpipe_kernels(model)
-
-
 class ScratchPipeTrainPipeline(TrainPipelineSparseDist):
     """Train pipeline that plans the ScratchPipe scratchpads from future batches.
 
@@ -84,7 +79,7 @@ class ScratchPipeTrainPipeline(TrainPipelineSparseDist):
             raise ValueError(
                 f"horizon must be between lookahead ({lookahead}) and {MAX_HORIZON}, got {horizon}."
             )
-        self._kernels = find_scratchpipe_kernels(model)
+        self._kernels = scratchpipe_kernels(model)
         for kernel in self._kernels:
             for name, g in kernel.engine.groups.items():
                 if lookahead + 1 > g.capacity:
