@@ -32,7 +32,9 @@ def snapshot(emb: ScratchPipeEmbeddingBags) -> Dict[str, Any]:
     return {
         "stats": copy.deepcopy(emb.stats()),
         "row_to_slot": g.planner.row_to_slot.clone(),
-        "hold": g.planner.hold.clone(),
+        "last_use": g.planner.last_use.clone(),
+        "held": g.planner.held_slots(),
+        "recency": (g.planner.queue.head, g.planner.queue.tail),
         "pad": g.pad.weights.detach().clone(),
         "store": g.store.weights.clone(),
         "queue": len(emb._queue),

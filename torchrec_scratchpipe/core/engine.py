@@ -29,7 +29,7 @@ _POOLING = {PoolingType.SUM: PoolingMode.SUM, PoolingType.MEAN: PoolingMode.MEAN
 class _Batch:
     """What a group keeps of a batch until it trains."""
 
-    inverse: torch.Tensor  # position of each id in the batch's distinct rows
+    ids: torch.Tensor  # group row of each id; its slot is fixed while the batch is held
     offsets: torch.Tensor
     weights: Optional[torch.Tensor]
     ready: Any = None  # CUDA event: rows inserted
@@ -64,8 +64,9 @@ class _Group:
         self.stats.mover_s += time.perf_counter() - t0
 
     def rows_of(self, ids: torch.Tensor, per_feature: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(distinct group rows, inverse) of this group's ``ids``, ``per_feature`` ids per feature."""
-        return self.planner.unique(ids + torch.repeat_interleave(self.feature_base, per_feature))
+        """(distinct group rows, group row of each id) of this group's ``ids``, ``per_feature`` ids per feature."""
+        group_ids = ids + torch.repeat_interleave(self.feature_base, per_feature)
+        return self.planner.unique(group_ids), group_ids
 
     def init_weights(self) -> None:
         with torch.no_grad():
@@ -159,7 +160,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         return check_kjt(kjt, self.feature_names, self._feature_tables, self._feature_rows)[1].cpu()
 
     def _rows(self, kjt: KeyedJaggedTensor) -> List[Tuple[KeyedJaggedTensor, torch.Tensor, torch.Tensor]]:
-        """Validate; return, per group, (its sub-batch, distinct rows, inverse)."""
+        """Validate; return, per group, (its sub-batch, distinct rows, group row of each id)."""
         per_feature = self._validate(kjt)[self._split_order]
         counts = per_feature.split(self._split_sizes)
         return [
@@ -184,14 +185,14 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
                     f"Raise cache_rows/load_factor to at least {rows.numel()} rows, or use smaller batches."
                 )
         elapsed = (time.perf_counter() - t0) / len(self.groups)
-        for g, (sub, rows, inverse) in zip(self.groups.values(), per_group):
+        for g, (sub, rows, ids) in zip(self.groups.values(), per_group):
             g.stats.planner_s += elapsed
-            g.stats.lookups += inverse.numel()
+            g.stats.lookups += ids.numel()
             g.stats.unique_rows += rows.numel()
             offsets = sub.offsets().to(self.device, torch.int64)
             weights = sub.weights_or_none()
             weights = weights.to(self.device, non_blocking=True) if weights is not None else None
-            g.window.push(rows, _Batch(inverse, offsets, weights))
+            g.window.push(rows, _Batch(ids, offsets, weights))
         self._queue.append(kjt)
 
     def peek(self, kjts: Sequence[KeyedJaggedTensor]) -> None:
@@ -221,7 +222,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             g.stats.train_misses += int((g.planner.slot_to_row[plan.slots] != plan.rows).sum())
             g.stats.steps += 1
             g.mover.wait_ready(batch.ready)
-            slot_idx = plan.slots[batch.inverse].to(self.device, non_blocking=True)
+            slot_idx = g.planner.row_to_slot.index_select(0, batch.ids).to(self.device, torch.int64, non_blocking=True)
             outs.append(g.pad(slot_idx, batch.offsets, batch.weights))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         if not self._identity:

@@ -109,7 +109,7 @@ def peek_steps(slots_of: torch.Tensor, peek: Sequence[torch.Tensor], first_step:
         torch.arange(first_step, first_step + len(peek), dtype=torch.int32),
         torch.tensor([p.numel() for p in peek]),
     )
-    s = slots_of.index_select(0, ids)
+    s = slots_of.index_select(0, ids).long()
     seen = s >= 0
     out = torch.full((capacity,), NONE, dtype=torch.int32)
     out.scatter_reduce_(0, s[seen], steps[seen], reduce="amin")

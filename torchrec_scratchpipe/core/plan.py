@@ -7,13 +7,20 @@ The engine, the simulator and the capacity advisor all use this same code.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from collections import deque
+from typing import Callable, Deque, List, Optional, Tuple
 
 import torch
 
+from torchrec_scratchpipe.core.recency import RecencyQueue
 
-#: Maps candidate slots to the distance (in batches) to their rows' next use.
+
+#: Maps candidate slots to how many batches ahead their rows are next needed
+#: (``NEVER`` for rows not needed within the horizon).
 NextUseFn = Callable[[torch.Tensor], torch.Tensor]
+
+#: Distance of a row that no batch within the horizon needs.
+NEVER = torch.iinfo(torch.int32).max
 
 
 class CapacityError(ValueError):
@@ -46,17 +53,20 @@ class SlotPlan:
 
 
 class SlotPlanner:
-    """Slot map (row -> slot, slot -> row), hold counts and victim choice.
+    """Slot map (row -> slot, slot -> row), holds and victim choice.
 
-    A slot is *held* while any planned, unreleased batch uses it; held slots are never
-    victims. Victims come from unheld slots: empty ones first, then by ``policy``:
-    ``"future"`` evicts the row whose next use in ``peek`` is farthest (rows not seen
-    there count as never used again), ties broken by least recent use; ``"lru"`` uses
-    recency only. Everything is vectorized: no Python loop runs per id.
+    A slot is *held* while a planned, unreleased batch uses it; held slots are never
+    victims. Plans are released in the order they were made, so a slot is held exactly
+    when its last use is not older than the oldest unreleased step: holds need no
+    counters. Victims come from unheld slots, walked from least recently used (empty
+    slots first) by a ``RecencyQueue``: ``"lru"`` takes them in that order; ``"future"``
+    first takes those whose rows ``next_use`` says are not needed within the horizon,
+    and only if too few, ranks the rest by farthest next use, then least recent use.
+    Everything is vectorized: no Python loop runs per id.
 
     Args:
         num_rows: size of the row space (all tables of the group, concatenated).
-        capacity: number of slots C.
+        capacity: number of slots C (below 2**31).
         policy: ``"future"`` or ``"lru"``.
         device: where the maps live (the device the ids arrive on).
 
@@ -82,20 +92,26 @@ class SlotPlanner:
     ) -> None:
         if capacity <= 0 or num_rows <= 0:
             raise ValueError(f"capacity ({capacity}) and num_rows ({num_rows}) must be positive.")
+        if capacity >= 2**31 - 1:
+            raise ValueError(f"capacity ({capacity}) must be below 2**31 - 1 slots.")
+        if policy not in ("future", "lru"):
+            raise ValueError(f"victim policy must be 'future' or 'lru', got {policy!r}.")
         self.num_rows = num_rows
         self.capacity = capacity
         self.policy = policy
         dev = device or torch.device("cpu")
-        self.row_to_slot = torch.full((num_rows,), -1, dtype=torch.int64, device=dev)
+        self.row_to_slot = torch.full((num_rows,), -1, dtype=torch.int32, device=dev)
         self.slot_to_row = torch.full((capacity,), -1, dtype=torch.int64, device=dev)
-        self.hold = torch.zeros(capacity, dtype=torch.int32, device=dev)
-        self.last_use = torch.full((capacity,), -1, dtype=torch.int64, device=dev)
-        self._one_buf = torch.ones(1024, dtype=torch.int32, device=dev)
+        # Step of each slot's last plan (-1: never); entry ``capacity`` is a sink for misses.
+        self.last_use = torch.full((capacity + 1,), -1, dtype=torch.int32, device=dev)
+        self.queue = RecencyQueue(capacity, dev)
+        self._held: Deque[List[int]] = deque()  # [step, slots last used at step], unreleased
+        self._last_step = -1
         self._tag = torch.empty(num_rows, dtype=torch.int32, device=dev)  # scratch for unique()
 
     def held_slots(self) -> int:
         """Number of slots held by planned, unreleased batches."""
-        return int((self.hold > 0).sum())
+        return sum(n for _, n in self._held)
 
     def resident(self) -> torch.Tensor:
         """Boolean mask over slots that hold a row."""
@@ -107,11 +123,10 @@ class SlotPlanner:
         """Place the distinct ``rows`` of batch ``step`` and hold their slots.
 
         Args:
-            rows: distinct row ids of the batch (any order).
-            step: the batch's sequence number; later batches have larger steps.
+            rows: distinct row ids of the batch (any order, int64).
+            step: the batch's sequence number; each plan's step exceeds the previous one's.
             next_use: maps candidate slots to how many batches ahead their rows are next
-                needed (larger = later; rows not needed within the horizon share one
-                largest value). None: recency only.
+                needed (``NEVER`` for rows not needed within the horizon). None: recency only.
 
         Returns:
             The plan, or None when the misses do not fit in the unheld slots now (nothing
@@ -119,79 +134,119 @@ class SlotPlanner:
 
         Raises:
             CapacityError: the batch alone has more distinct rows than slots.
+            ValueError: ``step`` is not larger than the last planned step.
         """
         if rows.numel() > self.capacity:
             raise CapacityError(
                 f"a batch needs {rows.numel()} distinct rows but the scratchpad has "
                 f"{self.capacity} slots"
             )
-        slots = self.row_to_slot.index_select(0, rows)
+        if step <= self._last_step:
+            raise ValueError(f"plan steps must increase: got {step} after {self._last_step}.")
+        slots = self.row_to_slot.index_select(0, rows).long()
         miss = slots < 0
-        miss_rows = rows[miss]
-        n_miss = miss_rows.numel()
-        hit_slots = slots[~miss]
-        # Hold the hits first: the candidates are then exactly the slots with no hold.
-        self.hold.index_add_(0, hit_slots, self._ones(hit_slots.numel()))
-        candidates = (self.hold == 0).nonzero().squeeze(1)
-        if n_miss > candidates.numel():
-            self.hold.index_add_(0, hit_slots, self._ones(hit_slots.numel()), alpha=-1)
-            return None
-        empty = rows.new_empty(0)
-        victim_rows, victim_slots, miss_slots = empty, empty, empty
-        if n_miss > 0:
-            if n_miss == candidates.numel():
-                miss_slots = candidates
-            else:
-                score = self._victim_score(candidates, step, next_use)
-                miss_slots = candidates[torch.topk(score, n_miss, sorted=False).indices]
+        n_miss = int(miss.sum())
+        oldest_held = self._held[0][0] if self._held else step
+        ref = torch.where(miss, self.capacity, slots)  # misses point at the sink
+        prev = self.last_use.index_select(0, ref)
+        self.last_use.index_fill_(0, ref, step)  # the batch's own slots are no victims
+        empty = slots.new_empty(0)
+        chosen: Tuple[torch.Tensor, int] = (empty, self.queue.head)
+        if n_miss:
+            found = self._victims(n_miss, oldest_held, next_use)
+            if found is None:
+                self.last_use.index_copy_(0, ref, prev)
+                self.last_use[self.capacity] = -1
+                return None
+            chosen = found
+        miss_slots, head = chosen
+        miss_at = miss.nonzero().squeeze(1) if n_miss else empty
+        miss_rows = rows.index_select(0, miss_at)
+        victim_rows, victim_slots = rows.new_empty(0), empty
+        if n_miss:
             old = self.slot_to_row.index_select(0, miss_slots)
             was_full = old >= 0
-            if bool(was_full.all()):
-                victim_rows, victim_slots = old, miss_slots
-            else:
-                victim_rows, victim_slots = old[was_full], miss_slots[was_full]
+            victim_rows, victim_slots = (old, miss_slots) if bool(was_full.all()) else (old[was_full], miss_slots[was_full])
             self.row_to_slot.index_fill_(0, victim_rows, -1)
-            self.row_to_slot.index_copy_(0, miss_rows, miss_slots)
+            self.row_to_slot.index_copy_(0, miss_rows, miss_slots.int())
             self.slot_to_row.index_copy_(0, miss_slots, miss_rows)
-            self.hold.index_add_(0, miss_slots, self._ones(n_miss))
-            slots = slots.masked_scatter(miss, miss_slots)
-        self.last_use.index_fill_(0, slots, step)
-        held_after = self.capacity - candidates.numel() + n_miss
-        return SlotPlan(step, rows, slots, miss_rows, miss_slots, victim_rows, victim_slots, held_after)
+            self.last_use.index_fill_(0, miss_slots, step)
+            slots.index_copy_(0, miss_at, miss_slots)
+        self.last_use[self.capacity] = -1
+        self.queue.advance(head)
+        self.queue.append(slots, step, self.last_use)
+        self._hold(prev, oldest_held, step, rows.numel())
+        return SlotPlan(step, rows, slots, miss_rows, miss_slots, victim_rows, victim_slots, self.held_slots())
 
     def release(self, plan: SlotPlan) -> None:
-        """Drop the holds of a batch that has finished training."""
-        self.hold.index_add_(0, plan.slots, self._ones(plan.slots.numel()), alpha=-1)
+        """Drop the holds of the oldest planned batch once it has finished training."""
+        if not self._held or self._held[0][0] != plan.step:
+            oldest = self._held[0][0] if self._held else None
+            raise RuntimeError(
+                f"release() of step {plan.step}, but the oldest unreleased plan is step {oldest}: "
+                "release batches in the order they were planned."
+            )
+        self._held.popleft()
 
-    def _ones(self, n: int) -> torch.Tensor:
-        if self._one_buf.numel() < n:
-            self._one_buf = torch.ones(max(n, 2 * self._one_buf.numel()), dtype=torch.int32, device=self.hold.device)
-        return self._one_buf[:n]
+    def _hold(self, prev: torch.Tensor, oldest_held: int, step: int, n: int) -> None:
+        """Count the new plan's slots as held at ``step``, moving hits off older held steps."""
+        if self._held:
+            span = step - oldest_held
+            moved = torch.bincount((prev - (oldest_held - 1)).clamp_(min=0), minlength=span + 1).tolist()
+            for entry in self._held:
+                entry[1] -= moved[entry[0] - oldest_held + 1]
+        self._held.append([step, n])
+        self._last_step = step
 
-    def unique(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Distinct rows of ``ids`` (in first-seen order) and each id's position among them.
+    def _victims(
+        self, n: int, oldest_held: int, next_use: Optional[NextUseFn]
+    ) -> Optional[Tuple[torch.Tensor, int]]:
+        """``n`` victim slots among the unheld ones, and the queue head after taking them.
+
+        Walks the recency queue's unheld prefix from the least recently used slot. Slots
+        whose rows are not needed within the horizon (all of them for ``"lru"``) are
+        taken in that order; only if fewer than ``n`` exist are the rest ranked.
+        """
+        future = self.policy == "future" and next_use is not None
+        parts: List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = []
+        n_free = 0  # candidates not needed within the horizon
+        for pos, slots, _ in self.queue.chunks(self.last_use, max(2 * n, 1 << 16), before=oldest_held):
+            dist = next_use(slots) if future else None  # type: ignore[misc]
+            parts.append((pos, slots, dist))
+            n_free += slots.numel() if dist is None else int((dist == NEVER).sum())
+            if n_free >= n:
+                break
+        pos = torch.cat([p for p, _, _ in parts])
+        slots = torch.cat([s for _, s, _ in parts])
+        if slots.numel() < n:
+            return None
+        if not future:
+            return slots[:n], int(pos[n - 1]) + 1
+        dist = torch.cat([d for _, _, d in parts])  # type: ignore[misc]
+        free = (dist == NEVER).nonzero().squeeze(1)
+        if free.numel() >= n:
+            pick = free[:n]
+        else:  # farthest next use first; queue order (least recent use) breaks ties
+            rest = (dist != NEVER).nonzero().squeeze(1)
+            score = dist.index_select(0, rest).long() * (rest.numel() + 1) - torch.arange(rest.numel())
+            pick = torch.cat([free, rest[torch.topk(score, n - free.numel(), sorted=False).indices]])
+        taken = torch.zeros(slots.numel(), dtype=torch.bool)
+        taken[pick] = True
+        head = int(pos[pick].max()) + 1
+        kept = (~taken).nonzero()
+        if kept.numel():
+            head = min(head, int(pos[kept[0, 0]]))
+        return slots.index_select(0, pick), head
+
+    def unique(self, ids: torch.Tensor) -> torch.Tensor:
+        """Distinct rows of ``ids`` (int64), in first-seen order.
 
         Linear time: a scatter into a row-indexed scratch array replaces sorting.
         """
         n = ids.numel()
         if n >= 2**31 - 1:
-            return torch.unique(ids, return_inverse=True)
+            return torch.unique(ids)
         pos = torch.arange(n, dtype=torch.int32, device=ids.device)
-        self._tag.index_copy_(0, ids, pos)  # one winner per distinct id
-        rep = self._tag.index_select(0, ids)
-        first = rep == pos
-        rows = ids[first]
-        rank = torch.cumsum(first, 0, dtype=torch.int64) - 1
-        return rows, rank.index_select(0, rep.long())
-
-    def _victim_score(
-        self, candidates: torch.Tensor, step: int, next_use: Optional[NextUseFn]
-    ) -> torch.Tensor:
-        """Higher is a better victim: farthest next use, then least recent use.
-
-        Empty slots have ``last_use == -1`` and no row (so no next use): they rank first.
-        """
-        older = -self.last_use.index_select(0, candidates)
-        if self.policy == "future" and next_use is not None:
-            return next_use(candidates) * (step + 2) + older
-        return older
+        self._tag.scatter_(0, ids, pos)  # one winner per distinct id
+        first = (self._tag.index_select(0, ids) == pos).nonzero().squeeze(1)
+        return ids.index_select(0, first)

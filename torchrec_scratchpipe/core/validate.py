@@ -44,7 +44,7 @@ def check_kjt(
         lengths = offsets[1:] - offsets[:-1]
     if lengths.numel() % T != 0:
         raise ValueError(f"{lengths.numel()} lengths cannot split evenly over {T} features.")
-    if bool((lengths < 0).any()):
+    if lengths.numel() and int(lengths.min()) < 0:
         bad = int(lengths[lengths < 0][0])
         f = int((lengths < 0).nonzero()[0]) // (lengths.numel() // T)
         raise ValueError(f"feature {keys[f]!r} (table {feature_tables[f]!r}) has a negative length {bad}.")

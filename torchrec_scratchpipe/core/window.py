@@ -16,7 +16,7 @@ from typing import Any, Callable, Deque, List, Optional, Sequence
 import torch
 
 from torchrec_scratchpipe.core.next_use import NONE, NextUse, peek_steps
-from torchrec_scratchpipe.core.plan import NextUseFn, SlotPlan, SlotPlanner
+from torchrec_scratchpipe.core.plan import NEVER, NextUseFn, SlotPlan, SlotPlanner
 
 
 @dataclass
@@ -133,20 +133,21 @@ class PlanWindow:
         return self.horizon > self.lookahead and self.planner.policy == "future"
 
     def _distance_fn(self, step: int) -> Optional[NextUseFn]:
-        """Distance from ``step`` to each candidate slot's next use, capped at H - L."""
+        """Distance from ``step`` to each candidate slot's next use (``NEVER`` beyond H - L)."""
         limit = self.horizon - self.lookahead
         if not self._tracks_next_use:
             return None
         extra = self.extra_peek[:limit]
+        peeked: List[Optional[torch.Tensor]] = []  # computed on first use, once per plan
 
         def distance(candidates: torch.Tensor) -> torch.Tensor:
             nxt = self.next_use.step_of(self.planner.slot_to_row.index_select(0, candidates))
-            peeked = peek_steps(self.planner.row_to_slot, extra, self.next_step, self.planner.capacity)
-            if peeked is not None:
-                nxt = torch.minimum(nxt, peeked.index_select(0, candidates))
-            d = nxt.long() - step
-            never = (nxt == NONE) | (d > limit)
-            return torch.where(never, torch.full_like(d, limit + 1), d)
+            if not peeked:
+                peeked.append(peek_steps(self.planner.row_to_slot, extra, self.next_step, self.planner.capacity))
+            if peeked[0] is not None:
+                nxt = torch.minimum(nxt, peeked[0].index_select(0, candidates))
+            d = nxt - step
+            return torch.where((nxt == NONE) | (d > limit), NEVER, d)
 
         return distance
 

@@ -1,0 +1,120 @@
+"""Slots in order of last use: the planner's victim order without scanning every slot.
+
+Each plan appends its batch's slots, stamped with the batch's step, at the tail. Steps
+only grow, so the queue is sorted by stamp. An entry is *live* while its slot's last use
+still equals its stamp; a slot used again later leaves a stale entry behind, which scans
+skip and compaction drops. Every slot has exactly one live entry, so walking the live
+entries from the head visits slots from least to most recently used, and the slots not
+held by an in-flight batch (last use older than the oldest unreleased step) form a prefix.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Tuple
+
+import torch
+
+
+class RecencyQueue:
+    """FIFO of ``(slot, stamp)`` entries over ``capacity`` slots, kept in int32.
+
+    Args:
+        capacity: number of slots. All start live with stamp -1 (never used), in slot order.
+        device: where the entries live (the planner's device).
+        buffer: entries the buffer holds (at least ``2 * capacity``; default
+            ``3 * capacity + 1024``). When an append does not fit, the entries are moved
+            to the front, dropping stale ones if that alone would not make room.
+
+    Example::
+
+        >>> q = RecencyQueue(3)
+        >>> last_use = torch.tensor([-1, -1, -1], dtype=torch.int32)
+        >>> q.append(torch.tensor([1], dtype=torch.int32), step=0); last_use[1] = 0
+        >>> [s.tolist() for _, s, _ in q.chunks(last_use, 8)]  # live entries, oldest first
+        [[0, 2, 1]]
+    """
+
+    def __init__(self, capacity: int, device: Optional[torch.device] = None, buffer: Optional[int] = None) -> None:
+        dev = device or torch.device("cpu")
+        self.capacity = capacity
+        size = 3 * capacity + 1024 if buffer is None else buffer
+        if size < 2 * capacity:  # live entries <= capacity, one append <= capacity
+            raise ValueError(f"buffer ({size}) must hold at least 2 * capacity ({2 * capacity}) entries.")
+        self.slots = torch.empty(size, dtype=torch.int32, device=dev)
+        self.stamps = torch.empty(size, dtype=torch.int32, device=dev)
+        self.slots[:capacity] = torch.arange(capacity, dtype=torch.int32, device=dev)
+        self.stamps[:capacity] = -1
+        self.head, self.tail = 0, capacity
+
+    def __len__(self) -> int:
+        """Entries between head and tail, stale ones included."""
+        return self.tail - self.head
+
+    def append(self, slots: torch.Tensor, step: int, last_use: Optional[torch.Tensor] = None) -> None:
+        """Add a planned batch's distinct ``slots`` (int32), all last used at ``step``.
+
+        Args:
+            slots: distinct slots of the batch.
+            step: its step (not smaller than any earlier append).
+            last_use: the planner's per-slot last use, needed to drop stale entries
+                when the buffer is full.
+        """
+        n = slots.numel()
+        if self.tail + n > self.slots.numel():
+            if len(self) + 2 * n <= self.slots.numel():
+                self._shift()  # cheap: a copy, no liveness check
+            elif last_use is None:
+                raise RuntimeError("RecencyQueue.append: buffer full and no last_use to compact with.")
+            else:
+                self.compact(last_use)
+        self.slots[self.tail : self.tail + n] = slots
+        self.stamps[self.tail : self.tail + n] = step
+        self.tail += n
+
+    def compact(self, last_use: torch.Tensor) -> None:
+        """Drop stale entries and move the live ones, in order, to the front."""
+        slots, stamps = self.slots[self.head : self.tail], self.stamps[self.head : self.tail]
+        live = (last_use.index_select(0, slots) == stamps).nonzero().squeeze(1)
+        n = live.numel()
+        self.slots[:n], self.stamps[:n] = slots.index_select(0, live), stamps.index_select(0, live)
+        self.head, self.tail = 0, n
+
+    def _shift(self) -> None:
+        """Move the entries between head and tail to the front of the buffer."""
+        n = len(self)
+        self.slots[:n] = self.slots[self.head : self.tail].clone()
+        self.stamps[:n] = self.stamps[self.head : self.tail].clone()
+        self.head, self.tail = 0, n
+
+    def chunks(
+        self, last_use: torch.Tensor, size: int, before: Optional[int] = None
+    ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, bool]]:
+        """Live entries from the head, oldest first, ``size`` entries scanned at a time.
+
+        Args:
+            last_use: the planner's per-slot last use (decides liveness).
+            size: entries scanned per chunk.
+            before: only entries with stamp < ``before`` (the unheld prefix).
+
+        Yields:
+            ``(positions, slots, last)``: queue positions and slots (int64) of the
+            chunk's live entries, and whether this is the final chunk.
+        """
+        pos = self.head
+        while pos < self.tail:
+            stop = min(self.tail, pos + size)
+            slots, stamps = self.slots[pos:stop], self.stamps[pos:stop]
+            ok = last_use.index_select(0, slots) == stamps
+            last = stop == self.tail
+            if before is not None and int(stamps[-1]) >= before:
+                ok &= stamps < before
+                last = True
+            idx = ok.nonzero().squeeze(1)
+            yield idx + pos, slots.index_select(0, idx).long(), last
+            if last:
+                return
+            pos = stop
+
+    def advance(self, position: int) -> None:
+        """Forget every entry before ``position`` (all stale, or victims about to become so)."""
+        self.head = max(self.head, min(position, self.tail))
