@@ -17,14 +17,19 @@ BATCH = 16
 OPTIMIZERS = [EmbOptimType.EXACT_SGD, EmbOptimType.EXACT_ADAGRAD, EmbOptimType.EXACT_ROWWISE_ADAGRAD]
 
 
-def run_pair(dims: List[int], optimizer: EmbOptimType, lookahead: int, horizon: int, capacity: str):
+def run_pair(
+    dims: List[int], optimizer: EmbOptimType, lookahead: int, horizon: int, capacity: str, background: bool = True
+):
     tables = make_tables(ROWS, dims)
     stream = power_law_stream(ROWS, STEPS, BATCH, seed=lookahead * 7 + len(set(dims)))
     if capacity == "window":
         cache_rows = window_capacity(stream, ROWS, lookahead)
     else:  # the largest single batch: the window must shrink
         cache_rows = window_capacity(stream, ROWS, 0)
-    cfg = ScratchPipeConfig(cache_rows=cache_rows, lookahead=lookahead, horizon=horizon, optimizer=optimizer, learning_rate=0.1)
+    cfg = ScratchPipeConfig(
+        cache_rows=cache_rows, lookahead=lookahead, horizon=horizon, optimizer=optimizer, learning_rate=0.1,
+        background_planning=background,
+    )
     emb = ScratchPipeEmbeddingBags(tables, cfg)
     ref = FullTableReference(tables, optimizer, lr=0.1)
     ref.load(emb.table_weights())
@@ -48,8 +53,11 @@ def run_pair(dims: List[int], optimizer: EmbOptimType, lookahead: int, horizon: 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=lambda o: o.name)
 @pytest.mark.parametrize("lookahead,horizon", [(0, 0), (1, 3), (4, 12)])
 @pytest.mark.parametrize("capacity", ["window", "batch"])
-def test_matches_full_table_training(optimizer: EmbOptimType, lookahead: int, horizon: int, capacity: str) -> None:
-    emb, ref, tables = run_pair([8, 8, 8], optimizer, lookahead, horizon, capacity)
+@pytest.mark.parametrize("background", [True, False], ids=["background", "inline"])
+def test_matches_full_table_training(
+    optimizer: EmbOptimType, lookahead: int, horizon: int, capacity: str, background: bool
+) -> None:
+    emb, ref, tables = run_pair([8, 8, 8], optimizer, lookahead, horizon, capacity, background)
     stats = emb.stats()["dim8_sum"]
     assert stats["train_misses"] == 0
     assert stats["evictions"] > STEPS  # evicting every step

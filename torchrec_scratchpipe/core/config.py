@@ -77,6 +77,10 @@ class ScratchPipeConfig:
             passed to FBGEMM's TBE.
         victim_policy: ``"future"`` (farthest next use within the horizon, ties by least
             recent use) or ``"lru"`` (least recent use only).
+        background_planning: plan and move the batches behind the training batch in a
+            background thread while it trains. None (default): on CPU scratchpads, where
+            training and planning share the host; on CUDA the host already plans while
+            the device trains.
 
     Example::
 
@@ -96,6 +100,7 @@ class ScratchPipeConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     victim_policy: str = "future"
+    background_planning: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.cache_rows is not None and self.cache_rows <= 0:
@@ -122,6 +127,12 @@ class ScratchPipeConfig:
     def effective_horizon(self) -> int:
         """H, defaulting to L."""
         return self.lookahead if self.horizon is None else self.horizon
+
+    def plans_in_background(self, device: torch.device) -> bool:
+        """Whether an engine on ``device`` plans in a background thread."""
+        if self.background_planning is None:
+            return device.type == "cpu"
+        return self.background_planning
 
     def slots_for(self, num_rows: int) -> int:
         """Scratchpad slots for a group of ``num_rows`` rows (never more than the rows)."""

@@ -21,6 +21,7 @@ from torchrec_scratchpipe.core.stats import GroupStats
 from torchrec_scratchpipe.core.store import BackingStore
 from torchrec_scratchpipe.core.validate import check_kjt
 from torchrec_scratchpipe.core.window import PlanWindow, WindowEntry
+from torchrec_scratchpipe.core.worker import PlanWorker
 
 _POOLING = {PoolingType.SUM: PoolingMode.SUM, PoolingType.MEAN: PoolingMode.MEAN}
 
@@ -146,6 +147,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         self._split_sizes = [len(g.features) for g in self.groups.values()]
         self._group_dims = [self._dims[self.feature_names.index(f)] for f in group_order]
         self._queue: Deque[KeyedJaggedTensor] = deque()
+        self._worker = PlanWorker(config.plans_in_background(self.device))
         for g in self.groups.values():
             g.init_weights()
 
@@ -185,6 +187,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
                     f"Raise cache_rows/load_factor to at least {rows.numel()} rows, or use smaller batches."
                 )
         elapsed = (time.perf_counter() - t0) / len(self.groups)
+        self._worker.wait()
         for g, (sub, rows, ids) in zip(self.groups.values(), per_group):
             g.stats.planner_s += elapsed
             g.stats.lookups += ids.numel()
@@ -192,12 +195,23 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             offsets = sub.offsets().to(self.device, torch.int64)
             weights = sub.weights_or_none()
             weights = weights.to(self.device, non_blocking=True) if weights is not None else None
-            g.window.push(rows, _Batch(ids, offsets, weights))
+            g.window.push(rows, _Batch(ids, offsets, weights), fill=False)
         self._queue.append(kjt)
+        self._worker.submit(self._plan_ahead)
+
+    def _plan_ahead(self) -> None:
+        """Plan, and move rows in for, every batch the window has room for (the worker's job)."""
+        for g in self.groups.values():
+            planned, moved = g.window.plan_seconds, g.stats.mover_s
+            g.window.fill()
+            if self._worker.background:
+                g.stats.planner_background_s += g.window.plan_seconds - planned
+                g.stats.mover_background_s += g.stats.mover_s - moved
 
     def peek(self, kjts: Sequence[KeyedJaggedTensor]) -> None:
         """Show the victim policy the ids of batches beyond those prefetched (nothing moves)."""
         per_batch = [self._rows(k) for k in kjts]
+        self._worker.wait()
         for i, g in enumerate(self.groups.values()):
             g.window.set_peek([rows[i][1] for rows in per_batch])
 
@@ -206,6 +220,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         """Pooled embeddings ``[B, sum(dims)]`` in feature order (see ``forward``)."""
         if not self._queue:
             self.prefetch(kjt)
+        self._worker.wait()
         head = self._queue[0]
         if head is not kjt and not _same_batch(head, kjt):
             raise ValueError(
@@ -213,10 +228,14 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
                 "batches in the order they were prefetched (or do not prefetch)."
             )
         self._queue.popleft()
-        outs = []
+        entries = []
         for g in self.groups.values():
             g.mover.mark_retired()
-            entry = g.window.pop()
+            entries.append(g.window.pop(fill=False))
+        # Plan the batches behind this one while it trains: they only touch unheld slots.
+        self._worker.submit(self._plan_ahead)
+        outs = []
+        for g, entry in zip(self.groups.values(), entries):
             plan, batch = entry.plan, entry.payload
             assert plan is not None
             g.stats.train_misses += int((g.planner.slot_to_row[plan.slots] != plan.rows).sum())
@@ -236,10 +255,13 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
 
     # ---------------------------------------------------------------- state
     def stats(self) -> Dict[str, Dict[str, float]]:
-        """Per-group counters (see ``GroupStats``) plus capacity."""
+        """Per-group counters (see ``GroupStats``), plus ``capacity``, ``window_stalls`` and
+        ``blocked_s`` (seconds training waited for the background planner)."""
+        self._worker.wait()
         out = {}
         for name, g in self.groups.items():
             d = g.stats.as_dict()
+            d["blocked_s"] = self._worker.blocked_s / len(self.groups)
             d["planner_s"] += g.window.plan_seconds
             d["window_stalls"] = g.window.stalls
             d["capacity"] = g.capacity
@@ -248,6 +270,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
 
     def flush(self) -> None:
         """Write every resident row (weights and optimizer state) back to the backing store."""
+        self._worker.wait()
         for g in self.groups.values():
             g.mover.flush(*g.resident())
 
@@ -301,6 +324,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             g.mover.refresh(*g.resident())
 
     def set_learning_rate(self, lr: float) -> None:
+        self._worker.wait()
         for g in self.groups.values():
             g.pad.set_learning_rate(lr)
 
@@ -314,6 +338,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             lookahead: batches planned ahead of the training batch.
             horizon: batches ahead whose ids guide victim choice (default ``lookahead``).
         """
+        self._worker.wait()
         horizon = lookahead if horizon is None else horizon
         if lookahead < 0 or horizon < lookahead:
             raise ValueError(f"need 0 <= lookahead <= horizon, got lookahead={lookahead}, horizon={horizon}.")
@@ -329,6 +354,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
 
     def reset_window(self) -> None:
         """Forget every prefetched batch that has not trained (e.g. at the end of an epoch)."""
+        self._worker.wait()
         self._queue.clear()
         for g in self.groups.values():
             g.window.clear()

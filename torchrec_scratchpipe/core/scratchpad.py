@@ -90,10 +90,16 @@ class Scratchpad(torch.nn.Module):
 
     @torch.no_grad()
     def write(self, slots: torch.Tensor, values: Dict[str, torch.Tensor]) -> None:
-        """Insert rows' weights and states into ``slots``."""
-        self.weights.index_copy_(0, slots, values["weights"])
+        """Insert rows' weights and states into ``slots``.
+
+        The writes go through ``.data``, outside autograd's version tracking: the
+        background planner inserts rows into unheld slots while a batch that holds other
+        slots sits between forward and backward, and TBE's backward would otherwise reject
+        its saved weights as modified. Only unheld slots are ever written here.
+        """
+        self.weights.data.index_copy_(0, slots, values["weights"])
         for name, st in self.states.items():
-            st.index_copy_(0, slots, values[name])
+            st.data.index_copy_(0, slots, values[name])
 
     def set_learning_rate(self, lr: float) -> None:
         self.tbe.set_learning_rate(lr)

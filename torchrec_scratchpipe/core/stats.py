@@ -21,7 +21,10 @@ class GroupStats:
         d2h_rows, d2h_bytes: rows/bytes written back device -> host.
         peak_held_rows: most slots held at once by the window.
         window_stalls: times planning waited for the window to drain (lookahead shrank).
-        planner_s, mover_s: seconds spent planning and moving.
+        planner_s, mover_s: seconds spent planning and moving, wherever they ran.
+        planner_background_s, mover_background_s: the parts of ``planner_s`` and
+            ``mover_s`` run by the background worker, next to training (see
+            ``ScratchPipeConfig.background_planning``).
     """
 
     steps: int = 0
@@ -38,6 +41,8 @@ class GroupStats:
     window_stalls: int = 0
     planner_s: float = 0.0
     mover_s: float = 0.0
+    planner_background_s: float = 0.0
+    mover_background_s: float = 0.0
 
     def as_dict(self) -> Dict[str, float]:
         """Counters plus the derived plan-time hit rate."""

@@ -84,8 +84,8 @@ class PlanWindow:
         head = [self.training.step] if self.training is not None else []
         return head + [e.step for e in self.planned]
 
-    def push(self, rows: torch.Tensor, payload: Any = None) -> WindowEntry:
-        """Enqueue a future batch; plan it now if the window has room."""
+    def push(self, rows: torch.Tensor, payload: Any = None, fill: bool = True) -> WindowEntry:
+        """Enqueue a future batch; plan it now if the window has room (and ``fill``)."""
         if rows.numel() > self.planner.capacity:
             # Same check the planner makes, made before anything is queued.
             self.planner.try_plan(rows, self.next_step)
@@ -94,21 +94,29 @@ class PlanWindow:
             self.next_use.push(entry.step, rows)
         self.next_step += 1
         self.pending.append(entry)
-        self._fill()
+        if fill:
+            self.fill()
         return entry
 
     def set_peek(self, rows: Sequence[torch.Tensor]) -> None:
         """Ids of batches after everything pushed (victim policy only)."""
         self.extra_peek = list(rows)
 
-    def pop(self) -> WindowEntry:
-        """Retire the previous training batch and make the oldest batch the training one."""
+    def pop(self, fill: bool = True) -> WindowEntry:
+        """Retire the previous training batch and make the oldest batch the training one.
+
+        Args:
+            fill: then plan ahead up to L batches. When False, only the new training batch
+                is sure to be planned; call ``fill`` later (e.g. while it trains).
+        """
         self.retire()
-        self._fill()
+        if not self.planned:
+            self.fill(until=1)
         if not self.planned:
             raise RuntimeError("pop() on an empty window: push a batch first.")
         self.training = self.planned.popleft()
-        self._fill()
+        if fill:
+            self.fill()
         return self.training
 
     def retire(self) -> None:
@@ -151,8 +159,17 @@ class PlanWindow:
 
         return distance
 
-    def _fill(self) -> None:
-        while self.pending and len(self.planned) + (self.training is not None) <= self.lookahead:
+    def fill(self, until: Optional[int] = None) -> None:
+        """Plan pending batches in order while the window has room.
+
+        Args:
+            until: stop once this many batches wait planned (besides the training one).
+        """
+        while (
+            self.pending
+            and len(self.planned) + (self.training is not None) <= self.lookahead
+            and (until is None or len(self.planned) < until)
+        ):
             entry = self.pending[0]
             t0 = time.perf_counter()
             plan = self.planner.try_plan(entry.rows, entry.step, self._distance_fn(entry.step))

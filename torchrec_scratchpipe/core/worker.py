@@ -1,0 +1,71 @@
+"""Planning next to training: one background thread that plans and moves future batches.
+
+ScratchPipe plans batch i+L while batch i trains. On a GPU that overlap comes for free:
+the host plans while the device computes. On a CPU-only machine both share the host, and
+FBGEMM's CPU TBE keeps only about one core busy, so the engine hands the planning of
+future batches (plan, collect, insert, write-back) to this worker and trains meanwhile.
+
+Why it is safe: the worker only touches unheld slots (victims and the rows moved into
+them), and the batch that trains holds all of its slots. The engine waits for the worker
+before anything else reads or changes the window, the maps or the backing store.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Dict, Optional
+
+
+class PlanWorker:
+    """Runs one job at a time, in a background thread or (``background=False``) inline.
+
+    Args:
+        background: run jobs in a thread; when False, ``submit`` runs the job at once.
+
+    Example::
+
+        >>> done = []
+        >>> w = PlanWorker(background=True)
+        >>> w.submit(lambda: done.append(1))
+        >>> w.wait(); done
+        [1]
+    """
+
+    def __init__(self, background: bool) -> None:
+        self.background = background
+        self.blocked_s = 0.0  # time callers spent waiting for a background job
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._job: Optional[Future] = None
+
+    def submit(self, job: Callable[[], Any]) -> None:
+        """Start ``job`` after the previous one has finished."""
+        self.wait()
+        if not self.background:
+            job()
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="scratchpipe-plan")
+            weakref.finalize(self, self._pool.shutdown, wait=False)
+        self._job = self._pool.submit(job)
+
+    def wait(self) -> None:
+        """Block until the running job, if any, has finished; re-raise its error."""
+        job, self._job = self._job, None
+        if job is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            job.result()
+        finally:
+            self.blocked_s += time.perf_counter() - t0
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """Copies (deepcopy, pickling) start idle, with no thread of their own yet."""
+        self.wait()
+        return {"background": self.background, "blocked_s": self.blocked_s}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__init__(state["background"])  # type: ignore[misc]
+        self.blocked_s = state["blocked_s"]
