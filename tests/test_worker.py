@@ -40,7 +40,6 @@ def train(background: bool, steps: int = 60, lookahead: int = 2):
 def test_background_planning_gives_the_same_plans_and_numbers() -> None:
     bg, bg_outs = train(background=True)
     inline, inline_outs = train(background=False)
-    assert bg._worker.background and not inline._worker.background
     for a, b in zip(bg_outs, inline_outs):
         assert torch.equal(a, b)  # same plans, same slots, same summation order
     keys = ("plan_misses", "evictions", "h2d_rows", "d2h_rows", "peak_held_rows", "train_misses")
@@ -53,29 +52,52 @@ def test_background_planning_gives_the_same_plans_and_numbers() -> None:
 
 
 def test_worker_runs_jobs_in_order_and_reraises() -> None:
-    w = PlanWorker(background=True)
+    w = PlanWorker()
     seen = []
-    w.submit(lambda: seen.append(threading.current_thread().name))
-    w.submit(lambda: seen.append(len(seen)))  # waits for the first job
+    w.submit(lambda: seen.append(threading.current_thread().name), background=True)
+    w.submit(lambda: seen.append(len(seen)), background=True)  # waits for the first job
     w.wait()
     assert seen[0].startswith("scratchpipe-plan") and seen[1] == 1
 
     def boom() -> None:
         raise RuntimeError("planner failed")
 
-    w.submit(boom)
+    w.submit(boom, background=True)
     with pytest.raises(RuntimeError, match="planner failed"):
         w.wait()
-    w.submit(lambda: seen.append("after"))  # still usable
+    w.submit(lambda: seen.append("after"), background=True)  # still usable
     w.wait()
     assert seen[-1] == "after"
 
 
-def test_inline_worker_runs_at_once() -> None:
-    w = PlanWorker(background=False)
+def test_inline_job_runs_at_once_after_the_background_one() -> None:
+    w = PlanWorker()
     seen = []
-    w.submit(lambda: seen.append(threading.current_thread() is threading.main_thread()))
-    assert seen == [True] and w.blocked_s == 0.0
+    w.submit(lambda: seen.append("background"), background=True)
+    w.submit(lambda: seen.append(threading.current_thread() is threading.main_thread()), background=False)
+    assert seen == ["background", True]
+
+
+def test_automatic_choice_follows_batch_size() -> None:
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from torchrec_scratchpipe.core.config import BACKGROUND_MIN_IDS
+
+    tables = make_tables([5000], [8])
+    g = torch.Generator().manual_seed(0)
+    for n, expect in ((BACKGROUND_MIN_IDS - 1, False), (BACKGROUND_MIN_IDS, True)):
+        emb = ScratchPipeEmbeddingBags(tables, ScratchPipeConfig(cache_rows=5000, lookahead=1))
+        batches = [
+            KeyedJaggedTensor.from_lengths_sync(["f0"], torch.randint(0, 5000, (n,), generator=g), torch.ones(n, dtype=torch.int64))
+            for _ in range(4)
+        ]
+        for k in batches[:2]:
+            emb.prefetch(k)
+        for i, k in enumerate(batches):
+            emb(k).values().sum().backward()
+            if i + 2 < len(batches):
+                emb.prefetch(batches[i + 2])
+        assert (emb.stats()["dim8_sum"]["planner_background_s"] > 0) is expect, n
 
 
 def test_scratchpad_write_between_forward_and_backward() -> None:
@@ -95,6 +117,6 @@ def test_scratchpad_write_between_forward_and_backward() -> None:
 def test_copies_start_with_an_idle_worker() -> None:
     emb, _ = train(background=True, steps=4)
     twin = copy.deepcopy(emb)
-    assert twin._worker.background and twin._worker._pool is None
+    assert emb._worker._pool is not None and twin._worker._pool is None
     for name, w in twin.table_weights().items():
         assert torch.equal(w, emb.table_weights()[name])

@@ -24,7 +24,9 @@ class ArmResult:
         simulated: True when the numbers come from the cache simulator, not training.
         step_s: wall time of each timed step (empty when simulated).
         losses: loss of every step (empty when simulated).
-        breakdown_s: per timed step, seconds by part (``planner``, ``mover``, ``rest``).
+        breakdown_s: per timed step, seconds by part: ``planner``, ``mover``, ``wait`` (for the
+            background planner) and ``rest`` on the training thread, and ``background`` (planning
+            and moving done next to training).
         h2d_rows, d2h_rows: rows moved per step (all steps).
         lookups, unique_rows, misses, train_misses: totals.
         row_bytes: bytes one row moves (weights + optimizer state).
@@ -91,7 +93,7 @@ def run_arm(
     it = iter(batches)
     bar = tqdm(total=len(batches), desc=choice.label, disable=not progress, leave=False)
     before = _sp_counters(trainer.model)
-    result.breakdown_s = {"planner": [], "mover": [], "rest": []}
+    result.breakdown_s = {"planner": [], "mover": [], "wait": [], "rest": [], "background": []}
     step = 0
     while True:
         if device.type == "cuda":
@@ -113,10 +115,14 @@ def run_arm(
         result.d2h_rows.append(int(d.get("d2h_rows", 0)))
         if step >= warmup:
             result.step_s.append(elapsed)
-            planner, mover = d.get("planner_s", 0.0), d.get("mover_s", 0.0)
-            result.breakdown_s["planner"].append(planner)
-            result.breakdown_s["mover"].append(mover)
-            result.breakdown_s["rest"].append(elapsed - planner - mover)
+            # on the training thread; the background planner's share overlaps training
+            background = d.get("planner_background_s", 0.0) + d.get("mover_background_s", 0.0)
+            planner = d.get("planner_s", 0.0) - d.get("planner_background_s", 0.0)
+            mover = d.get("mover_s", 0.0) - d.get("mover_background_s", 0.0)
+            wait = d.get("blocked_s", 0.0)
+            for part, value in (("planner", planner), ("mover", mover), ("wait", wait), ("background", background)):
+                result.breakdown_s[part].append(value)
+            result.breakdown_s["rest"].append(elapsed - planner - mover - wait)
         step += 1
         bar.update(1)
     bar.close()

@@ -66,7 +66,7 @@ def _fmt(v: Any, digits: int = 1) -> str:
 
 COLUMNS = [
     ("arm", "arm"), ("samples_per_s", "samples/s"), ("step_ms", "step ms"), ("planner_ms", "planner ms"),
-    ("mover_ms", "mover ms"), ("rest_ms", "rest ms"), ("misses", "rows in (misses)"), ("hit_rate", "hit rate"),
+    ("mover_ms", "mover ms"), ("wait_ms", "wait ms"), ("rest_ms", "rest ms"), ("background_ms", "background ms"), ("misses", "rows in (misses)"), ("hit_rate", "hit rate"),
     ("train_misses", "train misses"), ("h2d_mb", "H2D MB"), ("d2h_mb", "D2H MB"),
     ("device_embedding_mb", "device emb. MB"), ("peak_device_mb", "peak device MB"),
     ("max_loss_diff_vs_fused", "max |Δloss| vs fused"), ("max_weight_diff_vs_fused", "max |Δw| vs fused"),
@@ -91,8 +91,10 @@ def markdown(rows: List[Dict[str, Any]], header: str) -> str:
         lines += ["", "Rows marked simulated were not trained: FBGEMM's UVM cache needs CUDA, so the "
                   "simulator replayed the same id stream through an FBGEMM-style 32-way LRU cache with "
                   "one-batch prefetch at the same device budget. They report traffic only."]
-    lines += ["", "samples/s: median after warm-up, (p10–p90). rest = dense + embedding compute + "
-              "input dist. device emb. MB: embedding state resident on the device (analytic)."]
+    lines += ["", "samples/s: median after warm-up, (p10–p90). planner, mover, wait and rest ms split the "
+              "step on the training thread (wait: for the background planner); rest = dense + embedding "
+              "compute + input dist. background ms: planning and moving done next to training (CPU). "
+              "device emb. MB: embedding state resident on the device (analytic)."]
     return "\n".join(lines) + "\n"
 
 

@@ -46,7 +46,7 @@ class EngineBenchConfig:
         steps, warmup: timed and untimed steps.
         block: steps run back to back before switching to the other contender.
         device: ``cpu`` or ``cuda``.
-        background_planning: see ``ScratchPipeConfig`` (None: on for CPU).
+        background_planning: see ``ScratchPipeConfig`` (None: automatic).
     """
 
     tables: int = 26
@@ -156,7 +156,7 @@ def run(cfg: EngineBenchConfig) -> Dict[str, object]:
         "config": asdict(cfg),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),
-        "background_planning": emb.config.plans_in_background(device),
+        "background_planning": emb.config.plans_in_background(device, batches[0].values().numel()),
         "full_tbe_step_ms": ms["full"],
         "scratchpipe_step_ms": step,
         "planner_ms": ms["planner_s"],

@@ -60,6 +60,12 @@ def check_optimizer(optimizer: EmbOptimType, device: torch.device) -> None:
         )
 
 
+#: Ids per batch (in one table group) from which a CPU engine plans in the background by
+#: default. Measured on 2 cores (docs/benchmarks.md): 106k ids gain 5-10% per step, 26k
+#: and 53k ids neither gain nor lose, a 16k-id DLRM step loses about 15%.
+BACKGROUND_MIN_IDS = 65536
+
+
 @dataclass
 class ScratchPipeConfig:
     """Settings of one ScratchPipe engine.
@@ -78,9 +84,12 @@ class ScratchPipeConfig:
         victim_policy: ``"future"`` (farthest next use within the horizon, ties by least
             recent use) or ``"lru"`` (least recent use only).
         background_planning: plan and move the batches behind the training batch in a
-            background thread while it trains. None (default): on CPU scratchpads, where
-            training and planning share the host; on CUDA the host already plans while
-            the device trains.
+            background thread while it trains (True), or on the training thread (False).
+            None (default): in the background only on a CPU scratchpad and for batches of
+            at least ``BACKGROUND_MIN_IDS`` ids in a table group. There, planning costs a
+            large share of the step, and FBGEMM's CPU TBE leaves about half a core free;
+            for smaller batches the second thread's contention costs more than it hides.
+            On CUDA the host already plans while the device trains.
 
     Example::
 
@@ -128,10 +137,10 @@ class ScratchPipeConfig:
         """H, defaulting to L."""
         return self.lookahead if self.horizon is None else self.horizon
 
-    def plans_in_background(self, device: torch.device) -> bool:
-        """Whether an engine on ``device`` plans in a background thread."""
+    def plans_in_background(self, device: torch.device, ids: int) -> bool:
+        """Whether an engine on ``device`` plans a batch with ``ids`` ids (largest group) in the background."""
         if self.background_planning is None:
-            return device.type == "cpu"
+            return device.type == "cpu" and ids >= BACKGROUND_MIN_IDS
         return self.background_planning
 
     def slots_for(self, num_rows: int) -> int:

@@ -66,7 +66,7 @@ class _Group:
 
     def rows_of(self, ids: torch.Tensor, per_feature: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(distinct group rows, group row of each id) of this group's ``ids``, ``per_feature`` ids per feature."""
-        group_ids = ids + torch.repeat_interleave(self.feature_base, per_feature)
+        group_ids = ids + torch.repeat_interleave(self.feature_base, per_feature, output_size=ids.numel())
         return self.planner.unique(group_ids), group_ids
 
     def init_weights(self) -> None:
@@ -147,7 +147,8 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         self._split_sizes = [len(g.features) for g in self.groups.values()]
         self._group_dims = [self._dims[self.feature_names.index(f)] for f in group_order]
         self._queue: Deque[KeyedJaggedTensor] = deque()
-        self._worker = PlanWorker(config.plans_in_background(self.device))
+        self._worker = PlanWorker()
+        self._background = False  # whether the latest batch is planned in the background
         for g in self.groups.values():
             g.init_weights()
 
@@ -187,7 +188,9 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
                     f"Raise cache_rows/load_factor to at least {rows.numel()} rows, or use smaller batches."
                 )
         elapsed = (time.perf_counter() - t0) / len(self.groups)
+        largest = max(ids.numel() for _, _, ids in per_group)
         self._worker.wait()
+        self._background = self.config.plans_in_background(self.device, largest)
         for g, (sub, rows, ids) in zip(self.groups.values(), per_group):
             g.stats.planner_s += elapsed
             g.stats.lookups += ids.numel()
@@ -197,14 +200,18 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             weights = weights.to(self.device, non_blocking=True) if weights is not None else None
             g.window.push(rows, _Batch(ids, offsets, weights), fill=False)
         self._queue.append(kjt)
-        self._worker.submit(self._plan_ahead)
+        self._plan_ahead()
 
     def _plan_ahead(self) -> None:
-        """Plan, and move rows in for, every batch the window has room for (the worker's job)."""
+        """Plan, and move rows in for, every batch the window has room for (on the worker)."""
+        background = self._background
+        self._worker.submit(lambda: self._fill(background), background)
+
+    def _fill(self, background: bool) -> None:
         for g in self.groups.values():
             planned, moved = g.window.plan_seconds, g.stats.mover_s
             g.window.fill()
-            if self._worker.background:
+            if background:
                 g.stats.planner_background_s += g.window.plan_seconds - planned
                 g.stats.mover_background_s += g.stats.mover_s - moved
 
@@ -233,7 +240,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             g.mover.mark_retired()
             entries.append(g.window.pop(fill=False))
         # Plan the batches behind this one while it trains: they only touch unheld slots.
-        self._worker.submit(self._plan_ahead)
+        self._plan_ahead()
         outs = []
         for g, entry in zip(self.groups.values(), entries):
             plan, batch = entry.plan, entry.payload

@@ -19,30 +19,26 @@ from typing import Any, Callable, Dict, Optional
 
 
 class PlanWorker:
-    """Runs one job at a time, in a background thread or (``background=False``) inline.
-
-    Args:
-        background: run jobs in a thread; when False, ``submit`` runs the job at once.
+    """Runs one job at a time, each either in a background thread or inline.
 
     Example::
 
         >>> done = []
-        >>> w = PlanWorker(background=True)
-        >>> w.submit(lambda: done.append(1))
+        >>> w = PlanWorker()
+        >>> w.submit(lambda: done.append(1), background=True)
         >>> w.wait(); done
         [1]
     """
 
-    def __init__(self, background: bool) -> None:
-        self.background = background
+    def __init__(self) -> None:
         self.blocked_s = 0.0  # time callers spent waiting for a background job
         self._pool: Optional[ThreadPoolExecutor] = None
         self._job: Optional[Future] = None
 
-    def submit(self, job: Callable[[], Any]) -> None:
-        """Start ``job`` after the previous one has finished."""
+    def submit(self, job: Callable[[], Any], background: bool) -> None:
+        """Run ``job`` after the previous one has finished: in the thread, or now when not ``background``."""
         self.wait()
-        if not self.background:
+        if not background:
             job()
             return
         if self._pool is None:
@@ -64,8 +60,8 @@ class PlanWorker:
     def __getstate__(self) -> Dict[str, Any]:
         """Copies (deepcopy, pickling) start idle, with no thread of their own yet."""
         self.wait()
-        return {"background": self.background, "blocked_s": self.blocked_s}
+        return {"blocked_s": self.blocked_s}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
-        self.__init__(state["background"])  # type: ignore[misc]
+        self.__init__()  # type: ignore[misc]
         self.blocked_s = state["blocked_s"]

@@ -11,7 +11,9 @@ from torchrec_scratchpipe.distributed.kernel import ScratchPipeEmbeddingBag
 from torchrec_scratchpipe.distributed.sharder import ShardedScratchPipeEmbeddingBagCollection
 
 #: Counters combined by taking the maximum over shards (the rest are summed).
-_MAX_KEYS = ("steps", "peak_held_rows", "planner_s", "mover_s")
+_MAX_KEYS = (
+    "steps", "peak_held_rows", "planner_s", "mover_s", "planner_background_s", "mover_background_s", "blocked_s",
+)
 
 
 def scratchpipe_modules(model: nn.Module) -> List[Tuple[str, ShardedScratchPipeEmbeddingBagCollection]]:
