@@ -150,33 +150,35 @@ class SlotPlanner:
         ref = torch.where(miss, self.capacity, slots)  # misses point at the sink
         prev = self.last_use.index_select(0, ref)
         self.last_use.index_fill_(0, ref, step)  # the batch's own slots are no victims
-        empty = slots.new_empty(0)
-        chosen: Tuple[torch.Tensor, int] = (empty, self.queue.head)
-        if n_miss:
-            found = self._victims(n_miss, oldest_held, next_use)
-            if found is None:
-                self.last_use.index_copy_(0, ref, prev)
-                self.last_use[self.capacity] = -1
-                return None
-            chosen = found
-        miss_slots, head = chosen
-        miss_at = miss.nonzero().squeeze(1) if n_miss else empty
+        found = self._victims(n_miss, oldest_held, next_use) if n_miss else (slots.new_empty(0), self.queue.head)
+        self.last_use[self.capacity] = -1
+        if found is None:
+            self.last_use.index_copy_(0, ref, prev)  # undo: nothing changes
+            return None
+        miss_slots, head = found
+        plan = self._place(step, rows, slots, miss, miss_slots)
+        self.queue.advance(head)
+        self.queue.append(plan.slots, step, self.last_use)
+        self._hold(prev, oldest_held, step, rows.numel())
+        plan.held_after = self.held_slots()
+        return plan
+
+    def _place(
+        self, step: int, rows: torch.Tensor, slots: torch.Tensor, miss: torch.Tensor, miss_slots: torch.Tensor
+    ) -> SlotPlan:
+        """Put the missing rows into ``miss_slots``, evicting their rows; update the maps."""
+        miss_at = miss.nonzero().squeeze(1)
         miss_rows = rows.index_select(0, miss_at)
-        victim_rows, victim_slots = rows.new_empty(0), empty
-        if n_miss:
-            old = self.slot_to_row.index_select(0, miss_slots)
-            was_full = old >= 0
-            victim_rows, victim_slots = (old, miss_slots) if bool(was_full.all()) else (old[was_full], miss_slots[was_full])
+        old = self.slot_to_row.index_select(0, miss_slots)
+        was_full = old >= 0  # empty slots have no victim
+        victim_rows, victim_slots = (old, miss_slots) if bool(was_full.all()) else (old[was_full], miss_slots[was_full])
+        if miss_rows.numel():
             self.row_to_slot.index_fill_(0, victim_rows, -1)
             self.row_to_slot.index_copy_(0, miss_rows, miss_slots.int())
             self.slot_to_row.index_copy_(0, miss_slots, miss_rows)
             self.last_use.index_fill_(0, miss_slots, step)
             slots.index_copy_(0, miss_at, miss_slots)
-        self.last_use[self.capacity] = -1
-        self.queue.advance(head)
-        self.queue.append(slots, step, self.last_use)
-        self._hold(prev, oldest_held, step, rows.numel())
-        return SlotPlan(step, rows, slots, miss_rows, miss_slots, victim_rows, victim_slots, self.held_slots())
+        return SlotPlan(step, rows, slots, miss_rows, miss_slots, victim_rows, victim_slots)
 
     def release(self, plan: SlotPlan) -> None:
         """Drop the holds of the oldest planned batch once it has finished training."""
@@ -228,9 +230,9 @@ class SlotPlanner:
             pick = free[:n]
         else:  # farthest next use first; queue order (least recent use) breaks ties
             rest = (dist != NEVER).nonzero().squeeze(1)
-            score = dist.index_select(0, rest).long() * (rest.numel() + 1) - torch.arange(rest.numel())
+            score = dist.index_select(0, rest).long() * (rest.numel() + 1) - torch.arange(rest.numel(), device=rest.device)
             pick = torch.cat([free, rest[torch.topk(score, n - free.numel(), sorted=False).indices]])
-        taken = torch.zeros(slots.numel(), dtype=torch.bool)
+        taken = torch.zeros(slots.numel(), dtype=torch.bool, device=slots.device)
         taken[pick] = True
         head = int(pos[pick].max()) + 1
         kept = (~taken).nonzero()
