@@ -109,6 +109,12 @@ def test_unsupported_optimizer_on_cpu() -> None:
         ScratchPipeEmbeddingBags(make_tables(ROWS, [4, 4]), ScratchPipeConfig(optimizer=EmbOptimType.ADAM))
 
 
+def test_background_planning_is_refused_on_cuda() -> None:
+    cfg = ScratchPipeConfig(cache_rows=8, background_planning=True)
+    with pytest.raises(ValueError, match="background_planning=True needs a CPU scratchpad"):
+        ScratchPipeEmbeddingBags(make_tables(ROWS, [4, 4]), cfg, device=torch.device("cuda"))
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [

@@ -89,7 +89,7 @@ class ScratchPipeConfig:
             at least ``BACKGROUND_MIN_IDS`` ids in a table group. There, planning costs a
             large share of the step, and FBGEMM's CPU TBE leaves about half a core free;
             for smaller batches the second thread's contention costs more than it hides.
-            On CUDA the host already plans while the device trains.
+            On CUDA the host already plans while the device trains, and True is refused.
 
     Example::
 

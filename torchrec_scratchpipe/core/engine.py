@@ -122,6 +122,11 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         super().__init__()
         self.device = device or torch.device("cpu")
         check_optimizer(config.optimizer, self.device)
+        if config.background_planning and self.device.type != "cpu":
+            raise ValueError(
+                f"background_planning=True needs a CPU scratchpad, got device {self.device}: on CUDA "
+                "the host already plans while the device trains. Leave it None (automatic) or False."
+            )
         if not tables:
             raise ValueError("ScratchPipeEmbeddingBags needs at least one table.")
         self.config = config
