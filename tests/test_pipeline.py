@@ -56,9 +56,11 @@ def _compare_pipelines(rank: int, world_size: int, sharding_type: str, load_fact
     out: Dict[str, Any] = {"steps": len(ref_losses)}
     for L, H in LOOKAHEADS:
         # L=1 also keeps one table on `fused` in the same EmbeddingBagCollection.
+        # L=4 plans in the background thread (these batches are too small for the automatic choice).
         overrides = {"t2": "fused"} if L == 1 else {}
         sp = build_trainer(spec, KernelChoice("scratchpipe", load_factor, lookahead=L, horizon=H, overrides=overrides,
-                                              sharding_type=sharding_type), torch.device("cpu"), init)
+                                              sharding_type=sharding_type, background_planning=L == 4 or None),
+                           torch.device("cpu"), init)
         losses = _train(sp, batches)
         w = local_table_weights(sp.model, names)
         stats = cache_stats(sp.model)
@@ -68,6 +70,7 @@ def _compare_pipelines(rank: int, world_size: int, sharding_type: str, load_fact
             "weight_diff": max(float((w[n] - ref_w[n]).abs().max()) for n in names),
             "train_misses": sum(s.get("train_misses", 0) for s in _flat(stats)),
             "evictions": sum(s.get("evictions", 0) for s in _flat(stats)),
+            "background_s": sum(s.get("planner_background_s", 0) for s in _flat(stats)),
         }
     return out
 
@@ -93,6 +96,7 @@ def _check(results: List[Dict[str, Any]]) -> None:
             assert r["weight_diff"] <= 1e-5, (rank, L, r)
             assert r["train_misses"] == 0, (rank, L, r)
             assert r["evictions"] > 0, (rank, L, r)  # the scratchpad really was too small
+            assert (r["background_s"] > 0) == (L == 4), (rank, L, r)
 
 
 def test_pipeline_matches_sparse_dist_world_size_1() -> None:

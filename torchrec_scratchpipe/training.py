@@ -44,6 +44,8 @@ class KernelChoice:
         overrides: per-table kernel that wins over ``kernel`` (e.g. ``{"small": "fused"}``).
         sharding_type: ``"table_wise"`` or ``"row_wise"``.
         victim_policy: ScratchPipe victim policy.
+        background_planning: ScratchPipe's ``ScratchPipeConfig.background_planning``
+            (None: automatic).
     """
 
     kernel: str = SCRATCHPIPE
@@ -54,6 +56,7 @@ class KernelChoice:
     overrides: Dict[str, str] = field(default_factory=dict)
     sharding_type: str = "table_wise"
     victim_policy: str = "future"
+    background_planning: Optional[bool] = None
 
     def __post_init__(self) -> None:
         for k in [self.kernel, *self.overrides.values()]:
@@ -197,7 +200,10 @@ def build_trainer(
     if "fused_uvm_caching" in [choice.kernel, *choice.overrides.values()]:
         fused_params["prefetch_pipeline"] = True
         fused_params["gather_uvm_cache_stats"] = True
-    sp_config = ScratchPipeConfig(lookahead=choice.lookahead, horizon=choice.horizon, victim_policy=choice.victim_policy)
+    sp_config = ScratchPipeConfig(
+        lookahead=choice.lookahead, horizon=choice.horizon, victim_policy=choice.victim_policy,
+        background_planning=choice.background_planning,
+    )
     sharders = get_sharders(sp_config, fused_params=fused_params)
     planner = ShardingPlanner(
         topology=Topology(world_size=world, compute_device=device.type),
