@@ -18,6 +18,7 @@ from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import CacheParams, ParameterSharding
 
 import torchrec_scratchpipe.distributed as tsp
+from torchrec_scratchpipe.core.plan import SlotPlanner
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.distributed.kernel import engine_config
 from torchrec_scratchpipe.distributed.sharder import ScratchPipeGuardedEmbeddingCollectionSharder
@@ -72,7 +73,7 @@ def test_plan_shows_kernel_and_storage(device: str, caplog: pytest.LogCaptureFix
     for r, so_shard in zip(rows, _options(planner, "big_table")[0].shards):
         assert r["rows"] == ROWS // 2 and r["slots"] == math.ceil(0.05 * ROWS / 2)
         assert r["scratchpad_bytes"] == r["slots"] * row_bytes
-        assert r["backing_store_bytes"] == r["rows"] * (row_bytes + 8)
+        assert r["backing_store_bytes"] == r["rows"] * row_bytes + SlotPlanner.host_bytes(r["rows"], r["slots"])
         assert 0 < r["staging_bytes"] < r["scratchpad_bytes"]
         device_part = r["scratchpad_bytes"] + r["staging_bytes"]
         if device == "cuda":  # device memory: scratchpad + staging (+ io); host: backing store

@@ -82,3 +82,9 @@ def test_held_count_follows_the_window() -> None:
     assert stalled is None and p.held_slots() == 3
     plan = p.try_plan(torch.tensor([5, 6, 7]), step=3)
     assert sorted(plan.victim_rows.tolist()) == [0, 1] and plan.held_after == 6
+
+
+def test_host_bytes_counts_what_the_planner_allocates() -> None:
+    p = SlotPlanner(num_rows=1000, capacity=37)
+    tensors = [p.row_to_slot, p._tag, p.slot_to_row, p.last_use, p.queue.slots, p.queue.stamps]
+    assert SlotPlanner.host_bytes(1000, 37) == sum(t.numel() * t.element_size() for t in tensors)

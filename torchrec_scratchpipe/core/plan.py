@@ -109,6 +109,12 @@ class SlotPlanner:
         self._last_step = -1
         self._tag = torch.empty(num_rows, dtype=torch.int32, device=dev)  # scratch for unique()
 
+    @staticmethod
+    def host_bytes(num_rows: int, capacity: int) -> int:
+        """Memory a planner allocates: int32 row -> slot map and dedup scratch per row; int64
+        slot -> row, int32 last use and the recency queue's int32 pairs per slot."""
+        return 8 * num_rows + 8 * capacity + 4 * (capacity + 1) + 8 * RecencyQueue.entries(capacity)
+
     def held_slots(self) -> int:
         """Number of slots held by planned, unreleased batches."""
         return sum(n for _, n in self._held)

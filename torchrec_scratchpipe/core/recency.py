@@ -37,7 +37,7 @@ class RecencyQueue:
     def __init__(self, capacity: int, device: Optional[torch.device] = None, buffer: Optional[int] = None) -> None:
         dev = device or torch.device("cpu")
         self.capacity = capacity
-        size = 3 * capacity + 1024 if buffer is None else buffer
+        size = self.entries(capacity) if buffer is None else buffer
         if size < 2 * capacity:  # live entries <= capacity, one append <= capacity
             raise ValueError(f"buffer ({size}) must hold at least 2 * capacity ({2 * capacity}) entries.")
         self.slots = torch.empty(size, dtype=torch.int32, device=dev)
@@ -45,6 +45,11 @@ class RecencyQueue:
         self.slots[:capacity] = torch.arange(capacity, dtype=torch.int32, device=dev)
         self.stamps[:capacity] = -1
         self.head, self.tail = 0, capacity
+
+    @staticmethod
+    def entries(capacity: int) -> int:
+        """Default buffer size: live entries (<= capacity) plus one append (<= capacity), with room to spare."""
+        return 3 * capacity + 1024
 
     def __len__(self) -> int:
         """Entries between head and tail, stale ones included."""

@@ -7,7 +7,9 @@ Storage of one ScratchPipe shard (``r`` rows, ``d`` columns, ``C = ceil(lf * r)`
   of its slots), staging buffers ``2 * (L + 1) * min(C, ids per batch) * row`` (rows
   coming in and victims going out for the L+1 batches in the window), and the
   input/output buffers TorchRec counts for every kernel;
-- host memory (DDR): the backing store ``r * row`` and the row -> slot map ``8 r``.
+- host memory (DDR): the backing store ``r * row`` and the planner's maps
+  (``SlotPlanner.host_bytes``: ``8 r`` for the row -> slot map and de-duplication
+  scratch, about ``36 C`` for the slot -> row map, last uses and the recency queue).
 
 On a CPU topology both live in DDR. Perf: the scratchpad trains at device-memory
 bandwidth, so forward/backward/comms are TorchRec's estimate for ``fused`` (as TorchRec
@@ -43,6 +45,7 @@ from torchrec.distributed.types import PipelineType, ShardingType
 from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS
 
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
+from torchrec_scratchpipe.core.plan import SlotPlanner
 from torchrec_scratchpipe.distributed.types import DEFAULT_LOAD_FACTOR, SCRATCHPIPE
 
 
@@ -151,7 +154,7 @@ class ScratchPipeStorageEstimator(ShardEstimator):
                     "row_bytes": row,
                     "scratchpad_bytes": slots * row,
                     "staging_bytes": 2 * (lookahead + 1) * staged * row,
-                    "backing_store_bytes": rows * row + 8 * rows,
+                    "backing_store_bytes": rows * row + SlotPlanner.host_bytes(rows, slots),
                     "input_bytes": int(in_size),
                     "output_bytes": int(out_sz),
                 }

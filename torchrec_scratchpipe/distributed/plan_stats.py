@@ -84,7 +84,7 @@ class ScratchPipeStats(Stats):
         ]
         header = [
             "table", "sharding", "rank", "rows", "load factor", "slots",
-            f"scratchpad MB ({device_mem})", f"staging MB ({device_mem})", "backing store MB (DDR)",
+            f"scratchpad MB ({device_mem})", f"staging MB ({device_mem})", "backing store + maps MB (DDR)",
         ]
         text = _tabulate(table, header)  # type: ignore[arg-type]
         logger.info("ScratchPipe scratchpads (kernel '%s'):\n%s", SCRATCHPIPE, text)
