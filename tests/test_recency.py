@@ -13,7 +13,7 @@ from torchrec_scratchpipe.core.recency import RecencyQueue
 
 
 def live_order(q: RecencyQueue, last_use: torch.Tensor, chunk: int, before=None) -> List[int]:
-    return [s for _, slots, _ in q.chunks(last_use, chunk, before) for s in slots.tolist()]
+    return [s for _, slots in q.chunks(last_use, chunk, before) for s in slots.tolist()]
 
 
 @settings(max_examples=120, deadline=None)

@@ -61,8 +61,8 @@ def check_optimizer(optimizer: EmbOptimType, device: torch.device) -> None:
 
 
 #: Ids per batch (in one table group) from which a CPU engine plans in the background by
-#: default. Measured on 2 cores (docs/benchmarks.md): 106k ids gain 5-10% per step, 26k
-#: and 53k ids neither gain nor lose, a 16k-id DLRM step loses about 15%.
+#: default. Measured on 2 cores (docs/benchmarks.md): 106k ids gain 1-9% per step, 26k
+#: and 53k ids neither gain nor lose, a 16k-id DLRM step loses 10-20%.
 BACKGROUND_MIN_IDS = 65536
 
 
@@ -87,7 +87,7 @@ class ScratchPipeConfig:
             background thread while it trains (True), or on the training thread (False).
             None (default): in the background only on a CPU scratchpad and for batches of
             at least ``BACKGROUND_MIN_IDS`` ids in a table group. There, planning costs a
-            large share of the step, and FBGEMM's CPU TBE leaves about half a core free;
+            large share of the step, and FBGEMM's CPU TBE keeps only about 1.4 of 2 cores busy;
             for smaller batches the second thread's contention costs more than it hides.
             On CUDA the host already plans while the device trains, and True is refused.
 

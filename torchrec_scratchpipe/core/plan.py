@@ -166,6 +166,7 @@ class SlotPlanner:
         self.queue.advance(head)
         self.queue.append(plan.slots, step, self.last_use)
         self._hold(prev, oldest_held, step, rows.numel())
+        self._last_step = step
         plan.held_after = self.held_slots()
         return plan
 
@@ -204,7 +205,6 @@ class SlotPlanner:
             for entry in self._held:
                 entry[1] -= moved[entry[0] - oldest_held + 1]
         self._held.append([step, n])
-        self._last_step = step
 
     def _victims(
         self, n: int, oldest_held: int, next_use: Optional[NextUseFn]
@@ -218,7 +218,7 @@ class SlotPlanner:
         future = self.policy == "future" and next_use is not None
         parts: List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = []
         n_free = 0  # candidates not needed within the horizon
-        for pos, slots, _ in self.queue.chunks(self.last_use, max(2 * n, 1 << 16), before=oldest_held):
+        for pos, slots in self.queue.chunks(self.last_use, max(2 * n, 1 << 16), before=oldest_held):
             dist = next_use(slots) if future else None  # type: ignore[misc]
             parts.append((pos, slots, dist))
             n_free += slots.numel() if dist is None else int((dist == NEVER).sum())

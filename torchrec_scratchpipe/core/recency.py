@@ -29,8 +29,9 @@ class RecencyQueue:
 
         >>> q = RecencyQueue(3)
         >>> last_use = torch.tensor([-1, -1, -1], dtype=torch.int32)
-        >>> q.append(torch.tensor([1], dtype=torch.int32), step=0); last_use[1] = 0
-        >>> [s.tolist() for _, s, _ in q.chunks(last_use, 8)]  # live entries, oldest first
+        >>> last_use[1] = 0
+        >>> q.append(torch.tensor([1], dtype=torch.int32), step=0, last_use=last_use)
+        >>> [s.tolist() for _, s in q.chunks(last_use, 8)]  # live entries, oldest first
         [[0, 2, 1]]
     """
 
@@ -55,21 +56,19 @@ class RecencyQueue:
         """Entries between head and tail, stale ones included."""
         return self.tail - self.head
 
-    def append(self, slots: torch.Tensor, step: int, last_use: Optional[torch.Tensor] = None) -> None:
+    def append(self, slots: torch.Tensor, step: int, last_use: torch.Tensor) -> None:
         """Add a planned batch's distinct ``slots`` (int32), all last used at ``step``.
 
         Args:
             slots: distinct slots of the batch.
             step: its step (not smaller than any earlier append).
-            last_use: the planner's per-slot last use, needed to drop stale entries
-                when the buffer is full.
+            last_use: the planner's per-slot last use (decides which entries are stale
+                when the buffer is full).
         """
         n = slots.numel()
         if self.tail + n > self.slots.numel():
             if len(self) + 2 * n <= self.slots.numel():
                 self._shift()  # cheap: a copy, no liveness check
-            elif last_use is None:
-                raise RuntimeError("RecencyQueue.append: buffer full and no last_use to compact with.")
             else:
                 self.compact(last_use)
         self.slots[self.tail : self.tail + n] = slots
@@ -93,7 +92,7 @@ class RecencyQueue:
 
     def chunks(
         self, last_use: torch.Tensor, size: int, before: Optional[int] = None
-    ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, bool]]:
+    ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """Live entries from the head, oldest first, ``size`` entries scanned at a time.
 
         Args:
@@ -102,8 +101,8 @@ class RecencyQueue:
             before: only entries with stamp < ``before`` (the unheld prefix).
 
         Yields:
-            ``(positions, slots, last)``: queue positions and slots (int64) of the
-            chunk's live entries, and whether this is the final chunk.
+            ``(positions, slots)``: queue positions and slots (int64) of the chunk's
+            live entries.
         """
         pos = self.head
         while pos < self.tail:
@@ -115,7 +114,7 @@ class RecencyQueue:
                 ok &= stamps < before
                 last = True
             idx = ok.nonzero().squeeze(1)
-            yield idx + pos, slots.index_select(0, idx).long(), last
+            yield idx + pos, slots.index_select(0, idx).long()
             if last:
                 return
             pos = stop

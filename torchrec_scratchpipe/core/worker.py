@@ -1,9 +1,10 @@
 """Planning next to training: one background thread that plans and moves future batches.
 
 ScratchPipe plans batch i+L while batch i trains. On a GPU that overlap comes for free:
-the host plans while the device computes. On a CPU-only machine both share the host, and
-FBGEMM's CPU TBE keeps only about one core busy, so the engine hands the planning of
-future batches (plan, collect, insert, write-back) to this worker and trains meanwhile.
+the host plans while the device computes. On a CPU-only machine both share the host; FBGEMM's
+CPU TBE keeps about 1.4 of 2 cores busy, so for large batches the engine hands the
+planning of future batches (plan, collect, insert, write-back) to this worker and trains
+meanwhile (see ``ScratchPipeConfig.background_planning``).
 
 Why it is safe: the worker only touches unheld slots (victims and the rows moved into
 them), and the batch that trains holds all of its slots. The engine waits for the worker
