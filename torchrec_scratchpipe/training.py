@@ -17,7 +17,7 @@ import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import ParameterConstraints, Topology
+from torchrec.distributed.planner import ParameterConstraints
 from torchrec.distributed.planner.types import CacheParams
 from torchrec.distributed.train_pipeline import PrefetchTrainPipelineSparseDist, TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
@@ -25,9 +25,12 @@ from torchrec.models.dlrm import DLRM, DLRMTrain
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from torchrec_scratchpipe.core.config import ScratchPipeConfig
+from torchrec_scratchpipe import defaults
+from torchrec_scratchpipe.core.config import OPTIMIZERS_BY_NAME, ScratchPipeConfig
 from torchrec_scratchpipe.distributed import SCRATCHPIPE, ShardingPlanner, get_sharders
 from torchrec_scratchpipe.distributed.pipeline import ScratchPipeTrainPipeline
+from torchrec_scratchpipe.distributed.plan_stats import format_scratchpipe_plan
+from torchrec_scratchpipe.quiet import make_topology, quiet_known_noise
 
 KERNELS = ("fused", "fused_uvm_caching", SCRATCHPIPE)
 
@@ -49,8 +52,8 @@ class KernelChoice:
     """
 
     kernel: str = SCRATCHPIPE
-    load_factor: float = 0.1
-    lookahead: int = 2
+    load_factor: float = defaults.LOAD_FACTOR
+    lookahead: int = defaults.LOOKAHEAD
     horizon: Optional[int] = None
     tables: Optional[List[str]] = None
     overrides: Dict[str, str] = field(default_factory=dict)
@@ -96,10 +99,10 @@ class ModelSpec:
     dense_in_features: int = 13
     dense_arch: List[int] = field(default_factory=lambda: [64])
     over_arch: List[int] = field(default_factory=lambda: [64, 1])
-    optimizer: EmbOptimType = EmbOptimType.EXACT_ROWWISE_ADAGRAD
-    learning_rate: float = 0.05
-    batch_size: int = 512
-    pooling: float = 1.0
+    optimizer: EmbOptimType = OPTIMIZERS_BY_NAME[defaults.OPTIMIZER]
+    learning_rate: float = defaults.LEARNING_RATE
+    batch_size: int = defaults.BATCH_SIZE
+    pooling: float = float(defaults.POOLING)
 
     def build(self, device: torch.device) -> DLRMTrain:
         """The unsharded model (tables on ``device``, e.g. ``meta`` before sharding)."""
@@ -143,6 +146,12 @@ class Trainer:
     pipeline: Any
     plan: ShardingPlan
     choice: KernelChoice
+    scratchpads: List[Dict[str, Any]] = field(default_factory=list)
+
+    def plan_text(self) -> str:
+        """TorchRec's plan, then each ScratchPipe shard's device and host bytes."""
+        text = str(self.plan)
+        return text + ("\n" + format_scratchpipe_plan(self.scratchpads) if self.scratchpads else "")
 
 
 def constraints_for(spec: ModelSpec, choice: KernelChoice) -> Dict[str, ParameterConstraints]:
@@ -185,7 +194,7 @@ def build_trainer(
 
         >>> pg = init_single_process_group()  # doctest: +SKIP
         >>> t = build_trainer(spec, KernelChoice("scratchpipe", 0.05, lookahead=2), torch.device("cpu"))  # doctest: +SKIP
-        >>> losses, out = t.pipeline.progress(iter(batches))  # doctest: +SKIP
+        >>> loss, logits, labels = t.pipeline.progress(iter(batches))  # DLRMTrain's output  # doctest: +SKIP
     """
     pg = pg or dist.GroupMember.WORLD
     wanted = {choice.kernel, *choice.overrides.values()}
@@ -206,14 +215,15 @@ def build_trainer(
     )
     sharders = get_sharders(sp_config, fused_params=fused_params)
     planner = ShardingPlanner(
-        topology=Topology(world_size=world, compute_device=device.type),
+        topology=make_topology(world, device.type),
         constraints=constraints_for(spec, choice),
     )
     model = spec.build(torch.device("meta"))
     plan = planner.collective_plan(model, sharders, pg)
-    dmp = DistributedModelParallel(
-        model, env=ShardingEnv.from_process_group(pg), plan=plan, sharders=sharders, device=device
-    )
+    with quiet_known_noise():
+        dmp = DistributedModelParallel(
+            model, env=ShardingEnv.from_process_group(pg), plan=plan, sharders=sharders, device=device
+        )
     if initial_state is not None:
         dmp.load_state_dict(dict(initial_state), strict=False)  # DMP pops keys: pass a copy
     dense = KeyedOptimizerWrapper(
@@ -228,7 +238,7 @@ def build_trainer(
         pipeline = PrefetchTrainPipelineSparseDist(dmp, optimizer, device)
     else:
         pipeline = TrainPipelineSparseDist(dmp, optimizer, device)
-    return Trainer(dmp, optimizer, pipeline, plan, choice)
+    return Trainer(dmp, optimizer, pipeline, plan, choice, planner.scratchpipe_summary)
 
 
 def local_table_weights(model: torch.nn.Module, names: Sequence[str]) -> Dict[str, torch.Tensor]:

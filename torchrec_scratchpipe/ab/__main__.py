@@ -2,7 +2,7 @@
 
 Run::
 
-    python -m torchrec_scratchpipe.ab --steps 60 --out out/ab
+    python -m torchrec_scratchpipe.ab --out out/ab
     python -m torchrec_scratchpipe.ab --data trace:my_trace.pt.gz --batch-size 2048 --load-factor 0.05
 
 Writes ``report.md``, ``report.json``, ``throughput.png`` and ``traffic.png`` into ``--out``.
@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torchrec import EmbeddingBagConfig
 
+from torchrec_scratchpipe import defaults
 from torchrec_scratchpipe.ab.arms import ArmResult, run_arm
 from torchrec_scratchpipe.ab.config import ABConfig
 from torchrec_scratchpipe.ab.report import write_report
-from torchrec_scratchpipe.ab.simulated import simulate_uvm_arm
+from torchrec_scratchpipe.ab.simulated import id_stream, simulate_uvm_arm
+from torchrec_scratchpipe.advise.stalls import stall_advice
 from torchrec_scratchpipe.core.config import OPTIMIZERS_BY_NAME
-from torchrec_scratchpipe.data.source import open_source
+from torchrec_scratchpipe.data.source import TrainingData, open_source
+from torchrec_scratchpipe.quiet import quiet_known_noise
 from torchrec_scratchpipe.training import KernelChoice, ModelSpec, init_single_process_group
 
 
@@ -35,9 +39,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def stall_notes(arm: ArmResult, batches: Sequence[Any], data: TrainingData, lookahead: int, horizon: int) -> List[str]:
+    """One line per scratchpad of ``arm`` whose L+1 window stalled (see ``advise.stalls``)."""
+    notes, seen = [], set()
+    for table, s in arm.cache.items():
+        group = tuple(s.get("shared_with", [table]))  # type: ignore[arg-type]
+        stalls = int(s.get("window_stalls", 0))  # type: ignore[call-overload]
+        if group in seen or not stalls:
+            continue
+        seen.add(group)
+        features = [f for f in data.feature_names if f"t_{f}" in group]
+        sizes = [n for f, n in zip(data.feature_names, data.table_sizes) if f in features]
+        advice = stall_advice(id_stream(batches, sizes, features), int(s["capacity"]), lookahead, horizon, stalls)  # type: ignore[call-overload]
+        notes.append(advice.note(f"{arm.label} [{','.join(group)}]"))
+    return notes
+
+
 def run_ab(cfg: ABConfig) -> Dict[str, Any]:
     """Run every arm of ``cfg`` and write the report. Returns the report's JSON data."""
     device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     data = open_source(cfg.data, cfg.batch_size, cfg.tables, cfg.rows, cfg.pooling, cfg.distribution, cfg.alpha, cfg.seed)
     batches = data.take(cfg.steps + cfg.warmup)
     if len(batches) <= cfg.warmup:
@@ -49,14 +71,21 @@ def run_ab(cfg: ABConfig) -> Dict[str, Any]:
     optimizer = OPTIMIZERS_BY_NAME[cfg.optimizer]
     spec = ModelSpec(tables, dense_in_features=data.num_dense, optimizer=optimizer, learning_rate=cfg.learning_rate,
                      batch_size=cfg.batch_size, pooling=float(cfg.pooling))
+    if len(batches) < cfg.steps + cfg.warmup:
+        print(f"note: {data.description} gave {len(batches)} batches of {cfg.batch_size}, fewer than the "
+              f"{cfg.steps + cfg.warmup} asked for; the report covers those.", file=sys.stderr)
     init_single_process_group()
     initial = spec.initial_state(cfg.seed)
     arms: List[ArmResult] = []
     for arm in cfg.arms:
         if arm == "scratchpipe":
             for L in cfg.lookaheads:
-                choice = KernelChoice("scratchpipe", cfg.load_factor, lookahead=L, horizon=cfg.horizon)
+                H = cfg.horizon_for(L)
+                choice = KernelChoice("scratchpipe", cfg.load_factor, lookahead=L, horizon=H)
                 arms.append(run_arm(spec, choice, batches, cfg.warmup, device, initial, cfg.progress))
+                arms[-1].notes = stall_notes(arms[-1], batches, data, L, H)
+                for note in arms[-1].notes:
+                    print(f"note: {note}", file=sys.stderr)
         elif arm == "fused_uvm_caching":
             sim = simulate_uvm_arm(batches, data.table_sizes, data.feature_names, cfg.load_factor,
                                    row_bytes=4 * cfg.dim, resident_bytes=4 * sum(data.table_sizes))
@@ -87,10 +116,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> ABConfig:
     d = ABConfig()
     p.add_argument("--arms", default=",".join(d.arms), help="comma list of fused,fused_uvm_caching,scratchpipe")
     p.add_argument("--lookaheads", default=",".join(map(str, d.lookaheads)), help="ScratchPipe lookaheads, comma list")
-    p.add_argument("--horizon", type=int, default=None, help="ScratchPipe horizon H (default: = L)")
+    p.add_argument("--horizon", type=int, default=None,
+                   help=f"ScratchPipe horizon H for every arm (default {defaults.HORIZON}, at least L)")
     p.add_argument("--load-factor", type=float, default=d.load_factor)
     p.add_argument("--data", default=d.data, help="synthetic | trace:PATH | criteo:PATH[,PATH]")
-    for name in ("tables", "rows", "dim", "pooling", "batch_size", "steps", "warmup", "seed"):
+    for name in ("tables", "rows", "dim", "pooling", "batch_size", "steps", "warmup", "seed", "threads"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     p.add_argument("--distribution", default=d.distribution, choices=["zipf", "uniform", "drift"])
     p.add_argument("--alpha", type=float, default=d.alpha)
@@ -104,13 +134,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> ABConfig:
         arms=[x for x in a.arms.split(",") if x], lookaheads=[int(x) for x in a.lookaheads.split(",") if x],
         horizon=a.horizon, load_factor=a.load_factor, data=a.data, tables=a.tables, rows=a.rows, dim=a.dim,
         pooling=a.pooling, distribution=a.distribution, alpha=a.alpha, batch_size=a.batch_size, steps=a.steps,
-        warmup=a.warmup, device=a.device, optimizer=a.optimizer, learning_rate=a.learning_rate, seed=a.seed, out=a.out, progress=not a.no_progress,
+        warmup=a.warmup, device=a.device, optimizer=a.optimizer, learning_rate=a.learning_rate, seed=a.seed, out=a.out, threads=a.threads, progress=not a.no_progress,
     )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = parse_args(argv)
-    report = run_ab(cfg)
+    with quiet_known_noise():
+        report = run_ab(cfg)
     print((Path(cfg.out) / "report.md").read_text())
     print("plots:", ", ".join(report["plots"]))
 

@@ -11,7 +11,7 @@ from torchrec.datasets.utils import Batch
 from tqdm import tqdm
 
 from torchrec_scratchpipe.core.config import row_bytes
-from torchrec_scratchpipe.distributed.stats import scratchpipe_kernels
+from torchrec_scratchpipe.distributed.stats import cache_stats, scratchpipe_kernels
 from torchrec_scratchpipe.training import KernelChoice, ModelSpec, build_trainer, local_table_weights
 
 
@@ -32,6 +32,8 @@ class ArmResult:
         row_bytes: bytes one row moves (weights + optimizer state).
         device_bytes: bytes of embedding state resident on the device.
         peak_device_bytes: measured peak device memory (CUDA only).
+        cache: ``cache_stats`` of the trained model (ScratchPipe arms; not serialized).
+        notes: real problems found in this arm, one short line each (e.g. window stalls).
         weights: final local table weights (not serialized).
     """
 
@@ -49,6 +51,8 @@ class ArmResult:
     row_bytes: int = 0
     device_bytes: int = 0
     peak_device_bytes: Optional[int] = None
+    cache: Dict[str, Dict[str, object]] = field(default_factory=dict, repr=False)
+    notes: List[str] = field(default_factory=list)
     weights: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
@@ -134,4 +138,5 @@ def run_arm(
     if device.type == "cuda":
         result.peak_device_bytes = int(torch.cuda.max_memory_allocated(device))
     result.weights = local_table_weights(trainer.model, [t.name for t in spec.tables])
+    result.cache = cache_stats(trainer.model)
     return result

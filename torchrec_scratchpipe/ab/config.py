@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from torchrec_scratchpipe import defaults
 from torchrec_scratchpipe.core.config import OPTIMIZERS_BY_NAME
 
 ARMS = ("fused", "fused_uvm_caching", "scratchpipe")
@@ -19,7 +20,9 @@ class ABConfig:
     Args:
         arms: kernels to run; ``scratchpipe`` runs once per entry of ``lookaheads``.
         lookaheads: ScratchPipe lookaheads L.
-        horizon: ScratchPipe horizon H (None: H = L for each arm).
+        horizon: ScratchPipe horizon H, the same for every arm (None: ``defaults.HORIZON``,
+            at least L). With H = L the victim choice is plain LRU among unheld rows; the
+            long default horizon is what lets the planner keep rows that come back soon.
         load_factor: device budget per table as a fraction of its rows; the same for the
             UVM cache and the scratchpad.
         data: ``"synthetic"``, ``"trace:PATH"`` (FBGEMM request trace) or
@@ -30,39 +33,41 @@ class ABConfig:
         steps, warmup: timed steps and untimed first steps per arm.
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
         optimizer, learning_rate: embedding optimizer (exact FBGEMM ones) and its rate.
-            SGD is the default because it makes the arms agree bit for bit; Adagrad-family
-            updates turn summation-order rounding on rows with near-zero gradients into
-            visible weight differences.
+            With SGD the arms agree bit for bit; Adagrad-family updates agree up to float
+            summation order (the report's tolerance is ``EXACT_TOLERANCE``).
         seed: seed of the data and of the initial weights.
         out: output folder for the Markdown table, JSON and plots.
+        threads: torch CPU threads (0: torch's default). One is the default: the ops are
+            small, and on a busy machine more threads than free cores slow CPU runs tenfold.
         progress: show tqdm bars.
 
     Example::
 
         >>> cfg = ABConfig(steps=20, lookaheads=[0, 2])
         >>> cfg.arm_labels()
-        ['fused', 'fused_uvm_caching', 'scratchpipe L=0 H=0', 'scratchpipe L=2 H=2']
+        ['fused', 'fused_uvm_caching', 'scratchpipe L=0 H=64', 'scratchpipe L=2 H=64']
     """
 
     arms: List[str] = field(default_factory=lambda: list(ARMS))
-    lookaheads: List[int] = field(default_factory=lambda: [1, 4])
+    lookaheads: List[int] = field(default_factory=lambda: list(defaults.AB_LOOKAHEADS))
     horizon: Optional[int] = None
-    load_factor: float = 0.1
+    load_factor: float = defaults.LOAD_FACTOR
     data: str = "synthetic"
-    tables: int = 8
-    rows: int = 50_000
-    dim: int = 32
-    pooling: int = 2
+    tables: int = defaults.TABLES
+    rows: int = defaults.ROWS
+    dim: int = defaults.DIM
+    pooling: int = defaults.POOLING
     distribution: str = "zipf"
     alpha: float = 1.05
-    batch_size: int = 1024
-    steps: int = 60
+    batch_size: int = defaults.BATCH_SIZE
+    steps: int = 150
     warmup: int = 10
     device: str = "auto"
-    optimizer: str = "sgd"
-    learning_rate: float = 0.5
-    seed: int = 0
+    optimizer: str = defaults.OPTIMIZER
+    learning_rate: float = defaults.LEARNING_RATE
+    seed: int = defaults.SEED
     out: Path = Path("out/ab")
+    threads: int = 1
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -79,6 +84,8 @@ class ABConfig:
             raise ValueError(f"horizon {self.horizon} is below the largest lookahead {max(self.lookaheads)}.")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}.")
         if self.steps <= 0 or self.warmup < 0:
             raise ValueError("steps must be > 0 and warmup >= 0.")
         if self.dim % 4:
@@ -86,13 +93,16 @@ class ABConfig:
         if not (self.data == "synthetic" or self.data.startswith(("trace:", "criteo:"))):
             raise ValueError(f"data must be 'synthetic', 'trace:PATH' or 'criteo:PATH', got {self.data!r}.")
 
+    def horizon_for(self, lookahead: int) -> int:
+        """H of the ScratchPipe arm with lookahead ``lookahead``."""
+        return defaults.horizon_for(lookahead, self.horizon)
+
     def arm_labels(self) -> List[str]:
         labels = []
         for a in self.arms:
             if a == "scratchpipe":
                 for L in self.lookaheads:
-                    H = self.horizon if self.horizon is not None else L
-                    labels.append(f"scratchpipe L={L} H={H}")
+                    labels.append(f"scratchpipe L={L} H={self.horizon_for(L)}")
             else:
                 labels.append(a)
         return labels

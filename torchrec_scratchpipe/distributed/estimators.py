@@ -154,6 +154,8 @@ class ScratchPipeStorageEstimator(ShardEstimator):
                     "row_bytes": row,
                     "scratchpad_bytes": slots * row,
                     "staging_bytes": 2 * (lookahead + 1) * staged * row,
+                    "store_bytes": rows * row,
+                    "planner_bytes": SlotPlanner.host_bytes(rows, slots),
                     "backing_store_bytes": rows * row + SlotPlanner.host_bytes(rows, slots),
                     "input_bytes": int(in_size),
                     "output_bytes": int(out_sz),

@@ -72,19 +72,38 @@ class ScratchPipeStats(Stats):
                     dict(part, table=so.fqn.lstrip("."), sharding=so.sharding_type, rank=shard.rank,
                          load_factor=load_factor_of(so), device_memory=device_mem)
                 )
-        if not self.rows:
-            return
-        table = [
-            [
-                r["table"], r["sharding"], r["rank"], r["rows"], r["load_factor"], r["slots"],
-                f"{r['scratchpad_bytes'] / _MB:.3f}", f"{r['staging_bytes'] / _MB:.3f}",
-                f"{r['backing_store_bytes'] / _MB:.3f}",
-            ]
-            for r in self.rows
+        if self.rows:
+            logger.info("%s", format_scratchpipe_plan(self.rows))
+
+
+def format_scratchpipe_plan(rows: List[Dict[str, Any]]) -> str:
+    """The plan printout's ScratchPipe part: one line per shard, device and host bytes.
+
+    Device: the scratchpad (slots x (weights + optimizer state)) and the staging buffers
+    that carry rows in and out; host: the backing store (every row of the shard) and the
+    planner's maps and recency queue.
+
+    Args:
+        rows: ``ShardingPlanner.scratchpipe_summary`` (or ``ScratchPipeStats.rows``).
+
+    Example::
+
+        >>> print(format_scratchpipe_plan(planner.scratchpipe_summary))   # doctest: +SKIP
+    """
+    if not rows:
+        return "no ScratchPipe tables in the plan"
+    device_mem = rows[0].get("device_memory", "HBM")
+    table = [
+        [
+            r["table"], r["sharding"], r["rank"], r["rows"], r["load_factor"], r["slots"],
+            f"{r['scratchpad_bytes'] / _MB:.3f}", f"{r['staging_bytes'] / _MB:.3f}",
+            f"{r['store_bytes'] / _MB:.3f}", f"{r['planner_bytes'] / _MB:.3f}",
         ]
-        header = [
-            "table", "sharding", "rank", "rows", "load factor", "slots",
-            f"scratchpad MB ({device_mem})", f"staging MB ({device_mem})", "backing store + maps MB (DDR)",
-        ]
-        text = _tabulate(table, header)  # type: ignore[arg-type]
-        logger.info("ScratchPipe scratchpads (kernel '%s'):\n%s", SCRATCHPIPE, text)
+        for r in rows
+    ]
+    header = [
+        "table", "sharding", "rank", "rows", "load factor", "slots",
+        f"device: scratchpad MB ({device_mem})", f"device: staging MB ({device_mem})",
+        "host: store MB (DDR)", "host: planner MB (DDR)",
+    ]
+    return f"ScratchPipe tables (kernel '{SCRATCHPIPE}'), memory per shard:\n" + _tabulate(table, header)  # type: ignore[arg-type]

@@ -49,6 +49,7 @@ from torchrec_scratchpipe.distributed.kernel import TBE_DEFAULTS
 from torchrec_scratchpipe.distributed.plan_stats import ScratchPipeStats
 from torchrec_scratchpipe.distributed.sharder import ScratchPipeEmbeddingBagCollectionSharder
 from torchrec_scratchpipe.distributed.types import SCRATCHPIPE, check_load_factor
+from torchrec_scratchpipe.quiet import default_storage_reservation
 
 logger: logging.Logger = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -261,6 +262,9 @@ class ShardingPlanner(EmbeddingShardingPlanner):
             c = constraints[name]  # type: ignore[index]
             check_load_factor(c.cache_params.load_factor if c.cache_params else None, name)
         self._sp_stats = ScratchPipeStats()
+        if kwargs.get("storage_reservation") is None and len(args) < 4:
+            # TorchRec's heuristic default warns (FutureWarning) and over-estimates meta models.
+            kwargs["storage_reservation"] = default_storage_reservation()
         if kwargs.get("stats") is None and len(args) < 8:
             kwargs["stats"] = [EmbeddingStats(), self._sp_stats]
         super().__init__(*args, **kwargs)

@@ -1,0 +1,101 @@
+"""Known torch / TorchRec noise that this package triggers, silenced where it is triggered.
+
+A default run of any tool prints no warning line: real problems (a scratchpad that may be
+too small, a window that stalled, a trace shorter than a batch) are reported once, in one
+short line each, and nothing else. Three messages come from torch and TorchRec themselves
+and say nothing about the user's job:
+
+- torch's one-time log "is_fx_tracing will return true for both ..." fires the first time
+  any ``KeyedJaggedTensor`` (an fx-proxyable class) is built. :func:`quiet_known_noise`
+  lets it fire once with its logger muted, so it cannot fire again in the process.
+- TorchRec's ``DistributedModelParallel`` builds its ``DistributedDataParallel`` with
+  ``broadcast_buffers=False``, which torch 2.13 deprecates (a ``FutureWarning``):
+  :func:`quiet_known_noise` ignores exactly that message inside its block.
+- TorchRec warns when a ``Topology`` is built directly and when
+  ``HeuristicalStorageReservation`` is used without a dense-tensor estimate: we avoid those
+  instead, with :func:`make_topology` (TorchRec's ``TopologyFactory``) and
+  :func:`default_storage_reservation`.
+
+Nothing is patched and no filter is installed at import time.
+
+Example:
+    >>> with quiet_known_noise():
+    ...     pass  # build the DMP model here
+    >>> make_topology(world_size=1, compute_device="cpu").world_size
+    1
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from typing import Any, Iterator
+
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import StorageReservation, Topology
+
+#: TorchRec's DMP passes this deprecated DDP argument.
+_DDP_BROADCAST_BUFFERS = r".*`broadcast_buffers` is deprecated"
+#: Head room the planner keeps free on each device (TorchRec's default percentage).
+STORAGE_RESERVATION_PERCENTAGE = 0.15
+
+
+def _consume_fx_tracing_notice() -> None:
+    """Emit torch's one-time ``is_fx_tracing`` notice with its logger disabled."""
+    try:
+        from torch.fx import _symbolic_trace
+    except ImportError:  # pragma: no cover - other torch layouts
+        return
+    notice = getattr(_symbolic_trace, "is_fx_tracing_warning", None)
+    if notice is None:
+        return
+    log = logging.getLogger(_symbolic_trace.__name__)
+    disabled, log.disabled = log.disabled, True
+    try:
+        notice()  # lru_cached in torch: later calls do nothing
+    finally:
+        log.disabled = disabled
+
+
+@contextlib.contextmanager
+def quiet_known_noise() -> Iterator[None]:
+    """Inside the block, torch's and TorchRec's known noise (see the module doc) is silent.
+
+    Only the named messages are dropped; every other warning shows as usual.
+    """
+    _consume_fx_tracing_notice()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_DDP_BROADCAST_BUFFERS, category=FutureWarning)
+        yield
+
+
+def make_topology(world_size: int, compute_device: str, **kwargs: Any) -> Topology:
+    """A TorchRec ``Topology`` built the recommended way (``TopologyFactory``).
+
+    Falls back to the ``Topology`` constructor on TorchRec versions without the factory.
+
+    Args:
+        world_size: ranks.
+        compute_device: ``"cpu"`` or ``"cuda"``.
+        **kwargs: further ``TrainerConfig`` fields (e.g. ``local_world_size``,
+            ``hbm_cap_bytes``).
+
+    Example:
+        >>> make_topology(2, "cpu").compute_device
+        'cpu'
+    """
+    try:
+        from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
+    except ImportError:  # older TorchRec: no factory, no warning either
+        return Topology(world_size=world_size, compute_device=compute_device, **kwargs)
+    return TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(world_size=world_size, **kwargs),
+        kernel_config=KernelConfig(compute_device=compute_device),
+    )
+
+
+def default_storage_reservation() -> StorageReservation:
+    """TorchRec's fixed-percentage reservation (15% head room), the one TorchRec recommends
+    over its heuristic one (which warns and over-estimates dense tensors of meta models)."""
+    return FixedPercentageStorageReservation(STORAGE_RESERVATION_PERCENTAGE)
