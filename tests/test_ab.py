@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from torchrec_scratchpipe.ab.__main__ import parse_args, run_ab
 from torchrec_scratchpipe.ab.config import ABConfig
+from torchrec_scratchpipe.ab.report import EXACT_TOLERANCE
 
 
 def test_ab_report_on_synthetic_data(tmp_path: Path) -> None:
@@ -49,3 +53,30 @@ def test_ab_report_on_synthetic_data(tmp_path: Path) -> None:
 def test_ab_config_errors(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         ABConfig(**kwargs)
+
+
+#: A line that looks like a warning: Python warnings, logging WARNING records, torch's
+#: glog-style "W1129 ..." lines, deprecation notes.
+WARNING_LINE = re.compile(r"warn|deprecat|^W\d{4} ", re.IGNORECASE)
+
+
+@pytest.mark.slow
+def test_main_job_as_documented_is_quiet_and_shows_the_point(tmp_path: Path) -> None:
+    """The README's main job, with no flags: no warning line, >= 15% fewer rows than the UVM
+    arm, and every ScratchPipe arm trains what ``fused`` trains."""
+    proc = subprocess.run([sys.executable, "-m", "torchrec_scratchpipe.ab", "--out", str(tmp_path), "--no-progress"],
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    noisy = [line for line in (proc.stdout + proc.stderr).splitlines() if WARNING_LINE.search(line)]
+    assert not noisy, "\n".join(noisy)
+    data = json.loads((tmp_path / "report.json").read_text())
+    rows = {r["arm"]: r for r in data["arms"]}
+    uvm = next(r for label, r in rows.items() if label.startswith("fused_uvm_caching"))
+    sp = [r for label, r in rows.items() if label.startswith("scratchpipe")]
+    assert {r["arm"] for r in sp} == {f"scratchpipe L={L} H=64" for L in (1, 4)}
+    assert min(r["h2d_rows"] for r in sp) <= 0.85 * uvm["h2d_rows"]
+    for r in sp:
+        assert r["max_weight_diff_vs_fused"] <= EXACT_TOLERANCE and r["train_misses"] == 0
+    assert data["headline"][0].startswith("**scratchpipe") and "fewer rows" in data["headline"][0]
+    if data["meta"]["device_name"] == "cpu":
+        assert "no GPU forecast" in proc.stdout

@@ -66,7 +66,8 @@ def test_plan_shows_kernel_and_storage(device: str, caplog: pytest.LogCaptureFix
     assert "scratchpipe" in str(plan)
     assert tsp.SCRATCHPIPE not in trec_planners._VALID_COMPUTE_KERNELS  # scoped patch undone
     log = caplog.text
-    assert "scratchpipe: 1" in log and "ScratchPipe scratchpads" in log  # TorchRec stats + ours
+    assert "scratchpipe: 1" in log and "ScratchPipe tables" in log  # TorchRec stats + ours
+    assert "device: scratchpad MB" in log and "host: store MB" in log and "host: planner MB" in log
     rows = planner.scratchpipe_summary
     assert [r["rank"] for r in rows] == [0, 1]
     row_bytes = 64 * 4 + 4  # fp32 weights + row-wise Adagrad state
@@ -74,6 +75,7 @@ def test_plan_shows_kernel_and_storage(device: str, caplog: pytest.LogCaptureFix
         assert r["rows"] == ROWS // 2 and r["slots"] == math.ceil(0.05 * ROWS / 2)
         assert r["scratchpad_bytes"] == r["slots"] * row_bytes
         assert r["backing_store_bytes"] == r["rows"] * row_bytes + SlotPlanner.host_bytes(r["rows"], r["slots"])
+        assert (r["store_bytes"], r["planner_bytes"]) == (r["rows"] * row_bytes, SlotPlanner.host_bytes(r["rows"], r["slots"]))
         assert 0 < r["staging_bytes"] < r["scratchpad_bytes"]
         device_part = r["scratchpad_bytes"] + r["staging_bytes"]
         if device == "cuda":  # device memory: scratchpad + staging (+ io); host: backing store

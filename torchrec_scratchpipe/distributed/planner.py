@@ -56,6 +56,7 @@ _lock = threading.Lock()
 #: Values of ``ShardingPlanner(capacity_check=...)``.
 CAPACITY_CHECKS = ("warn", "error", "off")
 _depth = 0
+_WARNED: Set[str] = set()
 
 
 @contextlib.contextmanager
@@ -129,7 +130,6 @@ class ScratchPipeEnumerator(EmbeddingEnumerator):
         )
         self._topology = topology
         self.capacity_check: str = "warn"
-        self._warned: Set[str] = set()
 
     @property
     def storage_estimator(self) -> ScratchPipeStorageEstimator:
@@ -210,9 +210,17 @@ class ScratchPipeEnumerator(EmbeddingEnumerator):
         )
         if self.capacity_check == "error":
             raise ValueError(msg)
-        if msg not in self._warned:
-            self._warned.add(msg)
-            logger.warning("%s A batch that really needs more rows fails at run time.", msg)
+        first = missing[0]
+        short = (
+            f"ScratchPipe: {len(missing)} table(s) may get more rows per batch than slots "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); {first!r}: {reasons[first][0]}. "
+            "A batch that really does not fit fails at run time."
+        )
+        with _lock:  # once per process: every arm or rank planning the same tables says it once
+            if short in _WARNED:
+                return options
+            _WARNED.add(short)
+        logger.warning(short)
         return options
 
     def _too_small(self, so: ShardingOption) -> Optional[str]:
