@@ -10,6 +10,8 @@ from torchrec_scratchpipe.core.plan import CapacityError, SlotPlanner
 from torchrec_scratchpipe.core.window import PlanWindow
 from torchrec_scratchpipe.distributed import SCRATCHPIPE, ShardingPlanner, cache_stats, get_sharders
 from torchrec_scratchpipe.distributed.pipeline import ScratchPipeTrainPipeline
+from torchrec_scratchpipe.distributed.plan_stats import format_scratchpipe_plan
+from torchrec_scratchpipe.quiet import make_topology, quiet_known_noise
 
 __all__ = [
     "CapacityError",
@@ -21,5 +23,8 @@ __all__ = [
     "ShardingPlanner",
     "SlotPlanner",
     "cache_stats",
+    "format_scratchpipe_plan",
     "get_sharders",
+    "make_topology",
+    "quiet_known_noise",
 ]
