@@ -10,7 +10,8 @@ Two processes with torchx (CPU, gloo)::
         --kernel scratchpipe --steps 50
 
 Data: ``--data synthetic`` (default), ``--data trace:FILE`` (FBGEMM request trace) or
-``--data criteo:FILE[,FILE]`` (Criteo TSV). Checkpoints: ``--save DIR`` / ``--resume DIR``.
+``--data criteo:FILE[,FILE]`` (Criteo TSV); on several ranks each reads its own samples.
+Checkpoints: ``--save DIR`` / ``--resume DIR``. Defaults: ``torchrec_scratchpipe.defaults``.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from torchmetrics.classification import BinaryAUROC
 from torchrec import EmbeddingBagConfig
 from tqdm import tqdm
 
-from torchrec_scratchpipe import cache_stats
+from torchrec_scratchpipe import cache_stats, defaults
 from torchrec_scratchpipe.core.config import OPTIMIZERS_BY_NAME
 from torchrec_scratchpipe.data.source import open_source
+from torchrec_scratchpipe.quiet import quiet_known_noise
 from torchrec_scratchpipe.training import KERNELS, KernelChoice, ModelSpec, Trainer, build_trainer
-
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -42,19 +43,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="per-table kernel, wins over --kernel (repeatable)")
     p.add_argument("--big-table-rows", type=int, default=0,
                    help="tables with at least this many rows are 'big' and get --kernel (0: all)")
-    p.add_argument("--load-factor", type=float, default=0.1)
-    p.add_argument("--lookahead", type=int, default=2)
-    p.add_argument("--horizon", type=int, default=None)
+    p.add_argument("--load-factor", type=float, default=defaults.LOAD_FACTOR)
+    p.add_argument("--lookahead", type=int, default=defaults.LOOKAHEAD)
+    p.add_argument("--horizon", type=int, default=None, help=f"default {defaults.HORIZON} (at least L)")
     p.add_argument("--sharding-type", default="table_wise", choices=["table_wise", "row_wise", "column_wise"])
-    p.add_argument("--tables", type=int, default=8)
-    p.add_argument("--rows", type=int, default=20_000)
-    p.add_argument("--dim", type=int, default=16)
-    p.add_argument("--pooling", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--tables", type=int, default=defaults.TABLES)
+    p.add_argument("--rows", type=int, default=defaults.ROWS)
+    p.add_argument("--dim", type=int, default=defaults.DIM)
+    p.add_argument("--pooling", type=int, default=defaults.POOLING)
+    p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE, help="samples per rank and step")
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--optimizer", default="rowwise_adagrad", choices=list(OPTIMIZERS_BY_NAME))
-    p.add_argument("--learning-rate", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--optimizer", default=defaults.OPTIMIZER, choices=list(OPTIMIZERS_BY_NAME))
+    p.add_argument("--learning-rate", type=float, default=defaults.LEARNING_RATE)
+    p.add_argument("--seed", type=int, default=defaults.SEED)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (0: torch's default)")
     p.add_argument("--save", default=None, help="write a checkpoint folder at the end")
     p.add_argument("--resume", default=None, help="start from a checkpoint folder")
     p.add_argument("--no-progress", action="store_true")
@@ -113,26 +115,51 @@ def format_cache_stats(stats: Dict[str, Dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def stall_notes(stats: Dict[str, Dict[str, object]], lookahead: int) -> List[str]:
+    """One line per scratchpad whose L+1 window did not fit (the run stayed correct)."""
+    notes, seen = [], set()
+    for name, s in stats.items():
+        group = tuple(s.get("shared_with", [name]))  # type: ignore[arg-type]
+        stalls = int(s.get("window_stalls", 0))  # type: ignore[call-overload]
+        if group in seen or not stalls:
+            continue
+        seen.add(group)
+        notes.append(f"{','.join(group)}: the L+1 = {lookahead + 1} batch window did not fit {int(s['capacity']):,} "  # type: ignore[call-overload]
+                     f"slots; planning stalled {stalls:,} times in {int(s['steps']):,} steps (peak "  # type: ignore[call-overload]
+                     f"{int(s['peak_held_rows']):,} rows held): try --lookahead {max(0, lookahead - 1)}, a larger "  # type: ignore[call-overload]
+                     f"--load-factor, or `python -m torchrec_scratchpipe.advise` for both.")
+    return notes
+
+
 def run(args: argparse.Namespace) -> Tuple[Dict[str, float], Trainer]:
     """Train as ``args`` say; return the summary and the trainer (for tests and notebooks)."""
     device = init_distributed()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rank, world = dist.get_rank(), dist.get_world_size()
-    data = open_source(args.data, args.batch_size, args.tables, args.rows, args.pooling, seed=args.seed * 1000 + rank)
+    data = open_source(args.data, args.batch_size, args.tables, args.rows, args.pooling, seed=args.seed,
+                       rank=rank, world_size=world)
     tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=args.dim, num_embeddings=n, feature_names=[f])
               for f, n in zip(data.feature_names, data.table_sizes)]
     big = [t.name for t in tables if t.num_embeddings >= args.big_table_rows]
     overrides = dict(item.split("=", 1) for item in args.table_kernel)
     spec = ModelSpec(tables, dense_in_features=data.num_dense, optimizer=OPTIMIZERS_BY_NAME[args.optimizer],
                      learning_rate=args.learning_rate, batch_size=args.batch_size, pooling=float(args.pooling))
-    choice = KernelChoice(args.kernel, args.load_factor, args.lookahead, args.horizon, big, overrides, args.sharding_type)
+    horizon = defaults.horizon_for(args.lookahead, args.horizon)
+    choice = KernelChoice(args.kernel, args.load_factor, args.lookahead, horizon, big, overrides, args.sharding_type)
     trainer = build_trainer(spec, choice, device, spec.initial_state(args.seed))
     start = load_checkpoint(args.resume, trainer) if args.resume else 0
     if rank == 0:
-        print(trainer.plan)
+        print(trainer.plan_text())
     auroc = BinaryAUROC().to(device)
     data.take(start)  # a resumed run continues the data stream where the checkpoint stopped
-    batches = iter(data.take(args.steps))
+    taken = data.take(args.steps)
+    if len(taken) < args.steps and rank == 0:
+        print(f"note: {data.description} gave {len(taken)} batches of {args.batch_size} per rank, "
+              f"fewer than --steps {args.steps}.")
+    batches = iter(taken)
     losses: List[float] = []
+    samples = 0
     bar = tqdm(total=args.steps, desc=f"rank {rank} {choice.label}", disable=args.no_progress or rank != 0)
     t0 = time.perf_counter()
     while True:
@@ -141,17 +168,21 @@ def run(args: argparse.Namespace) -> Tuple[Dict[str, float], Trainer]:
         except StopIteration:
             break
         losses.append(float(loss))
+        samples += int(labels.numel())
         auroc.update(torch.sigmoid(logits.detach()), labels.detach().long())
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     bar.close()
     seconds = time.perf_counter() - t0
     stats = cache_stats(trainer.model)
+    total = torch.tensor([samples], dtype=torch.int64)
+    dist.all_reduce(total)  # every rank read its own samples: each counts once
     result = {
         "steps": float(len(losses)),
         "loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
         "auc": float(auroc.compute()),
-        "samples_per_s": len(losses) * args.batch_size * world / seconds,
+        "samples": float(total.item()),
+        "samples_per_s": float(total.item()) / seconds,
     }
     if args.save:
         save_checkpoint(args.save, trainer, start + len(losses))
@@ -159,11 +190,14 @@ def run(args: argparse.Namespace) -> Tuple[Dict[str, float], Trainer]:
         print(f"steps {len(losses)}  loss {result['loss']:.4f}  AUC {result['auc']:.4f}  "
               f"samples/s {result['samples_per_s']:,.0f}  (world size {world}, {device})")
         print(format_cache_stats(stats))
+        for note in stall_notes(stats, choice.lookahead):
+            print(f"note: {note}")
     return result, trainer
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
-    return run(parse_args(argv))[0]
+    with quiet_known_noise():
+        return run(parse_args(argv))[0]
 
 
 if __name__ == "__main__":

@@ -12,8 +12,18 @@ Transforms (the usual DLRM preprocessing, done per batch with tensor ops):
 - label: float 0/1.
 
 Column counts and default names (``cat_0..cat_25``) come from ``torchrec.datasets.criteo``.
-TorchRec's own Criteo pipes need ``torchdata`` and do not hash into table sizes, hence
-this small reader. Parsing is per line in Python (I/O bound), tensors are built per batch.
+Why not its ``CriteoIterDataPipe`` (which does run here, without ``torchdata``): it yields
+one dict of strings per line, turns malformed values into 0 without a word (``safe_cast``),
+does not read gzip, and neither hashes the hex ids into table sizes nor builds KJT batches
+(TorchRec hashes only its preprocessed ``.npy`` files). On 50,000 random Criteo-shaped lines
+(one thread) it took 1.18 s to yield the dicts; this reader took 0.60 s for the finished
+``Batch`` objects, with ``file:line`` errors for malformed input. Parsing is per line in
+Python (I/O bound), tensors are built per batch.
+
+Several ranks: with ``rank``/``world_size`` each rank reads the same files but keeps only
+its own batches (batch ``k`` of the file goes to rank ``k % world_size``), so ranks train
+on disjoint samples and count each sample once. A last round of batches that would not
+give every rank a full batch is dropped, so all ranks run the same number of steps.
 """
 
 import gzip
@@ -96,8 +106,10 @@ class CriteoTsvReader:
         batch_size: samples per batch.
         num_embeddings: 26 table sizes, or one int for all tables.
         feature_names: KJT keys, default ``cat_0..cat_25`` (TorchRec's names).
-        drop_last: drop the final batch if smaller than ``batch_size`` (default keeps it).
-        max_samples: stop after this many samples (``None`` = all).
+        drop_last: drop the final batch if smaller than ``batch_size`` (default keeps it;
+            with several ranks an incomplete last round is always dropped).
+        max_samples: stop after this many samples of the files (``None`` = all).
+        rank, world_size: this rank's share of the batches (see the module doc).
 
     Each ``Batch`` has ``dense_features`` float32 ``[B, 13]``, ``sparse_features`` a KJT
     with one id per bag (lengths all 1, key-major values) and ``labels`` float32 ``[B]``.
@@ -113,7 +125,8 @@ class CriteoTsvReader:
 
     def __init__(self, paths: Union[PathLike, Sequence[PathLike]], batch_size: int,
                  num_embeddings: Union[int, Sequence[int]], feature_names: Optional[Sequence[str]] = None,
-                 drop_last: bool = False, max_samples: Optional[int] = None) -> None:
+                 drop_last: bool = False, max_samples: Optional[int] = None, rank: int = 0,
+                 world_size: int = 1) -> None:
         self.paths: List[PathLike] = [paths] if isinstance(paths, (str, Path)) else list(paths)  # type: ignore[list-item]
         if not self.paths:
             raise ValueError("CriteoTsvReader: paths is empty; give at least one TSV file")
@@ -130,6 +143,8 @@ class CriteoTsvReader:
         names = list(feature_names) if feature_names is not None else list(DEFAULT_CAT_NAMES)
         if len(names) != CAT_FEATURE_COUNT:
             raise ValueError(f"CriteoTsvReader: feature_names needs {CAT_FEATURE_COUNT} names, got {len(names)}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"CriteoTsvReader: need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
         if max_samples is not None and max_samples < 0:
             raise ValueError(f"CriteoTsvReader: max_samples must be >= 0 or None, got {max_samples}")
         self.batch_size = batch_size
@@ -137,8 +152,11 @@ class CriteoTsvReader:
         self.feature_names = names
         self.drop_last = drop_last
         self.max_samples = max_samples
+        self.rank = rank
+        self.world_size = world_size
 
-    def _rows(self) -> Iterator[Tuple[int, List[int], List[int]]]:
+    def _lines(self) -> Iterator[Tuple[str, str]]:
+        """``(line, "file:line")`` of every sample line, up to ``max_samples``."""
         emitted = 0
         for path in self.paths:
             with _open_text(path) as f:
@@ -147,7 +165,7 @@ class CriteoTsvReader:
                         return
                     if not line.strip():
                         continue
-                    yield parse_criteo_line(line, f"{path}:{lineno}")
+                    yield line, f"{path}:{lineno}"
                     emitted += 1
 
     def _make_batch(self, labels: List[int], dense: List[int], cats: List[int]) -> Batch:
@@ -163,12 +181,15 @@ class CriteoTsvReader:
         labels: List[int] = []
         dense: List[int] = []
         cats: List[int] = []
-        for label, d, c in self._rows():
-            labels.append(label)
-            dense.extend(d)
-            cats.extend(c)
-            if len(labels) == self.batch_size:
+        bs, world = self.batch_size, self.world_size
+        for i, (line, source) in enumerate(self._lines()):
+            if (i // bs) % world == self.rank:  # other ranks' lines are not even parsed
+                label, d, c = parse_criteo_line(line, source)
+                labels.append(label)
+                dense.extend(d)
+                cats.extend(c)
+            if (i + 1) % (bs * world) == 0:  # a full round: every rank has its batch
                 yield self._make_batch(labels, dense, cats)
                 labels, dense, cats = [], [], []
-        if labels and not self.drop_last:
+        if labels and world == 1 and not self.drop_last:
             yield self._make_batch(labels, dense, cats)

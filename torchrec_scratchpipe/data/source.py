@@ -3,6 +3,11 @@
 ``open_source("synthetic" | "trace:PATH" | "criteo:PATH[,PATH...]", ...)`` returns the
 table sizes, feature names and TorchRec ``Batch`` objects, so the example trainer and the
 A/B tool accept the same ``--data`` argument.
+
+On several ranks every source gives each rank its own samples: synthetic data draws a
+different stream per rank, and traces and Criteo files hand out their batches round-robin
+(batch ``k`` of the file to rank ``k % world_size``), dropping a last round that would not
+give every rank a full batch, so ranks train on disjoint samples for the same number of steps.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from torchrec.datasets.utils import Batch
 
 from torchrec_scratchpipe.data.criteo import CriteoTsvReader
 from torchrec_scratchpipe.data.synthetic import SyntheticClickLog, SyntheticConfig
-from torchrec_scratchpipe.data.trace import read_request_trace
+from torchrec_scratchpipe.data.trace import RequestTrace, read_request_trace
 
 
 @dataclass
@@ -42,15 +47,17 @@ class TrainingData:
         return list(itertools.islice(self.batches, n))
 
 
-def _trace_batches(path: str, batch_size: int, names: List[str], num_dense: int, seed: int) -> Iterator[Batch]:
-    trace = read_request_trace(path)
-    for step, kjt in enumerate(trace.batches(batch_size, names, drop_last=True)):
+def _trace_batches(trace: RequestTrace, batch_size: int, names: List[str], num_dense: int, seed: int,
+                   rank: int, world_size: int) -> Iterator[Batch]:
+    """This rank's batches of ``trace``: file batches ``rank, rank + world_size, ...``."""
+    for round_ in range(trace.num_samples // (batch_size * world_size)):
+        step = round_ * world_size + rank  # the batch's index in the file: seeds its dense part
+        kjt = trace.select(step * batch_size, (step + 1) * batch_size).to_kjt(names)
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        b = kjt.stride()
         yield Batch(
-            dense_features=torch.randn(b, num_dense, generator=g),
+            dense_features=torch.randn(batch_size, num_dense, generator=g),
             sparse_features=kjt,
-            labels=torch.randint(0, 2, (b,), generator=g).float(),
+            labels=torch.randint(0, 2, (batch_size,), generator=g).float(),
         )
 
 
@@ -65,6 +72,8 @@ def open_source(
     seed: int = 0,
     num_dense: int = 13,
     max_batches: Optional[int] = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> TrainingData:
     """Open ``spec`` as training data.
 
@@ -75,9 +84,14 @@ def open_source(
         batch_size: samples per batch.
         tables, rows, pooling, distribution, alpha: synthetic shape (``rows`` also sizes
             Criteo's hashed tables).
-        seed: data seed.
+        seed: data seed (synthetic data on rank r > 0 of several uses ``seed * 1000 + r``).
         num_dense: dense features (synthetic and trace).
-        max_batches: stop after this many batches.
+        max_batches: stop after this many batches (per rank).
+        rank, world_size: which share of the data this rank reads (see the module doc).
+
+    Raises:
+        ValueError: an unknown source, a bad rank, or a trace with fewer samples than one
+            batch per rank (it says how many it has).
 
     Example::
 
@@ -85,10 +99,12 @@ def open_source(
         >>> data.table_sizes, len(data.take(3))
         ([100, 100], 3)
     """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank} and world_size {world_size}.")
     if spec == "synthetic":
         cfg = SyntheticConfig(
-            num_embeddings=[rows] * tables, batch_size=batch_size, pooling=pooling,
-            distribution=distribution, alpha=alpha, seed=seed, num_dense=num_dense,
+            num_embeddings=[rows] * tables, batch_size=batch_size, pooling=pooling, distribution=distribution,
+            alpha=alpha, seed=seed if world_size == 1 else seed * 1000 + rank, num_dense=num_dense,
         )
         log = SyntheticClickLog(cfg, num_batches=max_batches)
         desc = f"synthetic {distribution}" + (f"({alpha})" if distribution != "uniform" else "")
@@ -96,14 +112,20 @@ def open_source(
     if spec.startswith("trace:"):
         path = spec[len("trace:"):]
         trace = read_request_trace(path)
+        if trace.num_samples < batch_size * world_size:
+            raise ValueError(
+                f"{path} holds {trace.num_samples} samples, fewer than one batch of {batch_size}"
+                + (f" for each of {world_size} ranks" if world_size > 1 else "")
+                + ": lower the batch size or use a longer trace."
+            )
         names = [f"f{i}" for i in range(trace.num_tables)]
-        it = _trace_batches(path, batch_size, names, num_dense, seed)
+        it = _trace_batches(trace, batch_size, names, num_dense, seed, rank, world_size)
         if max_batches is not None:
             it = itertools.islice(it, max_batches)
         return TrainingData(trace.table_sizes(), names, it, num_dense, f"trace {path}")
     if spec.startswith("criteo:"):
         paths = spec[len("criteo:"):].split(",")
-        reader = CriteoTsvReader(paths, batch_size, rows, drop_last=True)
+        reader = CriteoTsvReader(paths, batch_size, rows, drop_last=True, rank=rank, world_size=world_size)
         it = iter(reader)
         if max_batches is not None:
             it = itertools.islice(it, max_batches)

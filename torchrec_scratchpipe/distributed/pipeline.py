@@ -54,7 +54,7 @@ class ScratchPipeTrainPipeline(TrainPipelineSparseDist):
         ...                                     lookahead=2, horizon=8)  # doctest: +SKIP
         >>> while True:  # doctest: +SKIP
         ...     try:
-        ...         losses, out = pipeline.progress(data_iter)
+        ...         loss, logits, labels = pipeline.progress(data_iter)  # DLRMTrain
         ...     except StopIteration:
         ...         break
     """

@@ -69,7 +69,7 @@ class ScratchPipeStats(Stats):
                 continue
             for shard, part in zip(so.shards, estimator.breakdown(so)):
                 self.rows.append(
-                    dict(part, table=so.fqn.lstrip("."), sharding=so.sharding_type, rank=shard.rank,
+                    dict(part, table=so.name, module=so.path, sharding=so.sharding_type, rank=shard.rank,
                          load_factor=load_factor_of(so), device_memory=device_mem)
                 )
         if self.rows:
