@@ -124,10 +124,11 @@ def stall_notes(stats: Dict[str, Dict[str, object]], lookahead: int) -> List[str
         if group in seen or not stalls:
             continue
         seen.add(group)
-        notes.append(f"{','.join(group)}: the L+1 = {lookahead + 1} batch window did not fit {int(s['capacity']):,} "  # type: ignore[call-overload]
-                     f"slots; planning stalled {stalls:,} times in {int(s['steps']):,} steps (peak "  # type: ignore[call-overload]
-                     f"{int(s['peak_held_rows']):,} rows held): try --lookahead {max(0, lookahead - 1)}, a larger "  # type: ignore[call-overload]
-                     f"--load-factor, or `python -m torchrec_scratchpipe.advise` for both.")
+        slots = int(s["capacity"]) // max(1, int(s.get("shards", 1)))  # type: ignore[call-overload]
+        notes.append(f"{','.join(group)}: the L+1 = {lookahead + 1} batch window did not fit {slots:,} slots per "
+                     f"shard; planning stalled {stalls:,} times in {int(s['steps']):,} steps (peak "  # type: ignore[call-overload]
+                     f"{int(s['peak_held_rows']):,} rows held): try --lookahead {max(0, lookahead - 1)} or a larger "  # type: ignore[call-overload]
+                     f"--load-factor (`python -m torchrec_scratchpipe.advise` sizes both).")
     return notes
 
 

@@ -3,7 +3,7 @@
 Run from the repository root (the local_cwd scheduler runs in the current folder)::
 
     torchx run -s local_cwd torchrec_scratchpipe/components.py:train --nproc_per_node 2 -- \\
-        --kernel scratchpipe --load-factor 0.05 --lookahead 4 --steps 100
+        --kernel scratchpipe --sharding-type row_wise --lookahead 2 --steps 100
 
 Everything after ``--`` goes to the training script. ``torchrun`` must be on ``PATH``
 (activate ``.venv`` or prefix ``PATH=.venv/bin:$PATH``).
@@ -41,7 +41,8 @@ def train(
         name: job name.
         cpu, gpu, memMB: resources per replica (used by cluster schedulers).
         rdzv_port: rendezvous port on the first node.
-        env: extra environment variables.
+        env: extra environment variables. ``OMP_NUM_THREADS`` defaults to 1 per process
+            (torchrun's own choice, set here so that it does not print a banner about it).
         image: container image (cluster schedulers only).
 
     Example::
@@ -61,6 +62,6 @@ def train(
         gpu=gpu,
         memMB=memMB,
         rdzv_port=rdzv_port,
-        env=dict(env or {}),
+        env={"OMP_NUM_THREADS": "1", **(env or {})},
         image=image,
     )

@@ -9,8 +9,10 @@ and say nothing about the user's job:
   any ``KeyedJaggedTensor`` (an fx-proxyable class) is built. :func:`quiet_known_noise`
   lets it fire once with its logger muted, so it cannot fire again in the process.
 - TorchRec's ``DistributedModelParallel`` builds its ``DistributedDataParallel`` with
-  ``broadcast_buffers=False``, which torch 2.13 deprecates (a ``FutureWarning``):
-  :func:`quiet_known_noise` ignores exactly that message inside its block.
+  ``broadcast_buffers=False``, and its row-wise and column-wise collectives call
+  ``reduce_scatter_tensor`` / ``all_gather_into_tensor``, which torch 2.13 deprecates
+  (``FutureWarning``s): :func:`quiet_known_noise` ignores exactly those messages inside its
+  block.
 - TorchRec warns when a ``Topology`` is built directly and when
   ``HeuristicalStorageReservation`` is used without a dense-tensor estimate: we avoid those
   instead, with :func:`make_topology` (TorchRec's ``TopologyFactory``) and
@@ -35,8 +37,12 @@ from typing import Any, Iterator
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.planner.types import StorageReservation, Topology
 
-#: TorchRec's DMP passes this deprecated DDP argument.
-_DDP_BROADCAST_BUFFERS = r".*`broadcast_buffers` is deprecated"
+#: Deprecations torch 2.13 reports about calls TorchRec makes (DMP's DDP, row-wise collectives).
+_TORCHREC_DEPRECATIONS = (
+    r".*`broadcast_buffers` is deprecated",
+    r".*`torch\.distributed\.reduce_scatter_tensor` is deprecated",
+    r".*`torch\.distributed\.all_gather_into_tensor` is deprecated",
+)
 #: Head room the planner keeps free on each device (TorchRec's default percentage).
 STORAGE_RESERVATION_PERCENTAGE = 0.15
 
@@ -66,7 +72,8 @@ def quiet_known_noise() -> Iterator[None]:
     """
     _consume_fx_tracing_notice()
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_DDP_BROADCAST_BUFFERS, category=FutureWarning)
+        for message in _TORCHREC_DEPRECATIONS:
+            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
         yield
 
 
