@@ -411,6 +411,23 @@ def test_criteo_tsv_round_trip(tmp_path: Path) -> None:
         start += b.labels.numel()
 
 
+def test_criteo_ranks_read_disjoint_batches(tmp_path: Path) -> None:
+    rows = criteo_rows(23, seed=2)
+    path = tmp_path / "day.tsv"
+    path.write_text("".join("\t".join(r) + "\n" for r in rows))
+    whole = torch.cat([b.labels for b in CriteoTsvReader(path, 1, 10)])  # one sample per batch: its label
+    dense = [torch.cat([b.dense_features for b in CriteoTsvReader(path, 3, 10, rank=r, world_size=2)]) for r in (0, 1)]
+    everything = torch.cat([b.dense_features for b in CriteoTsvReader(path, 1, 10)])
+    # Batches of 3 samples, round-robin: rank 0 gets samples 0-2, 6-8, 12-14, 18-20; rank 1 the others.
+    # The last round (samples 18-23) is incomplete for rank 1, so both ranks stop after three batches.
+    assert dense[0].shape[0] == dense[1].shape[0] == 9
+    assert torch.equal(dense[0], everything[[0, 1, 2, 6, 7, 8, 12, 13, 14]])
+    assert torch.equal(dense[1], everything[[3, 4, 5, 9, 10, 11, 15, 16, 17]])
+    assert whole.numel() == 23
+    with pytest.raises(ValueError, match="rank < world_size"):
+        CriteoTsvReader(path, 3, 10, rank=2, world_size=2)
+
+
 def test_criteo_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad.tsv"
     row = criteo_rows(1, seed=1)[0]
@@ -445,3 +462,14 @@ def test_docs_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.chdir(tmp_path)
     for block in blocks:
         exec(compile(block, "docs/data.md", "exec"), {})
+
+
+def test_trace_shorter_than_a_batch_says_so(tmp_path: Path) -> None:
+    from torchrec_scratchpipe.data.source import open_source
+
+    path = tmp_path / "short.pt"
+    RequestTrace.from_lengths(torch.arange(10), torch.ones(1, 10, dtype=torch.int64)).save(path)
+    with pytest.raises(ValueError, match="holds 10 samples, fewer than one batch of 64"):
+        open_source(f"trace:{path}", 64)
+    with pytest.raises(ValueError, match="for each of 2 ranks"):
+        open_source(f"trace:{path}", 8, rank=1, world_size=2)

@@ -64,3 +64,30 @@ def test_torchx_launch_two_processes() -> None:
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "steps 4" in out and "world size 2" in out, out[-4000:]
+
+
+def _trace_on_two_ranks(rank: int, world: int, path: str, steps: int) -> tuple:
+    from torchrec_scratchpipe.data.source import open_source
+
+    seen = open_source(f"trace:{path}", 32, rank=rank, world_size=world).take(steps + 10)
+    ex = _example()
+    result, _ = ex.run(ex.parse_args(["--data", f"trace:{path}", "--batch-size", "32", "--dim", "8", "--steps", str(steps),
+                                      "--load-factor", "0.5", "--lookahead", "1", "--no-progress"]))
+    return [b.sparse_features.values().tolist() for b in seen], result["samples"], result["steps"]
+
+
+@pytest.mark.slow
+def test_two_ranks_read_disjoint_trace_samples_and_count_them_once(tmp_path: Path) -> None:
+    from dist_utils import spawn
+
+    from torchrec_scratchpipe.data.trace import RequestTrace
+
+    n = 32 * 2 * 5 + 16  # five full rounds of two batches, then a partial one (dropped)
+    path = tmp_path / "ids.pt"
+    RequestTrace.from_lengths(torch.arange(n), torch.ones(1, n, dtype=torch.int64)).save(path)  # sample i looks up row i
+    (ids0, samples0, steps0), (ids1, samples1, steps1) = spawn(_trace_on_two_ranks, 2, str(path), 4)
+    assert len(ids0) == len(ids1) == 5  # equal step counts; the partial last round is dropped
+    assert ids0[1] == list(range(64, 96)) and ids1[1] == list(range(96, 128))  # batch k of the file -> rank k % 2
+    flat0, flat1 = {i for b in ids0 for i in b}, {i for b in ids1 for i in b}
+    assert not flat0 & flat1 and flat0 | flat1 == set(range(320))
+    assert steps0 == steps1 == 4 and samples0 == samples1 == 4 * 32 * 2  # every sample counted once
