@@ -12,7 +12,9 @@ from torchrec.distributed.types import CacheParams, CacheStatistics
 from torchrec_scratchpipe.advise import (
     MeasuredCacheStatistics, Target, advise_table, constraints_text, load_factor_for, window_distinct, working_set,
 )
+from torchrec_scratchpipe import defaults
 from torchrec_scratchpipe.advise.__main__ import main
+from torchrec_scratchpipe.advise.stalls import stall_advice
 from torchrec_scratchpipe.data.trace import RequestTrace, write_request_trace
 from torchrec_scratchpipe.sim import BatchStream, SyntheticSpec, simulate_scratchpipe, synthetic_stream
 
@@ -107,7 +109,7 @@ def test_cli_synthetic(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "constraints = {" in text and "'f1': ParameterConstraints" in text
     doc = json.loads(out.read_text())
-    assert doc["horizon"] == 8 and doc["warmup"] == 6 and len(doc["tables"]) == 2
+    assert doc["horizon"] == defaults.horizon_for(2) == 64 and doc["warmup"] == 6 and len(doc["tables"]) == 2
     for t in doc["tables"]:
         assert t["min_scratchpad"] <= t["capacity"] <= t["num_rows"]
         assert (t["miss_ratio"] <= 0.4) == t["reached"]
@@ -124,3 +126,17 @@ def test_cli_trace(tmp_path, capsys):
           "--target-rows-per-step", "5", "--table-names", "a,b", "--points", "5"])
     text = capsys.readouterr().out
     assert "'a': ParameterConstraints" in text and "'b': ParameterConstraints" in text
+
+
+def test_stall_advice_measures_the_cost_with_the_engine_planner() -> None:
+    # Batches of 6 rows overlapping by 3: an L+1 window of 4 batches needs 15 rows, of 3 needs 12.
+    stream = BatchStream.from_flat([torch.arange(i, i + 6) for i in range(0, 60, 3)], 100)
+    a = stall_advice(stream, capacity=12, lookahead=3, horizon=3, stalls=5)
+    assert (a.window_rows, a.suggested_lookahead, a.load_factor_needed) == (15, 2, 0.15)
+    at_3 = simulate_scratchpipe(stream, 12, 3, 3).total_misses
+    at_2 = simulate_scratchpipe(stream, 12, 2, 3).total_misses
+    assert a.extra_rows == at_3 - at_2
+    note = a.note("t")
+    assert "stalled 5 times" in note and "use lookahead 2 or load_factor >= 0.15" in note and "\n" not in note
+    fits = stall_advice(stream, capacity=20, lookahead=3, horizon=3, stalls=0)
+    assert fits.suggested_lookahead == 3 and fits.extra_rows == 0

@@ -239,3 +239,37 @@ def test_cli_criteo(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["stream"]["steps"] == 6 and doc["stream"]["lookups"] == 96 * 26
     assert doc["policies"]["opt"]["misses"] <= doc["policies"]["lru"]["misses"]
+
+
+def test_cli_mrc_saves_curves_without_json(tmp_path, monkeypatch, capsys) -> None:
+    from torchrec_scratchpipe.sim.__main__ import DEFAULT_MRC_OUT
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--synthetic", "zipf:1.05", "--tables", "2x2000", "--steps", "6", "--batch-size", "32",
+                     "--capacity", "0.1", "--policies", "lru,scratchpipe", "--mrc", "0.05,0.1", "--no-progress"]) == 0
+    doc = json.loads((tmp_path / DEFAULT_MRC_OUT).read_text())
+    assert set(doc["mrc"]) == {"lru", "scratchpipe"} and doc["config"]["horizon"] == 64
+    assert DEFAULT_MRC_OUT in capsys.readouterr().out
+
+
+def test_trace_shorter_than_a_batch_says_so(tmp_path, capsys) -> None:
+    from torchrec_scratchpipe.sim.sources import load_traces
+
+    path = tmp_path / "short.pt"
+    RequestTrace.from_lengths(torch.arange(10), torch.ones(1, 10, dtype=torch.int64)).save(path)
+    stream = load_traces([path], batch_size=64)
+    assert stream.num_steps == 1
+    assert "holds 10 samples, fewer than one batch of 64" in capsys.readouterr().err
+
+
+def test_goals_report_progress_per_simulation() -> None:
+    import io
+
+    from torchrec_scratchpipe.sim.goals import GoalConfig, run_goals, run_keys
+
+    cfg = GoalConfig(table_sizes=[400, 400], batch_size=16, steps=6, capacities=(0.2,), alphas=(1.05,),
+                     far_horizon=4, lookaheads_a=(1,), lookaheads_b=(1,), lookahead_c=1)
+    log = io.StringIO()
+    rows = run_goals(cfg, log)
+    assert len(rows) == 2 and set(rows[0]["misses"]) == run_keys(cfg)
+    assert "goals" in log.getvalue() and "zipf(1.05)" in log.getvalue()

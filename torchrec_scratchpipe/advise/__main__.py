@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from torchrec_scratchpipe import defaults
 from torchrec_scratchpipe.advise.render import constraints_text, format_advice
 from torchrec_scratchpipe.advise.search import Target, advise
 from torchrec_scratchpipe.advise.stats import MeasuredCacheStatistics
@@ -31,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     goal = p.add_mutually_exclusive_group(required=True)
     goal.add_argument("--target-rows-per-step", type=float, help="max rows moved in per step, per table")
     goal.add_argument("--target-miss-ratio", type=float, help="max misses per distinct row looked up, per table")
-    p.add_argument("--lookahead", type=int, default=1, help="ScratchPipe L")
-    p.add_argument("--horizon", type=int, default=None, help="ScratchPipe H (default 4 L, at least L)")
+    p.add_argument("--lookahead", type=int, default=defaults.LOOKAHEAD, help="ScratchPipe L")
+    p.add_argument("--horizon", type=int, default=None,
+                   help=f"ScratchPipe H (default {defaults.HORIZON}, at least L; the simulator's default too)")
     p.add_argument("--warmup", type=int, default=None, help="leading steps not counted (default a quarter)")
     p.add_argument("--points", type=int, default=10, help="capacities on each table's curve")
     p.add_argument("--table-names", default=None, help="comma-separated names for the constraints dict")
@@ -51,7 +53,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         stream.table_names = names
     target = (Target("rows_per_step", args.target_rows_per_step) if args.target_rows_per_step is not None
               else Target("miss_ratio", args.target_miss_ratio))
-    horizon = args.horizon if args.horizon is not None else max(4 * args.lookahead, args.lookahead)
+    horizon = defaults.horizon_for(args.lookahead, args.horizon)
     warmup = args.warmup if args.warmup is not None else stream.num_steps // 4
     result = advise(stream, target, args.lookahead, horizon, warmup, args.points)
     print(format_advice(result, target, working_set(stream, args.lookahead)))

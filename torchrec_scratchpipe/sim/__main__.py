@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import List, Optional
+
+from torchrec_scratchpipe import defaults
 
 from torchrec_scratchpipe.sim.cli import add_stream_args, load_stream
 from torchrec_scratchpipe.sim.mrc import miss_ratio_curve
 from torchrec_scratchpipe.sim.policies import POLICIES, PolicyOptions, parse_policies, simulate
 from torchrec_scratchpipe.sim.report import format_curves, format_table, parse_capacity, write_json
+
+
+#: Where ``--mrc`` saves its curves when no ``--json`` is given.
+DEFAULT_MRC_OUT = "out/sim/mrc.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,12 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_stream_args(p)
     p.add_argument("--capacity", required=True, help="cache rows, or a fraction of all rows (0.05 or 5%%)")
     p.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated: {', '.join(POLICIES)}")
-    p.add_argument("--lookahead", type=int, default=1, help="ScratchPipe L")
-    p.add_argument("--horizon", type=int, default=None, help="ScratchPipe H (default L)")
+    p.add_argument("--lookahead", type=int, default=defaults.LOOKAHEAD, help="ScratchPipe L")
+    p.add_argument("--horizon", type=int, default=None,
+                   help=f"ScratchPipe H (default {defaults.HORIZON}, at least L; the advisor's default too)")
     p.add_argument("--ways", type=int, default=32, help="set-associative ways")
     p.add_argument("--mrc", default=None, help="also compute miss-ratio curves at these capacities (comma list)")
     p.add_argument("--warmup", type=int, default=0, help="MRC: leading steps left out of the counts")
-    p.add_argument("--json", default=None, metavar="OUT", help="write results here")
+    p.add_argument("--json", default=None, metavar="OUT",
+                   help=f"write results here (with --mrc and no --json: {DEFAULT_MRC_OUT})")
     p.add_argument("--progress", dest="progress", action="store_true", default=None, help="tqdm bars")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
@@ -47,7 +56,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit(str(e))
     stream = load_stream(args)
     capacity = parse_capacity(args.capacity, stream.num_rows)
-    horizon = args.lookahead if args.horizon is None else args.horizon
+    horizon = defaults.horizon_for(args.lookahead, args.horizon)
     progress = args.progress if args.progress is not None else (stream.lookups >= 5_000_000 and sys.stderr.isatty())
     options = PolicyOptions(lookahead=args.lookahead, horizon=horizon, ways=args.ways, progress=progress)
     results = {}
@@ -63,10 +72,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         curves = [miss_ratio_curve(stream, name, caps, options, args.warmup) for name in policies]
         print()
         print(format_curves(curves))
-    if args.json:
+    out = args.json or (DEFAULT_MRC_OUT if curves else None)
+    if out:
         config = {"capacity": capacity, "lookahead": args.lookahead, "horizon": horizon, "ways": args.ways,
                   "policies": policies}
-        write_json(args.json, stream, results, config, curves)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        write_json(out, stream, results, config, curves)
+        print(f"\nwritten: {out}" + (" (miss-ratio curves under \"mrc\")" if curves else ""))
     return 0
 
 

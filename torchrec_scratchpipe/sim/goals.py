@@ -20,9 +20,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
 import torch
+from tqdm import tqdm
 
 from torchrec_scratchpipe.sim.policies import PolicyOptions, simulate
 from torchrec_scratchpipe.sim.sources import SyntheticSpec, parse_tables, synthetic_stream
@@ -72,7 +73,15 @@ class GoalConfig:
         return [spec("zipf", x) for x in self.alphas] + [spec("drift", a, int(period), frac)]
 
 
-def measure(stream: BatchStream, capacity: int, cfg: GoalConfig) -> Dict[str, Any]:
+def run_keys(cfg: GoalConfig) -> Set[str]:
+    """The distinct simulations :func:`measure` runs per stream and capacity."""
+    far, lc = cfg.far_horizon, cfg.lookahead_c
+    return ({"opt", "lru", "set_lru", "set_lru_prefetch", f"sp_L{lc}_H{lc}", f"sp_L{lc}_H{far}"}
+            | {f"sp_L{l}_H{far}" for l in cfg.lookaheads_a} | {f"sp_L{l}_H{l}" for l in cfg.lookaheads_b})
+
+
+def measure(stream: BatchStream, capacity: int, cfg: GoalConfig,
+            on_run: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """Rows moved by every policy the goals compare, and the three ratios.
 
     Example::
@@ -92,6 +101,8 @@ def measure(stream: BatchStream, capacity: int, cfg: GoalConfig) -> Dict[str, An
             runs[key], seconds[key] = r.total_misses, r.seconds
             if "stalls" in r.extra:
                 stalls[key] = r.extra["stalls"]
+            if on_run is not None:
+                on_run(key)
         return runs[key]
 
     opt, lru = run("opt", "opt"), run("lru", "lru")
@@ -131,20 +142,35 @@ def format_rows(rows: Sequence[Dict[str, Any]], cfg: GoalConfig) -> str:
 
 
 def run_goals(cfg: GoalConfig, log: Optional[Any] = sys.stderr) -> List[Dict[str, Any]]:
-    """Generate every stream and measure every capacity."""
+    """Generate every stream and measure every capacity.
+
+    Args:
+        cfg: what to measure.
+        log: where the progress bar (one tick per simulation, naming it) and the per-stream
+            times go; None for silence.
+    """
     rows = []
-    for spec in cfg.build_streams():
+    specs = cfg.build_streams()
+    bar = tqdm(total=len(specs) * len(cfg.capacities) * len(run_keys(cfg)), desc="goals", unit="sim",
+               file=log, disable=log is None, mininterval=0.5, leave=False)
+    for spec in specs:
         t0 = time.perf_counter()
-        stream = synthetic_stream(spec)
         name = spec.distribution + (f"({spec.alpha})" if spec.distribution != "drift" else
                                     f"({spec.alpha},p{spec.drift_period},f{spec.drift_fraction})")
+        bar.set_postfix_str(f"{name}: generating")
+        stream = synthetic_stream(spec)
         for frac in cfg.capacities:
-            row = measure(stream, int(round(frac * stream.num_rows)), cfg)
+            def tick(key: str, where: str = f"{name} cap {frac:.2f}") -> None:
+                bar.set_postfix_str(f"{where} {key}")
+                bar.update(1)
+
+            row = measure(stream, int(round(frac * stream.num_rows)), cfg, tick)
             row.update(stream=name, fraction=frac, lookups=stream.lookups,
                        mean_batch_rows=float(stream.unique_per_step().float().mean()))
             rows.append(row)
         if log is not None:
-            print(f"{name}: {stream.lookups} ids, {time.perf_counter() - t0:.0f}s", file=log)
+            bar.write(f"{name}: {stream.lookups} ids, {time.perf_counter() - t0:.0f}s", file=log)
+    bar.close()
     return rows
 
 

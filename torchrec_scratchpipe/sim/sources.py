@@ -6,6 +6,8 @@ output into steps and flattens tables into one row space.
 
 from __future__ import annotations
 
+import sys
+
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence
 
@@ -83,6 +85,10 @@ def load_traces(
         raise ValueError(f"trace files disagree on the number of tables: {[tr.num_tables for tr in traces]}")
     if table_sizes is None:
         table_sizes = [max(tr.table_sizes()[i] for tr in traces) for i in range(t)]
+    for path, tr in zip(paths, traces):
+        if tr.num_samples < batch_size:  # one partial step (or none): say so, once per file
+            print(f"note: {path} holds {tr.num_samples} samples, fewer than one batch of {batch_size}: "
+                  f"{'it is dropped' if drop_last else 'it becomes one short step'}.", file=sys.stderr)
     parts = [trace_to_stream(tr, batch_size, table_sizes, drop_last) for tr in traces]
     out = BatchStream.concat(parts)
     out.table_names = list(table_names) if table_names else [f"f{i}" for i in range(t)]
