@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +57,8 @@ def test_kernel_choice_per_table_and_errors() -> None:
 
 @pytest.mark.slow
 def test_torchx_launch_two_processes() -> None:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=str(ROOT))  # this checkout, also where another one is installed in the venv
     torchx = Path(sys.executable).parent / "torchx"
     cmd = [str(torchx), "run", "-s", "local_cwd", "torchrec_scratchpipe/components.py:train", "--nproc_per_node", "2",
            "--", *SMALL, "--steps", "4", "--sharding-type", "row_wise"]
@@ -64,6 +66,9 @@ def test_torchx_launch_two_processes() -> None:
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "steps 4" in out and "world size 2" in out, out[-4000:]
+    # Quiet: no warning from torchrun, torch, TorchRec or this package about the command itself.
+    noisy = [line for line in out.splitlines() if re.search(r"warn|deprecat|\bW\d{4} ", line, re.IGNORECASE)]
+    assert not noisy, "\n".join(noisy)
 
 
 def _trace_on_two_ranks(rank: int, world: int, path: str, steps: int) -> tuple:
