@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from torchrec_scratchpipe.quiet import quiet_known_noise
 from torchrec_scratchpipe.sim.sources import criteo_stream, load_traces, parse_synthetic, parse_tables, synthetic_stream
 from torchrec_scratchpipe.sim.stream import BatchStream
 
@@ -31,6 +32,11 @@ def load_stream(args: argparse.Namespace) -> BatchStream:
     """Build the stream the arguments describe (see :func:`add_stream_args`); sets torch threads."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    with quiet_known_noise():  # building KJTs (Criteo) triggers torch's one-time fx notice
+        return _load_stream(args)
+
+
+def _load_stream(args: argparse.Namespace) -> BatchStream:
     sizes = parse_tables(args.tables) if args.tables else None
     if args.trace:
         if not args.batch_size:
