@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 from pathlib import Path
@@ -143,8 +144,8 @@ def markdown(rows: List[Dict[str, Any]], header: str, opening: Sequence[str] = (
     return "\n".join(lines) + "\n"
 
 
-def plots(arms: List[ArmResult], rows: List[Dict[str, Any]], out: Path) -> List[Path]:
-    """throughput.png (bars with p10–p90) and traffic.png (rows host->device per step)."""
+def plots(arms: List[ArmResult], rows: List[Dict[str, Any]], out: Path, on_cpu: bool = False) -> List[Path]:
+    """throughput.png (bars with p10–p90) and traffic.png (rows host->device, cumulative)."""
     paths = []
     timed = [r for r in rows if "samples_per_s" in r]
     if timed:
@@ -155,8 +156,9 @@ def plots(arms: List[ArmResult], rows: List[Dict[str, Any]], out: Path) -> List[
         ax.set_xticks(range(len(timed)), [r["arm"] for r in timed], rotation=15, ha="right")
         ax.set_ylabel("samples / s (median, p10–p90)")
         simulated = [r["arm"] for r in rows if r["simulated"]]
-        ax.set_title("Throughput per arm" + (f"\n({', '.join(simulated)}: traffic only, not timed)" if simulated else ""),
-                     fontsize=10)
+        notes = ([f"{', '.join(simulated)}: traffic only, not timed"] if simulated else []) + (
+            ["CPU timings: no GPU forecast"] if on_cpu else [])
+        ax.set_title("Throughput per arm" + (f"\n({'; '.join(notes)})" if notes else ""), fontsize=10)
         fig.tight_layout()
         paths.append(out / "throughput.png")
         fig.savefig(paths[-1], dpi=120)
@@ -164,10 +166,10 @@ def plots(arms: List[ArmResult], rows: List[Dict[str, Any]], out: Path) -> List[
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for arm in arms:
         if arm.h2d_rows and (sum(arm.h2d_rows) or arm.label != "fused"):
-            ax.plot(arm.h2d_rows, label=arm.label, linestyle="--" if arm.simulated else "-")
+            ax.plot(list(itertools.accumulate(arm.h2d_rows)), label=arm.label, linestyle="--" if arm.simulated else "-")
     ax.set_xlabel("step")
-    ax.set_ylabel("rows host → device")
-    ax.set_title("Traffic per step")
+    ax.set_ylabel("rows host → device (cumulative)")
+    ax.set_title("Rows moved into the device")
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(out / "traffic.png")
@@ -186,5 +188,5 @@ def write_report(arms: List[ArmResult], batch_size: int, out: Path, header: str,
     (out / "report.md").write_text(markdown(rows, header, opening, notes))
     data = {"meta": meta, "headline": opening, "notes": notes, "arms": rows, "per_step": {a.label: {"h2d_rows": a.h2d_rows, "d2h_rows": a.d2h_rows, "loss": a.losses, "step_s": a.step_s} for a in arms}}
     (out / "report.json").write_text(json.dumps(data, indent=2, default=str))
-    data["plots"] = [str(p) for p in plots(arms, rows, out)]
+    data["plots"] = [str(p) for p in plots(arms, rows, out, meta.get("device_name") == "cpu")]
     return data
