@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -64,8 +65,12 @@ WARNING_LINE = re.compile(r"warn|deprecat|^W\d{4} ", re.IGNORECASE)
 def test_main_job_as_documented_is_quiet_and_shows_the_point(tmp_path: Path) -> None:
     """The README's main job, with no flags: no warning line, >= 15% fewer rows than the UVM
     arm, and every ScratchPipe arm trains what ``fused`` trains."""
+    root = Path(__file__).resolve().parent.parent
+    # A fresh shell's environment: no rendezvous port inherited from this test process's group.
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env["PYTHONPATH"] = str(root)
     proc = subprocess.run([sys.executable, "-m", "torchrec_scratchpipe.ab", "--out", str(tmp_path), "--no-progress"],
-                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent)
+                          capture_output=True, text=True, timeout=600, cwd=root, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     noisy = [line for line in (proc.stdout + proc.stderr).splitlines() if WARNING_LINE.search(line)]
     assert not noisy, "\n".join(noisy)
