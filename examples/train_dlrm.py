@@ -29,6 +29,7 @@ from torchrec import EmbeddingBagConfig
 from tqdm import tqdm
 
 from torchrec_scratchpipe import cache_stats, defaults
+from torchrec_scratchpipe.advise.stalls import stall_notes
 from torchrec_scratchpipe.core.config import OPTIMIZERS_BY_NAME
 from torchrec_scratchpipe.data.source import open_source
 from torchrec_scratchpipe.quiet import quiet_known_noise
@@ -115,8 +116,8 @@ def format_cache_stats(stats: Dict[str, Dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def stall_notes(stats: Dict[str, Dict[str, object]], lookahead: int) -> List[str]:
-    """One line per scratchpad whose L+1 window did not fit (the run stayed correct)."""
+def counter_stall_notes(stats: Dict[str, Dict[str, object]], lookahead: int) -> List[str]:
+    """Stall notes from the counters alone (several ranks: each shard saw other ids)."""
     notes, seen = [], set()
     for name, s in stats.items():
         group = tuple(s.get("shared_with", [name]))  # type: ignore[arg-type]
@@ -191,7 +192,9 @@ def run(args: argparse.Namespace) -> Tuple[Dict[str, float], Trainer]:
         print(f"steps {len(losses)}  loss {result['loss']:.4f}  AUC {result['auc']:.4f}  "
               f"samples/s {result['samples_per_s']:,.0f}  (world size {world}, {device})")
         print(format_cache_stats(stats))
-        for note in stall_notes(stats, choice.lookahead):
+        notes = (stall_notes(stats, taken, data.feature_names, [t.name for t in tables], data.table_sizes,
+                             choice.lookahead, horizon) if world == 1 else counter_stall_notes(stats, choice.lookahead))
+        for note in notes:
             print(f"note: {note}")
     return result, trainer
 

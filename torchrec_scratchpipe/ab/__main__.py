@@ -23,10 +23,10 @@ from torchrec_scratchpipe import defaults
 from torchrec_scratchpipe.ab.arms import ArmResult, run_arm
 from torchrec_scratchpipe.ab.config import ABConfig
 from torchrec_scratchpipe.ab.report import write_report
-from torchrec_scratchpipe.ab.simulated import id_stream, simulate_uvm_arm
-from torchrec_scratchpipe.advise.stalls import stall_advice
+from torchrec_scratchpipe.ab.simulated import simulate_uvm_arm
+from torchrec_scratchpipe.advise.stalls import stall_notes
 from torchrec_scratchpipe.core.config import OPTIMIZERS_BY_NAME
-from torchrec_scratchpipe.data.source import TrainingData, open_source
+from torchrec_scratchpipe.data.source import open_source
 from torchrec_scratchpipe.quiet import quiet_known_noise
 from torchrec_scratchpipe.training import KernelChoice, ModelSpec, init_single_process_group
 
@@ -37,22 +37,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but CUDA is not available: use --device cpu or auto.")
     return torch.device(name)
-
-
-def stall_notes(arm: ArmResult, batches: Sequence[Any], data: TrainingData, lookahead: int, horizon: int) -> List[str]:
-    """One line per scratchpad of ``arm`` whose L+1 window stalled (see ``advise.stalls``)."""
-    notes, seen = [], set()
-    for table, s in arm.cache.items():
-        group = tuple(s.get("shared_with", [table]))  # type: ignore[arg-type]
-        stalls = int(s.get("window_stalls", 0))  # type: ignore[call-overload]
-        if group in seen or not stalls:
-            continue
-        seen.add(group)
-        features = [f for f in data.feature_names if f"t_{f}" in group]
-        sizes = [n for f, n in zip(data.feature_names, data.table_sizes) if f in features]
-        advice = stall_advice(id_stream(batches, sizes, features), int(s["capacity"]), lookahead, horizon, stalls)  # type: ignore[call-overload]
-        notes.append(advice.note(f"{arm.label} [{','.join(group)}]"))
-    return notes
 
 
 def run_ab(cfg: ABConfig) -> Dict[str, Any]:
@@ -83,7 +67,8 @@ def run_ab(cfg: ABConfig) -> Dict[str, Any]:
                 H = cfg.horizon_for(L)
                 choice = KernelChoice("scratchpipe", cfg.load_factor, lookahead=L, horizon=H)
                 arms.append(run_arm(spec, choice, batches, cfg.warmup, device, initial, cfg.progress))
-                arms[-1].notes = stall_notes(arms[-1], batches, data, L, H)
+                arms[-1].notes = stall_notes(arms[-1].cache, batches, data.feature_names,
+                                             [t.name for t in tables], data.table_sizes, L, H, arms[-1].label)
                 for note in arms[-1].notes:
                     print(f"note: {note}", file=sys.stderr)
         elif arm == "fused_uvm_caching":

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, List, Mapping, Sequence
 
 from torchrec_scratchpipe.advise.working_set import window_distinct
 from torchrec_scratchpipe.sim.scratchpipe import simulate_scratchpipe
@@ -81,3 +82,39 @@ def stall_advice(stream: BatchStream, capacity: int, lookahead: int, horizon: in
         extra = int(at_l - at_fit)
     return StallAdvice(stalls, stream.num_steps, lookahead, capacity, window_rows, fits,
                        round(window_rows / stream.num_rows, 4), extra)
+
+
+def stall_notes(
+    cache: Mapping[str, Mapping[str, Any]],
+    batches: Sequence[Any],
+    feature_names: Sequence[str],
+    table_names: Sequence[str],
+    table_sizes: Sequence[int],
+    lookahead: int,
+    horizon: int,
+    label: str = "",
+) -> List[str]:
+    """One :meth:`StallAdvice.note` per scratchpad of a one-rank run whose window stalled.
+
+    Args:
+        cache: ``cache_stats(model)`` after training ``batches``.
+        batches: the TorchRec ``Batch``es trained, in order.
+        feature_names, table_names, table_sizes: the tables, aligned (feature i feeds
+            table i of ``table_sizes[i]`` rows).
+        lookahead, horizon: L and H of the run.
+        label: prefix of each note (e.g. the A/B arm).
+    """
+    notes, seen = [], set()
+    for table, s in cache.items():
+        group = tuple(s.get("shared_with", [table]))
+        stalls = int(s.get("window_stalls", 0))
+        if group in seen or not stalls:
+            continue
+        seen.add(group)
+        chosen = [i for i, name in enumerate(table_names) if name in group]
+        steps = ([b.sparse_features[feature_names[i]].values() for i in chosen] for b in batches)
+        stream = BatchStream.from_table_ids(steps, [table_sizes[i] for i in chosen],
+                                            [feature_names[i] for i in chosen], name="run")
+        advice = stall_advice(stream, int(s["capacity"]), lookahead, horizon, stalls)
+        notes.append(advice.note(f"{label} [{','.join(group)}]".strip()))
+    return notes
