@@ -85,3 +85,16 @@ def test_main_job_as_documented_is_quiet_and_shows_the_point(tmp_path: Path) -> 
     assert data["headline"][0].startswith("**scratchpipe") and "fewer rows" in data["headline"][0]
     if data["meta"]["device_name"] == "cpu":
         assert "no GPU forecast" in proc.stdout
+
+
+def test_ab_reports_a_stalled_window_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = parse_args(["--tables", "3", "--rows", "800", "--dim", "8", "--batch-size", "64", "--steps", "8",
+                      "--warmup", "2", "--arms", "scratchpipe", "--lookaheads", "1,6", "--load-factor", "0.3",
+                      "--out", str(tmp_path), "--no-progress", "--device", "cpu"])
+    data = run_ab(cfg)
+    err = capsys.readouterr().err
+    stalled = [line for line in err.splitlines() if "did not fit" in line]
+    assert len(stalled) == 1 and "scratchpipe L=6 H=64" in stalled[0], err  # L=1 fits; L=6 said once
+    assert "stalled" in stalled[0] and "use lookahead" in stalled[0] and "load_factor >=" in stalled[0]
+    assert data["notes"] == [stalled[0].removeprefix("note: ")]
+    assert "Problems found" in (tmp_path / "report.md").read_text()
