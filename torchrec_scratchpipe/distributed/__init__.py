@@ -2,11 +2,11 @@
 
 Example::
 
-    import torchrec_scratchpipe.distributed as tsp
+    import torchrec_scratchpipe as tsp
     constraints = {"big_table": ParameterConstraints(
         compute_kernels=[tsp.SCRATCHPIPE], sharding_types=["row_wise"],
         cache_params=CacheParams(load_factor=0.05))}
-    planner = tsp.ShardingPlanner(topology=Topology(world_size=2, compute_device="cpu"),
+    planner = tsp.ShardingPlanner(topology=tsp.make_topology(world_size=2, compute_device="cpu"),
                                   constraints=constraints)
     plan = planner.collective_plan(model, tsp.get_sharders(), pg)
     model = DistributedModelParallel(model, env=ShardingEnv.from_process_group(pg),

@@ -257,7 +257,7 @@ class ShardingPlanner(EmbeddingShardingPlanner):
 
         >>> constraints = {"big": ParameterConstraints(compute_kernels=[SCRATCHPIPE],
         ...     sharding_types=["row_wise"], cache_params=CacheParams(load_factor=0.05))}
-        >>> planner = ShardingPlanner(topology=Topology(world_size=2, compute_device="cpu"),
+        >>> planner = ShardingPlanner(topology=make_topology(world_size=2, compute_device="cpu"),
         ...                           constraints=constraints)
         >>> plan = planner.collective_plan(model, get_sharders(), pg)   # doctest: +SKIP
     """
