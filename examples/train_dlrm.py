@@ -7,7 +7,7 @@ One process::
 Two processes with torchx (CPU, gloo)::
 
     torchx run -s local_cwd torchrec_scratchpipe/components.py:train --nproc_per_node 2 -- \\
-        --kernel scratchpipe --steps 50
+        --kernel scratchpipe --sharding-type row_wise --lookahead 2 --steps 50
 
 Data: ``--data synthetic`` (default), ``--data trace:FILE`` (FBGEMM request trace) or
 ``--data criteo:FILE[,FILE]`` (Criteo TSV); on several ranks each reads its own samples.
