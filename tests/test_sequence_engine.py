@@ -13,7 +13,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
     ComputeDevice,
     SplitTableBatchedEmbeddingBagsCodegen,
 )
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from engine_utils import power_law_stream, window_capacity
@@ -122,7 +122,7 @@ def test_unpooled_errors() -> None:
         ScratchPipeEmbeddingBags(mixed, ScratchPipeConfig(cache_rows=8))
     with pytest.raises(ValueError, match=r"dims \[8, 16\].*must share embedding_dim"):
         ScratchPipeEmbeddingBags(_tables()[:1] + _tables([50], 16)[:1], ScratchPipeConfig(cache_rows=8))
-    pooled = ScratchPipeEmbeddingBags(_tables()[:0] + [mixed[1]], ScratchPipeConfig(cache_rows=8))
+    pooled = ScratchPipeEmbeddingBags([mixed[1]], ScratchPipeConfig(cache_rows=8))
     with pytest.raises(ValueError, match="for unpooled"):
         pooled.embeddings(KeyedJaggedTensor.from_lengths_sync(["b"], torch.tensor([1]), torch.tensor([1])))
     emb = ScratchPipeEmbeddingBags(_tables([100]), ScratchPipeConfig(cache_rows=8))

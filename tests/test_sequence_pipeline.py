@@ -92,8 +92,15 @@ def _compare(rank: int, ws: int, sharding: str) -> Dict[str, Any]:
             "evictions": {t: s["evictions"] > 0 for t, s in stats.items()},
             "steps": {t: s["steps"] for t, s in stats.items()},
         }
+    # Evaluation: the same pipelines under model.eval() and no_grad give fused's scores.
+    scores = []
+    for kernel in ("fused", "scratchpipe"):
+        model, pipe = _trainer(kernel, ws, sharding, 2, 3)
+        model.eval()
+        with torch.no_grad():
+            scores.append(torch.cat(_run(pipe, batches[:6])))
+    res["eval"] = float((scores[0] - scores[1]).abs().max())
     # A batch without a feature the collection reads is refused before its step.
-    from torchrec import KeyedJaggedTensor
     from torchrec.datasets.utils import Batch
 
     _, pipe = _trainer("scratchpipe", ws, sharding, 2, 3)
@@ -118,6 +125,7 @@ def _check(results: List[Dict[str, Any]]) -> None:
         assert r["evictions"] == {"s_big": True, "s_mid": True}, (rank, r)
         assert set(r["steps"].values()) == {STEPS}, (rank, r)
         assert "lack ['f_hist']" in res["missing"], res["missing"]
+        assert res["eval"] <= TOL, res["eval"]
 
 
 def test_sequence_pipeline_world_size_1() -> None:
