@@ -11,6 +11,7 @@ import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner import planners as trec_planners
 from torchrec.distributed.planner.types import ParameterConstraints
@@ -21,7 +22,6 @@ import torchrec_scratchpipe.distributed as tsp
 from torchrec_scratchpipe.core.plan import SlotPlanner
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.distributed.kernel import engine_config
-from torchrec_scratchpipe.distributed.sharder import ScratchPipeGuardedEmbeddingCollectionSharder
 from torchrec_scratchpipe.distributed.types import FUSED_PARAMS_KEY, ScratchPipeTableParams, to_runtime_sharding
 
 ROWS = 100_000
@@ -128,22 +128,37 @@ def test_errors_optimizer_for_device() -> None:
     _planner("cuda").plan(_ebc(), tsp.get_sharders(fused_params=adam))  # fine on CUDA
 
 
-def test_errors_unsupported_module() -> None:
-    class Model(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ebc = _ebc()
-            self.ec = EmbeddingCollection(
-                tables=[EmbeddingConfig(name="seq", embedding_dim=16, num_embeddings=1000, feature_names=["f_seq"])],
-                device=torch.device("meta"),
-            )
+class _MixedModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ebc = _ebc()
+        self.ec = EmbeddingCollection(
+            tables=[EmbeddingConfig(name="seq", embedding_dim=16, num_embeddings=ROWS, feature_names=["f_seq", "f_hist"])],
+            device=torch.device("meta"),
+        )
 
-    c = {"seq": ParameterConstraints(compute_kernels=[tsp.SCRATCHPIPE], cache_params=CacheParams(load_factor=0.1))}
-    with pytest.raises(ValueError, match="EmbeddingCollection.*pooled EmbeddingBagCollection"):
-        _planner(constraints=c).plan(Model(), tsp.get_sharders())
-    guarded = ScratchPipeGuardedEmbeddingCollectionSharder()
-    with pytest.raises(ValueError, match="pooled EmbeddingBagCollection tables only"):
-        guarded.shard(Model().ec, {"seq": ParameterSharding("table_wise", tsp.SCRATCHPIPE)}, None)
+
+def test_sequence_tables_plan_like_bags() -> None:
+    c = {**_constraints(), "seq": ParameterConstraints(
+        compute_kernels=[tsp.SCRATCHPIPE], sharding_types=["row_wise"], cache_params=CacheParams(load_factor=0.1))}
+    planner = _planner(constraints=c)
+    plan = planner.plan(_MixedModel(), tsp.get_sharders())
+    assert plan.plan["ec"]["seq"].compute_kernel == tsp.SCRATCHPIPE
+    assert plan.plan["ebc"]["big_table"].compute_kernel == tsp.SCRATCHPIPE
+    summary = {row["table"]: row for row in planner.scratchpipe_summary}
+    assert set(summary) == {"ebc.big_table", "ec.seq"}, summary
+    slots = sum(row["slots"] for row in planner.scratchpipe_summary if row["table"] == "ec.seq")
+    assert slots == 2 * math.ceil(0.1 * ROWS / 2), planner.scratchpipe_summary
+    # A sharder that does not offer ScratchPipe for the module is refused before planning.
+    trec = [s for s in tsp.get_sharders() if s.module_type is not EmbeddingCollection] + [EmbeddingCollectionSharder()]
+    with pytest.raises(ValueError, match="'seq' is in a EmbeddingCollection.*EmbeddingCollectionSharder does not offer ScratchPipe"):
+        _planner(constraints=c).plan(_MixedModel(), trec)
+    sharder = tsp.ScratchPipeEmbeddingCollectionSharder()
+    with pytest.raises(ValueError, match=r"ScratchPipe supports \['table_wise', 'row_wise', 'column_wise'\]"):
+        sharder.shard(_MixedModel().ec, {"seq": ParameterSharding("data_parallel", tsp.SCRATCHPIPE)}, None)
+    with pytest.raises(ValueError, match="load_factor > 0 for table 'seq'"):
+        sharder.shard(_MixedModel().ec, {"seq": ParameterSharding(
+            "table_wise", tsp.SCRATCHPIPE, cache_params=CacheParams(load_factor=0.0))}, None)
 
 
 def test_errors_scratchpad_smaller_than_a_batch(caplog: pytest.LogCaptureFixture) -> None:
@@ -171,6 +186,10 @@ def test_errors_scratchpad_smaller_than_a_batch(caplog: pytest.LogCaptureFixture
 def test_get_sharders_and_kernels() -> None:
     sharders = tsp.get_sharders(ScratchPipeConfig(lookahead=2))
     assert isinstance(sharders[0], tsp.ScratchPipeEmbeddingBagCollectionSharder)
+    assert isinstance(sharders[1], tsp.ScratchPipeEmbeddingCollectionSharder)
+    assert sharders[1].config == ScratchPipeConfig(lookahead=2)
+    for st in ("table_wise", "row_wise", "column_wise"):
+        assert tsp.SCRATCHPIPE in sharders[1].compute_kernels(st, "cpu")
     defaults = {s.module_type for s in get_default_sharders()}
     assert {s.module_type for s in sharders} == defaults and len(sharders) == len(defaults)
     sp = sharders[0]

@@ -20,12 +20,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
     ComputeDevice,
     SplitTableBatchedEmbeddingBagsCodegen,
 )
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tqdm import tqdm
 
@@ -47,6 +47,9 @@ class EngineBenchConfig:
         block: steps run back to back before switching to the other contender.
         device: ``cpu`` or ``cuda``.
         background_planning: see ``ScratchPipeConfig`` (None: automatic).
+        unpooled: a sequence workload: unpooled tables (``EmbeddingCollection`` style,
+            TBE with ``PoolingMode.NONE``), ``pooling`` being the sequence length
+            (e.g. ``--unpooled --batch-size 1024 --pooling 50``).
     """
 
     tables: int = 26
@@ -64,6 +67,7 @@ class EngineBenchConfig:
     device: str = "cpu"
     seed: int = 0
     background_planning: Optional[bool] = None
+    unpooled: bool = False
 
 
 def _sync(device: torch.device) -> None:
@@ -89,12 +93,16 @@ def _full_tbe(cfg: EngineBenchConfig, device: torch.device) -> SplitTableBatched
     on_cuda = device.type == "cuda"
     loc = EmbeddingLocation.DEVICE if on_cuda else EmbeddingLocation.HOST
     spec = [(cfg.rows, cfg.dim, loc, ComputeDevice.CUDA if on_cuda else ComputeDevice.CPU)] * cfg.tables
-    return SplitTableBatchedEmbeddingBagsCodegen(spec, optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, device=device)
+    pooling = PoolingMode.NONE if cfg.unpooled else PoolingMode.SUM
+    return SplitTableBatchedEmbeddingBagsCodegen(
+        spec, optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, device=device, pooling_mode=pooling
+    )
 
 
 def _engine(cfg: EngineBenchConfig, device: torch.device) -> ScratchPipeEmbeddingBags:
+    kind = EmbeddingConfig if cfg.unpooled else EmbeddingBagConfig
     tables = [
-        EmbeddingBagConfig(name=f"t{i}", embedding_dim=cfg.dim, num_embeddings=cfg.rows, feature_names=[f"f{i}"])
+        kind(name=f"t{i}", embedding_dim=cfg.dim, num_embeddings=cfg.rows, feature_names=[f"f{i}"])
         for i in range(cfg.tables)
     ]
     sp = ScratchPipeConfig(
@@ -204,6 +212,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     for name, value in asdict(defaults).items():
         if name == "background_planning":
             parser.add_argument("--background-planning", choices=["auto", "on", "off"], default="auto")
+            continue
+        if isinstance(value, bool):
+            parser.add_argument(f"--{name.replace('_', '-')}", action="store_true")
             continue
         kind = type(value) if value is not None else int
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)

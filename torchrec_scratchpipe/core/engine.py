@@ -11,7 +11,7 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 import torch
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
 from torchrec.modules.embedding_configs import PoolingType
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from torchrec_scratchpipe.core.config import OPTIMIZER_STATE_NAMES, ScratchPipeConfig, check_optimizer, state_shapes
 from torchrec_scratchpipe.core.mover import Mover
@@ -23,7 +23,7 @@ from torchrec_scratchpipe.core.validate import check_kjt
 from torchrec_scratchpipe.core.window import PlanWindow, WindowEntry
 from torchrec_scratchpipe.core.worker import PlanWorker
 
-_POOLING = {PoolingType.SUM: PoolingMode.SUM, PoolingType.MEAN: PoolingMode.MEAN}
+_POOLING = {PoolingType.SUM: PoolingMode.SUM, PoolingType.MEAN: PoolingMode.MEAN, PoolingType.NONE: PoolingMode.NONE}
 
 
 @dataclass
@@ -47,7 +47,7 @@ class _Group:
         dim = tables[0].embedding_dim
         self.store = BackingStore([t.num_embeddings for t in tables], dim, state_shapes(config.optimizer, dim))
         self.capacity = config.slots_for(self.store.num_rows)
-        self.pad = Scratchpad(self.capacity, dim, len(self.features), _POOLING[tables[0].pooling], config, device)
+        self.pad = Scratchpad(self.capacity, dim, len(self.features), _POOLING[_pooling(tables[0])], config, device)
         self.stats = GroupStats()
         self.planner = SlotPlanner(self.store.num_rows, self.capacity, config.victim_policy)
         self.mover = Mover(self.store, self.pad, self.stats)
@@ -94,7 +94,9 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
 
     Args:
         tables: torchrec ``EmbeddingBagConfig`` (or objects with ``name``,
-            ``num_embeddings``, ``embedding_dim``, ``feature_names``, ``pooling``).
+            ``num_embeddings``, ``embedding_dim``, ``feature_names``, ``pooling``), or
+            unpooled tables: torchrec ``EmbeddingConfig`` (or ``pooling=NONE``), all of
+            one dim; ``embeddings``/``forward`` then return one row per id.
         config: capacity, lookahead, optimizer and policy.
         device: ``cpu`` or a ``cuda`` device for the scratchpad.
 
@@ -129,14 +131,15 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             )
         if not tables:
             raise ValueError("ScratchPipeEmbeddingBags needs at least one table.")
+        self.unpooled = _check_unpooled(tables)
         self.config = config
         by_key: Dict[str, List[Any]] = {}
         for t in tables:
-            if t.pooling not in _POOLING:
-                raise ValueError(f"table {t.name!r}: pooling {t.pooling} is not supported (use SUM or MEAN).")
+            if _pooling(t) not in _POOLING:
+                raise ValueError(f"table {t.name!r}: pooling {_pooling(t)} is not supported (use SUM, MEAN or NONE).")
             if t.embedding_dim % 4:
                 raise ValueError(f"table {t.name!r}: embedding_dim {t.embedding_dim} must be a multiple of 4 (FBGEMM TBE).")
-            by_key.setdefault(f"dim{t.embedding_dim}_{t.pooling.name.lower()}", []).append(t)
+            by_key.setdefault(f"dim{t.embedding_dim}_{_pooling(t).name.lower()}", []).append(t)
         self.groups: Dict[str, _Group] = {k: _Group(k, v, config, self.device) for k, v in by_key.items()}
         for i, g in enumerate(self.groups.values()):
             self.add_module(f"scratchpad_{i}", g.pad)
@@ -261,8 +264,23 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             out = torch.cat([cols[i] for i in self._group_perm], dim=1)
         return out
 
-    def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor:
-        """KeyedTensor of pooled embeddings for the oldest prefetched batch (``kjt`` itself)."""
+    def embeddings(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        """Unpooled tables: one embedding per id, ``[len(kjt.values()), dim]`` in id order.
+
+        The scratchpad's TBE runs with ``PoolingMode.NONE`` here, so the tensor ``pooled``
+        computes is already per id; only its shape differs.
+        """
+        if not self.unpooled:
+            raise ValueError("embeddings() is for unpooled (PoolingType.NONE) tables; these pool: use pooled().")
+        return self.pooled(kjt)
+
+    def forward(self, kjt: KeyedJaggedTensor) -> Any:
+        """Embeddings of the oldest prefetched batch (``kjt`` itself): a KeyedTensor of
+        pooled embeddings, or for unpooled tables ``{feature: JaggedTensor}`` as
+        TorchRec's ``EmbeddingCollection`` returns."""
+        if self.unpooled:
+            values = torch.split(self.embeddings(kjt), kjt.length_per_key())
+            return {f: JaggedTensor(values=v, lengths=kjt[f].lengths()) for f, v in zip(self.feature_names, values)}
         return KeyedTensor(keys=self.feature_names, length_per_key=self._dims, values=self.pooled(kjt))
 
     # ---------------------------------------------------------------- state
@@ -370,6 +388,30 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         self._queue.clear()
         for g in self.groups.values():
             g.window.clear()
+
+
+def _pooling(table: Any) -> PoolingType:
+    """A table's pooling; torchrec's ``EmbeddingConfig`` (no ``pooling``) is unpooled."""
+    return getattr(table, "pooling", PoolingType.NONE)
+
+
+def _check_unpooled(tables: Sequence[Any]) -> bool:
+    """True when every table is unpooled (``PoolingType.NONE``); they must then share a dim."""
+    none = [_pooling(t) == PoolingType.NONE for t in tables]
+    if not any(none):
+        return False
+    if not all(none):
+        raise ValueError(
+            f"tables {[t.name for t in tables]} mix pooled and unpooled (PoolingType.NONE) tables: "
+            "put them in separate ScratchPipeEmbeddingBags."
+        )
+    dims = sorted({t.embedding_dim for t in tables})
+    if len(dims) > 1:
+        raise ValueError(
+            f"unpooled tables {[t.name for t in tables]} have dims {dims}: unpooled tables of one "
+            "ScratchPipeEmbeddingBags must share embedding_dim (one scratchpad, one TBE)."
+        )
+    return True
 
 
 def _same_batch(a: KeyedJaggedTensor, b: KeyedJaggedTensor) -> bool:

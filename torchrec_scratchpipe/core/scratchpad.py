@@ -25,7 +25,7 @@ class Scratchpad(torch.nn.Module):
         capacity: number of slots C.
         dim: embedding dimension.
         num_features: features (bags per sample) the group pools.
-        pooling: FBGEMM pooling mode.
+        pooling: FBGEMM pooling mode (``NONE`` for unpooled tables: one row per id).
         config: optimizer and hyper-parameters.
         device: ``cpu`` (HOST placement) or ``cuda`` (DEVICE placement).
 
@@ -78,7 +78,8 @@ class Scratchpad(torch.nn.Module):
         offsets: torch.Tensor,
         per_sample_weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Pooled embeddings [B, num_features * dim] for slot-remapped bags."""
+        """Pooled embeddings [B, num_features * dim] for slot-remapped bags
+        (``[len(slot_indices), dim]`` with ``PoolingMode.NONE``)."""
         return self.tbe(slot_indices, offsets, per_sample_weights)
 
     def read(self, slots: torch.Tensor) -> Dict[str, torch.Tensor]:

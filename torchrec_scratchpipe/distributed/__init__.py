@@ -18,6 +18,11 @@ from torchrec_scratchpipe.distributed.estimators import ScratchPipePerfEstimator
 from torchrec_scratchpipe.distributed.kernel import ScratchPipeEmbeddingBag, ScratchPipeFusedOptimizer
 from torchrec_scratchpipe.distributed.lookup import ScratchPipeGroupedPooledEmbeddingsLookup
 from torchrec_scratchpipe.distributed.plan_stats import ScratchPipeStats
+from torchrec_scratchpipe.distributed.sequence_lookup import ScratchPipeGroupedEmbeddingsLookup
+from torchrec_scratchpipe.distributed.sequence_sharder import (
+    ScratchPipeEmbeddingCollectionSharder,
+    ShardedScratchPipeEmbeddingCollection,
+)
 from torchrec_scratchpipe.distributed.planner import (
     ScratchPipeEnumerator,
     ShardingPlanner,
@@ -39,8 +44,10 @@ __all__ = [
     "SCRATCHPIPE",
     "ScratchPipeEmbeddingBag",
     "ScratchPipeEmbeddingBagCollectionSharder",
+    "ScratchPipeEmbeddingCollectionSharder",
     "ScratchPipeEnumerator",
     "ScratchPipeFusedOptimizer",
+    "ScratchPipeGroupedEmbeddingsLookup",
     "ScratchPipeGroupedPooledEmbeddingsLookup",
     "ScratchPipeParameterSharding",
     "ScratchPipePerfEstimator",
@@ -48,6 +55,7 @@ __all__ = [
     "ScratchPipeStorageEstimator",
     "ScratchPipeTableParams",
     "ShardedScratchPipeEmbeddingBagCollection",
+    "ShardedScratchPipeEmbeddingCollection",
     "ShardingPlanner",
     "cache_stats",
     "get_sharders",

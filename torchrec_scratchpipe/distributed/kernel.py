@@ -199,7 +199,7 @@ class ScratchPipeEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
         if config.data_type != DataType.FP32:
             raise ValueError(f"ScratchPipe tables {self._names}: only FP32 weights are supported, got {config.data_type}.")
         mode = pooling_type_to_pooling_mode(config.pooling, sharding_type)
-        pooling = PoolingType.SUM if mode == PoolingMode.SUM else PoolingType.MEAN
+        pooling = {PoolingMode.SUM: PoolingType.SUM, PoolingMode.MEAN: PoolingType.MEAN}.get(mode, PoolingType.NONE)
         # Engine feature keys are made unique per table (a feature may feed two tables).
         self._keys: List[str] = [f"{t.name}/{f}" for t in tables for f in t.feature_names]
         engine_tables = [
@@ -266,7 +266,8 @@ class ScratchPipeEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
             ) from e
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        """Pooled embeddings ``[B, sum(local dims)]`` of the tables, in feature order."""
+        """Pooled embeddings ``[B, sum(local dims)]`` of the tables, in feature order
+        (for ``EmbeddingCollection`` tables, unpooled: ``[ids, dim]`` in id order)."""
         kjt = self._engine_kjt(features)
         return self._guard(lambda: self._engine.pooled(kjt))
 

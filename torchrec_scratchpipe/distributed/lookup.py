@@ -37,7 +37,46 @@ def is_scratchpipe_group(config: GroupedEmbeddingConfig) -> bool:
     )
 
 
-class ScratchPipeGroupedPooledEmbeddingsLookup(GroupedPooledEmbeddingsLookup):
+class ScratchPipeLookupMixin:
+    """What a TorchRec lookup needs to feed its ScratchPipe kernels (pooled or sequence).
+
+    Mixed into a subclass of a TorchRec lookup (which has ``_emb_modules`` and
+    ``_feature_splits``): lists the ScratchPipe kernels, announces batches to them and
+    passes later batches' ids to their victim policy.
+    """
+
+    _emb_modules: Any
+    _feature_splits: List[int]
+
+    def scratchpipe_kernels(self) -> List[ScratchPipeEmbeddingBag]:
+        """This lookup's ScratchPipe kernels, in group order."""
+        return [m for m in self._emb_modules if isinstance(m, ScratchPipeEmbeddingBag)]
+
+    def _scratchpipe_parts(self, features: KeyedJaggedTensor) -> List[tuple]:
+        parts = features.split(self._feature_splits)
+        return [(m, f) for m, f in zip(self._emb_modules, parts) if isinstance(m, ScratchPipeEmbeddingBag)]
+
+    def _announce(self, sparse_features: KeyedJaggedTensor) -> None:
+        """Hand a future batch to every ScratchPipe kernel (each gets its own features)."""
+        if self.scratchpipe_kernels():
+            for kernel, features in self._scratchpipe_parts(sparse_features):
+                kernel.prefetch(features)
+
+    def peek(self, future_features: Sequence[KeyedJaggedTensor]) -> None:
+        """Pass the ids of batches after the prefetched ones to the victim policy."""
+        if not self.scratchpipe_kernels():
+            return
+        per_kernel: Dict[int, List[KeyedJaggedTensor]] = {}
+        kernels: Dict[int, ScratchPipeEmbeddingBag] = {}
+        for features in future_features:
+            for kernel, part in self._scratchpipe_parts(features):
+                per_kernel.setdefault(id(kernel), []).append(part)
+                kernels[id(kernel)] = kernel
+        for key, kernel in kernels.items():
+            kernel.peek(per_kernel[key])
+
+
+class ScratchPipeGroupedPooledEmbeddingsLookup(ScratchPipeLookupMixin, GroupedPooledEmbeddingsLookup):
     """``GroupedPooledEmbeddingsLookup`` that also runs ScratchPipe table groups.
 
     Example::
@@ -58,14 +97,6 @@ class ScratchPipeGroupedPooledEmbeddingsLookup(GroupedPooledEmbeddingsLookup):
             return ScratchPipeEmbeddingBag(config=config, pg=pg, device=device, sharding_type=sharding_type)
         return super()._create_embedding_kernel(config, device, pg, sharding_type, env)
 
-    def scratchpipe_kernels(self) -> List[ScratchPipeEmbeddingBag]:
-        """This lookup's ScratchPipe kernels, in group order."""
-        return [m for m in self._emb_modules if isinstance(m, ScratchPipeEmbeddingBag)]
-
-    def _scratchpipe_parts(self, features: KeyedJaggedTensor) -> List[tuple]:
-        parts = features.split(self._feature_splits)
-        return [(m, f) for m, f in zip(self._emb_modules, parts) if isinstance(m, ScratchPipeEmbeddingBag)]
-
     def prefetch(
         self,
         sparse_features: KeyedJaggedTensor,
@@ -73,22 +104,7 @@ class ScratchPipeGroupedPooledEmbeddingsLookup(GroupedPooledEmbeddingsLookup):
     ) -> None:
         """Prefetch for TorchRec's caching kernels, and announce the batch to ScratchPipe ones."""
         super().prefetch(sparse_features, forward_stream)
-        if self.scratchpipe_kernels():
-            for kernel, features in self._scratchpipe_parts(sparse_features):
-                kernel.prefetch(features)
-
-    def peek(self, future_features: Sequence[KeyedJaggedTensor]) -> None:
-        """Pass the ids of batches after the prefetched ones to the victim policy."""
-        if not self.scratchpipe_kernels():
-            return
-        per_kernel: Dict[int, List[KeyedJaggedTensor]] = {}
-        kernels: Dict[int, ScratchPipeEmbeddingBag] = {}
-        for features in future_features:
-            for kernel, part in self._scratchpipe_parts(features):
-                per_kernel.setdefault(id(kernel), []).append(part)
-                kernels[id(kernel)] = kernel
-        for key, kernel in kernels.items():
-            kernel.peek(per_kernel[key])
+        self._announce(sparse_features)
 
 
 class _ScratchPipeLookupMixin:

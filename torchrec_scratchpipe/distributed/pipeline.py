@@ -105,7 +105,12 @@ class ScratchPipeTrainPipeline(TrainPipelineSparseDist):
         self._started = False
         self._keys: Optional[List[str]] = None
         self._required = sorted(
-            {f for m in model.modules() for c in getattr(m, "_embedding_bag_configs", []) for f in c.feature_names}
+            {
+                f
+                for m in model.modules()
+                for c in getattr(m, "_embedding_bag_configs", None) or getattr(m, "_embedding_configs", None) or []
+                for f in c.feature_names
+            }
         )
 
     def _check_batch(self, batch: Any) -> None:

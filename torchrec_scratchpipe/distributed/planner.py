@@ -47,7 +47,7 @@ from torchrec_scratchpipe.distributed.estimators import (
 )
 from torchrec_scratchpipe.distributed.kernel import TBE_DEFAULTS
 from torchrec_scratchpipe.distributed.plan_stats import ScratchPipeStats
-from torchrec_scratchpipe.distributed.sharder import ScratchPipeEmbeddingBagCollectionSharder
+from torchrec_scratchpipe.distributed.sharded_base import ScratchPipeSharderMixin
 from torchrec_scratchpipe.distributed.types import SCRATCHPIPE, check_load_factor
 from torchrec_scratchpipe.quiet import default_storage_reservation
 
@@ -167,11 +167,12 @@ class ScratchPipeEnumerator(EmbeddingEnumerator):
             for name, param in sharder.shardable_parameters(m).items():
                 if name not in wanted:
                     continue
-                if not isinstance(sharder, ScratchPipeEmbeddingBagCollectionSharder):
+                if not isinstance(sharder, ScratchPipeSharderMixin):
                     raise ValueError(
-                        f"table {name!r} is in a {type(m).__name__} (at '{path}'), but ScratchPipe runs "
-                        "pooled EmbeddingBagCollection tables only: remove 'scratchpipe' from its "
-                        "ParameterConstraints.compute_kernels (and shard with tsp.get_sharders())."
+                        f"table {name!r} is in a {type(m).__name__} (at '{path}'), whose sharder "
+                        f"{type(sharder).__name__} does not offer ScratchPipe (it runs EmbeddingBagCollection "
+                        "and EmbeddingCollection tables): shard with tsp.get_sharders(), or remove "
+                        "'scratchpipe' from the table's ParameterConstraints.compute_kernels."
                     )
                 c = self._constraints[name]  # type: ignore[index]
                 check_load_factor(c.cache_params.load_factor if c.cache_params else None, name)

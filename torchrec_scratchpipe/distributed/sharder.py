@@ -1,19 +1,16 @@
 """The ScratchPipe-aware EmbeddingBagCollection sharder and its sharded module.
 
-``get_sharders()`` is what users hand to the planner and to ``DistributedModelParallel``.
+``get_sharders()`` is what users hand to the planner and to ``DistributedModelParallel``
+(the EmbeddingCollection counterparts live in ``sequence_sharder.py``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Dict, List, Optional, Sequence, Type
+from typing import Any, Dict, List, Optional, Type
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embedding_sharding import EmbeddingSharding, EmbeddingShardingInfo
-from torchrec.distributed.embedding_types import EmbeddingComputeKernel, KJTList
 from torchrec.distributed.embeddingbag import (
     EmbeddingBagCollectionSharder,
     ShardedEmbeddingBagCollection,
@@ -21,7 +18,6 @@ from torchrec.distributed.embeddingbag import (
 )
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import (
-    EmbeddingModuleShardingPlan,
     ModuleSharder,
     ParameterSharding,
     QuantizedCommCodecs,
@@ -31,40 +27,27 @@ from torchrec.distributed.types import (
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
-from torchrec_scratchpipe.distributed.kernel import ScratchPipeEmbeddingBag
-from torchrec_scratchpipe.distributed.lookup import SCRATCHPIPE_SHARDINGS, ScratchPipeGroupedPooledEmbeddingsLookup
-from torchrec_scratchpipe.distributed.types import (
-    SCRATCHPIPE,
-    check_load_factor,
-    is_scratchpipe,
-    to_runtime_sharding,
+from torchrec_scratchpipe.distributed.lookup import SCRATCHPIPE_SHARDINGS
+from torchrec_scratchpipe.distributed.sequence_sharder import ScratchPipeEmbeddingCollectionSharder
+from torchrec_scratchpipe.distributed.sharded_base import (
+    SCRATCHPIPE_SHARDING_TYPES,
+    ScratchPipeShardedMixin,
+    ScratchPipeSharderMixin,
 )
-
-#: Sharding types ScratchPipe tables can use.
-SCRATCHPIPE_SHARDING_TYPES: List[str] = list(SCRATCHPIPE_SHARDINGS)
+from torchrec_scratchpipe.distributed.types import is_scratchpipe
 
 
-def _unwrap(lookup: nn.Module) -> nn.Module:
-    while isinstance(lookup, DistributedDataParallel):  # wraps data-parallel lookups
-        lookup = lookup.module
-    return lookup
-
-
-class ShardedScratchPipeEmbeddingBagCollection(ShardedEmbeddingBagCollection):
+class ShardedScratchPipeEmbeddingBagCollection(ScratchPipeShardedMixin, ShardedEmbeddingBagCollection):
     """``ShardedEmbeddingBagCollection`` whose ScratchPipe tables run on the ScratchPipe kernel.
 
     State dicts, ``fused_optimizer`` keys and ShardedTensor types are those of ``fused``
-    (TorchRec skips state handling for ``customized_kernel``; this class does not).
+    (see :class:`ScratchPipeShardedMixin`).
 
     Example::
 
         >>> # sharded = dmp_model.module.ebc  (after DMP with tsp.get_sharders())
         >>> # sharded.prefetch(dist_input); sharded.peek([later_dist_inputs])
     """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_scratchpads())
 
     @classmethod
     def create_embedding_bag_sharding(
@@ -93,50 +76,8 @@ class ShardedScratchPipeEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             kwargs["permute_embeddings"] = permute_embeddings
         return SCRATCHPIPE_SHARDINGS[sharding_type](sharding_infos, env, device, **kwargs)
 
-    def _initialize_torch_state(self, skip_registering: bool = False) -> None:
-        # TorchRec leaves state handling of customized_kernel tables to subclasses. Ours
-        # expose store views exactly like ``fused``, so let TorchRec treat them as fused.
-        plan = self.module_sharding_plan
-        self.module_sharding_plan = EmbeddingModuleShardingPlan(
-            {
-                name: dataclasses.replace(ps, compute_kernel=EmbeddingComputeKernel.FUSED.value)
-                if is_scratchpipe(ps)
-                else ps
-                for name, ps in plan.items()
-            }
-        )
-        try:
-            super()._initialize_torch_state(skip_registering)
-        finally:
-            self.module_sharding_plan = plan
 
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        self.refresh_scratchpads()
-
-    def scratchpipe_kernels(self) -> List[ScratchPipeEmbeddingBag]:
-        """ScratchPipe kernels of this module on this rank."""
-        out: List[ScratchPipeEmbeddingBag] = []
-        for lookup in getattr(self, "_lookups", []):
-            lookup = _unwrap(lookup)
-            if isinstance(lookup, ScratchPipeGroupedPooledEmbeddingsLookup):
-                out.extend(lookup.scratchpipe_kernels())
-        return out
-
-    def refresh_scratchpads(self) -> None:
-        """Reload resident slots from the store views (after a state dict was loaded)."""
-        for kernel in self.scratchpipe_kernels():
-            kernel.refresh_weights()
-
-    def peek(self, dist_inputs: Sequence[KJTList]) -> None:
-        """Ids of batches after the prefetched ones (each the output of ``input_dist``)."""
-        for i, lookup in enumerate(self._lookups):
-            lookup = _unwrap(lookup)
-            if isinstance(lookup, ScratchPipeGroupedPooledEmbeddingsLookup):
-                lookup.peek([d[i] for d in dist_inputs])
-
-
-class ScratchPipeEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
+class ScratchPipeEmbeddingBagCollectionSharder(ScratchPipeSharderMixin, EmbeddingBagCollectionSharder):
     """EmbeddingBagCollection sharder that offers the ``"scratchpipe"`` kernel.
 
     Args:
@@ -162,10 +103,6 @@ class ScratchPipeEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
         super().__init__(fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry)
         self._sp_config = config
 
-    @property
-    def config(self) -> Optional[ScratchPipeConfig]:
-        return self._sp_config
-
     def sharding_types(self, compute_device_type: str) -> List[str]:
         types = super().sharding_types(compute_device_type)
         # Row-wise works on CPU with gloo; TorchRec only lists it for CUDA. The planner
@@ -173,17 +110,6 @@ class ScratchPipeEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
         if ShardingType.ROW_WISE.value not in types:
             types.append(ShardingType.ROW_WISE.value)
         return types
-
-    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
-        kernels = super().compute_kernels(sharding_type, compute_device_type)
-        if sharding_type in SCRATCHPIPE_SHARDING_TYPES:
-            kernels.append(SCRATCHPIPE)
-        return kernels
-
-    def storage_usage(self, tensor: torch.Tensor, compute_device_type: str, compute_kernel: str) -> Dict[str, int]:
-        if compute_kernel == SCRATCHPIPE:  # the table lives in host memory, like fused_uvm_caching
-            return {"ddr": tensor.element_size() * tensor.nelement()}
-        return super().storage_usage(tensor, compute_device_type, compute_kernel)
 
     def shard(
         self,
@@ -193,15 +119,7 @@ class ScratchPipeEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
         device: Optional[torch.device] = None,
         module_fqn: Optional[str] = None,
     ) -> ShardedScratchPipeEmbeddingBagCollection:
-        for name, ps in params.items():
-            if is_scratchpipe(ps):
-                if ps.sharding_type not in SCRATCHPIPE_SHARDING_TYPES:
-                    raise ValueError(
-                        f"table {name!r}: ScratchPipe supports {SCRATCHPIPE_SHARDING_TYPES}, "
-                        f"the plan asks for {ps.sharding_type!r}."
-                    )
-                check_load_factor(ps.cache_params.load_factor if ps.cache_params else None, name)
-        runtime = {name: to_runtime_sharding(ps, self._sp_config) for name, ps in params.items()}
+        runtime = self.runtime_params(params)
         return ShardedScratchPipeEmbeddingBagCollection(
             module=module,
             table_name_to_parameter_sharding=runtime,
@@ -218,31 +136,17 @@ class ScratchPipeEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
         return ShardedScratchPipeEmbeddingBagCollection
 
 
-class ScratchPipeGuardedEmbeddingCollectionSharder(EmbeddingCollectionSharder):
-    """TorchRec's EmbeddingCollection sharder, with a clear error for ScratchPipe plans."""
-
-    def shard(self, module: nn.Module, params: Dict[str, ParameterSharding], *args: Any, **kwargs: Any) -> Any:
-        bad = sorted(name for name, ps in params.items() if is_scratchpipe(ps))
-        if bad:
-            raise ValueError(
-                f"tables {bad} of {type(module).__name__} are planned on the ScratchPipe kernel, which "
-                "supports pooled EmbeddingBagCollection tables only (no unpooled EmbeddingCollection): "
-                "plan them with a TorchRec kernel such as 'fused'."
-            )
-        return super().shard(module, params, *args, **kwargs)
-
-
 def get_sharders(
     config: Optional[ScratchPipeConfig] = None,
     fused_params: Optional[Dict[str, Any]] = None,
 ) -> List[ModuleSharder[nn.Module]]:
-    """Sharders for the planner and DMP: ScratchPipe's for EmbeddingBagCollection,
-    TorchRec's defaults for every other module.
+    """Sharders for the planner and DMP: ScratchPipe's for EmbeddingBagCollection and
+    EmbeddingCollection, TorchRec's defaults for every other module.
 
     Args:
         config: sharder-wide ScratchPipe options (victim policy, horizon, lookahead, and
             optimizer settings used when TorchRec passes none).
-        fused_params: TorchRec fused params for the EmbeddingBagCollection sharder
+        fused_params: TorchRec fused params for both ScratchPipe sharders
             (e.g. ``{"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.05}``).
 
     Example::
@@ -251,13 +155,9 @@ def get_sharders(
         >>> type(sharders[0]).__name__
         'ScratchPipeEmbeddingBagCollectionSharder'
     """
-    sharders: List[ModuleSharder[nn.Module]] = [
-        ScratchPipeEmbeddingBagCollectionSharder(config, fused_params)  # type: ignore[list-item]
+    ours: List[ModuleSharder[nn.Module]] = [
+        ScratchPipeEmbeddingBagCollectionSharder(config, fused_params),  # type: ignore[list-item]
+        ScratchPipeEmbeddingCollectionSharder(config, fused_params),  # type: ignore[list-item]
     ]
-    for sharder in get_default_sharders():
-        if sharder.module_type is EmbeddingBagCollection:
-            continue
-        if type(sharder) is EmbeddingCollectionSharder:
-            sharder = ScratchPipeGuardedEmbeddingCollectionSharder()  # type: ignore[assignment]
-        sharders.append(sharder)
-    return sharders
+    replaced = {s.module_type for s in ours}
+    return ours + [s for s in get_default_sharders() if s.module_type not in replaced]

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torchrec_scratchpipe.distributed.kernel import ScratchPipeEmbeddingBag
-from torchrec_scratchpipe.distributed.sharder import ShardedScratchPipeEmbeddingBagCollection
+from torchrec_scratchpipe.distributed.sharded_base import ScratchPipeShardedMixin
 
 #: Counters combined by taking the maximum over shards (the rest are summed).
 _MAX_KEYS = (
@@ -16,15 +16,16 @@ _MAX_KEYS = (
 )
 
 
-def scratchpipe_modules(model: nn.Module) -> List[Tuple[str, ShardedScratchPipeEmbeddingBagCollection]]:
-    """Sharded EmbeddingBagCollections of ``model`` that hold ScratchPipe tables.
+def scratchpipe_modules(model: nn.Module) -> List[Tuple[str, ScratchPipeShardedMixin]]:
+    """Sharded EmbeddingBagCollections and EmbeddingCollections of ``model`` that hold
+    ScratchPipe tables.
 
     A pipeline calls ``module.prefetch(dist_input)`` (TorchRec's ``ShardedModule``
     API, ``dist_input`` being the module's ``input_dist`` output) for each batch it
     announces, and ``module.peek([dist_input, ...])`` with later batches.
 
     Args:
-        model: a ``DistributedModelParallel`` (or any module containing sharded EBCs).
+        model: a ``DistributedModelParallel`` (or any module containing sharded EBCs/ECs).
 
     Example::
 
@@ -34,7 +35,7 @@ def scratchpipe_modules(model: nn.Module) -> List[Tuple[str, ShardedScratchPipeE
     return [
         (name, m)
         for name, m in model.named_modules()
-        if isinstance(m, ShardedScratchPipeEmbeddingBagCollection) and m.scratchpipe_kernels()
+        if isinstance(m, ScratchPipeShardedMixin) and m.scratchpipe_kernels()
     ]
 
 

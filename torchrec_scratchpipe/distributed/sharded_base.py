@@ -1,0 +1,142 @@
+"""What ScratchPipe adds to TorchRec's sharded modules and sharders, for bags and sequences.
+
+``ShardedScratchPipeEmbeddingBagCollection`` (pooled) and
+``ShardedScratchPipeEmbeddingCollection`` (sequence) share :class:`ScratchPipeShardedMixin`;
+their sharders share :class:`ScratchPipeSharderMixin`. Each mixin goes first in the
+bases, in front of the TorchRec class it extends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel, KJTList
+from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSharding, ShardingType
+
+from torchrec_scratchpipe.core.config import ScratchPipeConfig
+from torchrec_scratchpipe.distributed.kernel import ScratchPipeEmbeddingBag
+from torchrec_scratchpipe.distributed.lookup import ScratchPipeLookupMixin
+from torchrec_scratchpipe.distributed.types import SCRATCHPIPE, check_load_factor, is_scratchpipe, to_runtime_sharding
+
+#: Sharding types ScratchPipe tables can use (pooled and sequence alike).
+SCRATCHPIPE_SHARDING_TYPES: List[str] = [
+    ShardingType.TABLE_WISE.value,
+    ShardingType.ROW_WISE.value,
+    ShardingType.COLUMN_WISE.value,
+]
+
+
+def unwrap(lookup: nn.Module) -> nn.Module:
+    """The lookup inside TorchRec's DDP wrapper (data-parallel lookups are wrapped)."""
+    while isinstance(lookup, DistributedDataParallel):
+        lookup = lookup.module
+    return lookup
+
+
+class ScratchPipeShardedMixin:
+    """State handling, scratchpad refresh and ``peek`` for a sharded module with ScratchPipe tables.
+
+    State dicts, ``fused_optimizer`` keys and ShardedTensor types are those of ``fused``
+    (TorchRec skips state handling for ``customized_kernel``; this mixin does not).
+
+    Example::
+
+        >>> # sharded = dmp_model.module.ebc  (after DMP with tsp.get_sharders())
+        >>> # sharded.prefetch(dist_input); sharded.peek([later_dist_inputs])
+    """
+
+    module_sharding_plan: EmbeddingModuleShardingPlan
+    _lookups: List[nn.Module]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_load_state_dict_post_hook(  # type: ignore[attr-defined]
+            lambda module, _keys: module.refresh_scratchpads()
+        )
+
+    def _initialize_torch_state(self, skip_registering: bool = False) -> None:
+        # TorchRec leaves state handling of customized_kernel tables to subclasses. Ours
+        # expose store views exactly like ``fused``, so let TorchRec treat them as fused.
+        plan = self.module_sharding_plan
+        self.module_sharding_plan = EmbeddingModuleShardingPlan(
+            {
+                name: dataclasses.replace(ps, compute_kernel=EmbeddingComputeKernel.FUSED.value)
+                if is_scratchpipe(ps)
+                else ps
+                for name, ps in plan.items()
+            }
+        )
+        try:
+            super()._initialize_torch_state(skip_registering)  # type: ignore[misc]
+        finally:
+            self.module_sharding_plan = plan
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()  # type: ignore[misc]
+        self.refresh_scratchpads()
+
+    def scratchpipe_kernels(self) -> List[ScratchPipeEmbeddingBag]:
+        """ScratchPipe kernels of this module on this rank."""
+        out: List[ScratchPipeEmbeddingBag] = []
+        for lookup in getattr(self, "_lookups", []):
+            lookup = unwrap(lookup)
+            if isinstance(lookup, ScratchPipeLookupMixin):
+                out.extend(lookup.scratchpipe_kernels())
+        return out
+
+    def refresh_scratchpads(self) -> None:
+        """Reload resident slots from the store views (after a state dict was loaded)."""
+        for kernel in self.scratchpipe_kernels():
+            kernel.refresh_weights()
+
+    def peek(self, dist_inputs: Sequence[KJTList]) -> None:
+        """Ids of batches after the prefetched ones (each the output of ``input_dist``)."""
+        for i, lookup in enumerate(self._lookups):
+            lookup = unwrap(lookup)
+            if isinstance(lookup, ScratchPipeLookupMixin):
+                lookup.peek([d[i] for d in dist_inputs])
+
+
+class ScratchPipeSharderMixin:
+    """Offers the ``"scratchpipe"`` kernel in a TorchRec sharder and converts its plan entries.
+
+    Args of the sharders using it: ``config`` (sharder-wide ``ScratchPipeConfig``), then
+    TorchRec's own arguments.
+    """
+
+    _sp_config: Optional[ScratchPipeConfig] = None
+
+    @property
+    def config(self) -> Optional[ScratchPipeConfig]:
+        return self._sp_config
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
+        kernels = super().compute_kernels(sharding_type, compute_device_type)  # type: ignore[misc]
+        if sharding_type in SCRATCHPIPE_SHARDING_TYPES:
+            kernels.append(SCRATCHPIPE)
+        return kernels
+
+    def storage_usage(self, tensor: torch.Tensor, compute_device_type: str, compute_kernel: str) -> Dict[str, int]:
+        if compute_kernel == SCRATCHPIPE:  # the table lives in host memory, like fused_uvm_caching
+            return {"ddr": tensor.element_size() * tensor.nelement()}
+        return super().storage_usage(tensor, compute_device_type, compute_kernel)  # type: ignore[misc]
+
+    def runtime_params(self, params: Dict[str, ParameterSharding]) -> Dict[str, ParameterSharding]:
+        """Check the ScratchPipe entries of a module's plan and convert them for TorchRec.
+
+        Raises:
+            ValueError: an unsupported sharding type or a bad load factor (before sharding).
+        """
+        for name, ps in params.items():
+            if is_scratchpipe(ps):
+                if ps.sharding_type not in SCRATCHPIPE_SHARDING_TYPES:
+                    raise ValueError(
+                        f"table {name!r}: ScratchPipe supports {SCRATCHPIPE_SHARDING_TYPES}, "
+                        f"the plan asks for {ps.sharding_type!r}."
+                    )
+                check_load_factor(ps.cache_params.load_factor if ps.cache_params else None, name)
+        return {name: to_runtime_sharding(ps, self._sp_config) for name, ps in params.items()}
