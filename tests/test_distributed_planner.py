@@ -145,9 +145,9 @@ def test_sequence_tables_plan_like_bags() -> None:
     plan = planner.plan(_MixedModel(), tsp.get_sharders())
     assert plan.plan["ec"]["seq"].compute_kernel == tsp.SCRATCHPIPE
     assert plan.plan["ebc"]["big_table"].compute_kernel == tsp.SCRATCHPIPE
-    summary = {row["table"]: row for row in planner.scratchpipe_summary}
+    summary = {f'{row["module"]}.{row["table"]}': row for row in planner.scratchpipe_summary}
     assert set(summary) == {"ebc.big_table", "ec.seq"}, summary
-    slots = sum(row["slots"] for row in planner.scratchpipe_summary if row["table"] == "ec.seq")
+    slots = sum(row["slots"] for row in planner.scratchpipe_summary if (row["module"], row["table"]) == ("ec", "seq"))
     assert slots == 2 * math.ceil(0.1 * ROWS / 2), planner.scratchpipe_summary
     # A sharder that does not offer ScratchPipe for the module is refused before planning.
     trec = [s for s in tsp.get_sharders() if s.module_type is not EmbeddingCollection] + [EmbeddingCollectionSharder()]
