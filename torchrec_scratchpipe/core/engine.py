@@ -362,6 +362,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         self.config.lookahead, self.config.horizon = lookahead, horizon
         for g in self.groups.values():
             g.window.clear()
+            g.mover.fence()  # released slots may still be in use on the training stream
             g.window.lookahead, g.window.horizon = lookahead, horizon
 
     def reset_window(self) -> None:
@@ -370,6 +371,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         self._queue.clear()
         for g in self.groups.values():
             g.window.clear()
+            g.mover.fence()  # released slots may still be in use on the training stream
 
 
 def _same_batch(a: KeyedJaggedTensor, b: KeyedJaggedTensor) -> bool:
