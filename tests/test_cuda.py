@@ -208,6 +208,18 @@ def _syncs(fn: Callable[[], Any]) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+def test_host_copy_waits_only_for_the_stream_that_made_the_ids() -> None:
+    kjt = power_law_stream(ROWS, 1, 16, seed=1)[0].to(CUDA)
+    intake = torch.cuda.Stream()
+    intake.wait_stream(torch.cuda.current_stream())
+    _delay(CUDA)  # training work queued on the current stream
+    host = host_ids(kjt, intake)
+    host.wait()
+    assert not torch.cuda.current_stream().query()  # the copy did not wait for training
+    assert host.values.is_pinned() and torch.equal(host.values, kjt.values().cpu())
+    torch.cuda.synchronize()
+
+
 def test_engine_steady_state_step_never_synchronizes() -> None:
     """Prefetch (checks, plan, moves), forward and backward of a steady-state step do not
     synchronize the host with the device (sync debug mode "error")."""

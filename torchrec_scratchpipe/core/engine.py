@@ -152,6 +152,9 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         self._split_sizes = [len(g.features) for g in self.groups.values()]
         self._group_dims = [self._dims[self.feature_names.index(f)] for f in group_order]
         self._queue: Deque[KeyedJaggedTensor] = deque()
+        #: CUDA stream the batches' ids are produced on (a pipeline sets its data-distribution
+        #: stream): ``prefetch`` copies ids to the host there, so it never waits for training.
+        self.intake_stream: Optional[Any] = None
         self._worker = PlanWorker()
         self._background = False  # whether the latest batch is planned in the background
         for g in self.groups.values():
@@ -161,7 +164,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
     def _rows(self, kjt: KeyedJaggedTensor, host: Optional[HostIds] = None) -> List[Tuple[Tuple, torch.Tensor, torch.Tensor]]:
         """Validate on the host copy; return, per group, ((offsets, weights) on the device,
         distinct rows, group row of each id)."""
-        host = host if host is not None else host_ids(kjt)
+        host = host if host is not None else host_ids(kjt, self.intake_stream)
         per_feature = check_kjt(host, self.feature_names, self._feature_tables, self._feature_rows)[1]
         counts = per_feature[self._split_order].split(self._split_sizes)
         order = self._split_order
@@ -175,8 +178,8 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         Args:
             kjt: the batch.
             host: its host copy from ``host_ids(kjt)``, made earlier on the stream that
-                produced the ids (a pipeline does this right after the input distribution).
-                None: made here. The checks and the planner read only this copy.
+                produced the ids. None: made here, on ``intake_stream`` if set. The checks
+                and the planner read only this copy.
 
         Raises:
             ValueError: bad ids/lengths, or a batch with more distinct rows than a group has

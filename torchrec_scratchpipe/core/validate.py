@@ -9,6 +9,7 @@ device tensor, so the training stream is never synchronized with the host.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -51,11 +52,16 @@ def _to_host(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return host
 
 
-def host_ids(kjt: KeyedJaggedTensor) -> HostIds:
-    """Start copying ``kjt``'s ids and lengths to pinned host memory on the current stream.
+def host_ids(kjt: KeyedJaggedTensor, stream: Optional["torch.cuda.Stream"] = None) -> HostIds:
+    """Start copying ``kjt``'s ids and lengths to pinned host memory.
 
-    On CPU nothing is copied. Call it on the stream that produced the ids (e.g. right
-    after the input distribution), and pass the result to ``prefetch(kjt, host=...)``.
+    On CPU nothing is copied. The copies run on ``stream`` (default: the current one):
+    pass the stream that produced the ids (a pipeline's data-distribution stream), so that
+    waiting for them never waits for training work queued behind them.
+
+    Args:
+        kjt: the batch.
+        stream: the CUDA stream to copy on.
 
     Example::
 
@@ -65,13 +71,15 @@ def host_ids(kjt: KeyedJaggedTensor) -> HostIds:
     """
     values = kjt.values()
     weights = kjt.weights_or_none()
-    host = HostIds(
-        list(kjt.keys()), _to_host(values), _to_host(kjt.lengths_or_none()), _to_host(kjt.offsets_or_none()),
-        None if weights is None else weights.numel(),
-    )  # type: ignore[arg-type]
-    if values.device.type == "cuda":
-        host.ready = torch.cuda.Event()
-        host.ready.record(torch.cuda.current_stream(values.device))
+    on_cuda = values.device.type == "cuda"
+    with torch.cuda.stream(stream) if on_cuda and stream is not None else contextlib.nullcontext():
+        host = HostIds(
+            list(kjt.keys()), _to_host(values), _to_host(kjt.lengths_or_none()), _to_host(kjt.offsets_or_none()),
+            None if weights is None else weights.numel(),
+        )  # type: ignore[arg-type]
+        if on_cuda:
+            host.ready = torch.cuda.Event()
+            host.ready.record(torch.cuda.current_stream(values.device))
     return host
 
 
