@@ -78,13 +78,14 @@ class ScratchPipeStats(Stats):
             [
                 r["table"], r["sharding"], r["rank"], r["rows"], r["load_factor"], r["slots"],
                 f"{r['scratchpad_bytes'] / _MB:.3f}", f"{r['staging_bytes'] / _MB:.3f}",
-                f"{r['backing_store_bytes'] / _MB:.3f}",
+                f"{r['backing_store_bytes'] / _MB:.3f}", f"{r['host_staging_bytes'] / _MB:.3f}",
             ]
             for r in self.rows
         ]
         header = [
             "table", "sharding", "rank", "rows", "load factor", "slots",
             f"scratchpad MB ({device_mem})", f"staging MB ({device_mem})", "backing store + maps MB (DDR)",
+            "pinned staging MB (DDR)",
         ]
         text = _tabulate(table, header)  # type: ignore[arg-type]
         logger.info("ScratchPipe scratchpads (kernel '%s'):\n%s", SCRATCHPIPE, text)
