@@ -172,13 +172,24 @@ def case_load_orders_both_streams(device: torch.device, delay_side: bool) -> Non
     c = Case(device, [8, 8, 8], EmbOptimType.EXACT_ROWWISE_ADAGRAD, 2, 4, steps=30, capacity_lookahead=2)
     c.train(10, before_backward=lambda: _delay(device))
     new = {name: w + 0.25 for name, w in c.emb.table_weights().items()}
-    side = next(iter(c.emb.groups.values())).mover.stream
-    if delay_side:  # the refresh runs late: batches already planned must still see it
-        _delay(device, side)
+    if delay_side:  # the refresh's copies run late: batches planned before the load must wait for them
+        for g in c.emb.groups.values():
+            _late(g.mover, device)
     c.emb.load_table_weights(new)
     c.ref.load(new)
     c.train(len(c.batches) - c.step, before_backward=lambda: _delay(device))
     c.check()
+
+
+def _late(mover: Any, device: torch.device) -> None:
+    """Make ``mover``'s refreshes start with a delay on its side stream."""
+    refresh = mover.refresh
+
+    def late_refresh(rows: torch.Tensor, slots: torch.Tensor) -> None:
+        _delay(device, mover.stream)
+        refresh(rows, slots)
+
+    mover.refresh = late_refresh
 
 
 def test_victims_wait_for_backward() -> None:
@@ -363,6 +374,7 @@ if __name__ == "__main__":  # rehearse the cases' logic on CPU
     case_victims_wait_for_backward(cpu)
     case_reset_waits_for_training_stream(cpu)
     case_load_orders_both_streams(cpu, False)
+    case_load_orders_both_streams(cpu, True)
     from torchrec_scratchpipe.training import init_single_process_group
 
     case_pipeline_matches_fused(cpu, init_single_process_group())
