@@ -138,16 +138,19 @@ def check_kjt(
         raise ValueError(f"{host.num_weights} per-sample weights for {values.numel()} ids.")
     B = lengths.numel() // T
     per_feature = lengths.view(T, B).sum(1)
-    bounds = feature_rows.repeat_interleave(per_feature, output_size=values.numel())
-    bad = (values < 0) | (values >= bounds)
-    if bool(bad.any()):
-        at = int(bad.nonzero()[0])
-        f = int(torch.searchsorted(per_feature.cumsum(0), torch.tensor([at]), right=True))
-        rows = int(feature_rows[f])
-        raise ValueError(
-            f"id {int(values[at])} of feature {keys[f]!r} is out of range for table {feature_tables[f]!r} "
-            f"with {rows} rows (valid ids: 0..{rows - 1})."
-        )
+    # one min/max per feature (small single-threaded reductions), compared all at once
+    chunks = torch.split(values, per_feature.tolist())
+    present = [f for f, ids in enumerate(chunks) if ids.numel()]
+    if present:
+        lo_hi = torch.stack([torch.stack(torch.aminmax(chunks[f])) for f in present])
+        bad = (lo_hi[:, 0] < 0) | (lo_hi[:, 1] >= feature_rows[present])
+        if bool(bad.any()):
+            f = present[int(bad.nonzero()[0])]
+            ids, rows = chunks[f], int(feature_rows[f])
+            raise ValueError(
+                f"id {int(ids[(ids < 0) | (ids >= rows)][0])} of feature {keys[f]!r} is out of range for table "
+                f"{feature_tables[f]!r} with {rows} rows (valid ids: 0..{rows - 1})."
+            )
     return B, per_feature
 
 
