@@ -75,8 +75,8 @@ else
   # 26 tables x 200k rows, 5% on the device (20x the budget); Zipf(1.05) ids
   BENCH_ARGS=(--tables 26 --rows 200000 --dim 64 --batch-size 4096 --load-factor 0.05 --lookahead 4
               --steps 30 --warmup 5 --block 10)
-  # 8 tables x 1M rows, 5% on the device (20x the budget); batch 4096, Zipf(1.05)
-  AB_ARGS=(--tables 8 --rows 1000000 --dim 64 --batch-size 4096 --load-factor 0.05 --steps 40 --warmup 8
+  # 8 tables x 500k rows, 5% on the device (20x the budget); batch 4096, Zipf(1.05)
+  AB_ARGS=(--tables 8 --rows 500000 --dim 64 --batch-size 4096 --load-factor 0.05 --steps 40 --warmup 8
            --alpha 1.05 --distribution zipf)
 fi
 
