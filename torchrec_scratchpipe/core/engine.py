@@ -150,6 +150,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         self._identity = self._group_perm == list(range(len(self.feature_names)))
         self._split_order = [self.feature_names.index(f) for f in group_order]
         self._split_sizes = [len(g.features) for g in self.groups.values()]
+        self._group_features = [[self.feature_names.index(f) for f in g.features] for g in self.groups.values()]
         self._group_dims = [self._dims[self.feature_names.index(f)] for f in group_order]
         self._queue: Deque[KeyedJaggedTensor] = deque()
         #: CUDA stream the batches' ids are produced on (a pipeline sets its data-distribution
@@ -167,9 +168,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         host = host if host is not None else host_ids(kjt, self.intake_stream)
         per_feature = check_kjt(host, self.feature_names, self._feature_tables, self._feature_rows)[1]
         counts = per_feature[self._split_order].split(self._split_sizes)
-        order = self._split_order
-        groups = [order[sum(self._split_sizes[:i]) : sum(self._split_sizes[: i + 1])] for i in range(len(self.groups))]
-        parts = split_groups(kjt, host, per_feature, groups, self.device)
+        parts = split_groups(kjt, host, per_feature, self._group_features, self.device)
         return [((offsets, weights), *g.rows_of(ids, n)) for g, (ids, offsets, weights), n in zip(self.groups.values(), parts, counts)]
 
     def prefetch(self, kjt: KeyedJaggedTensor, host: Optional[HostIds] = None) -> None:
