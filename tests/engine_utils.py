@@ -43,16 +43,22 @@ def power_law_stream(
 class FullTableReference:
     """Plain FBGEMM TBE over the whole tables: the ground truth."""
 
-    def __init__(self, tables: Sequence[EmbeddingBagConfig], optimizer: EmbOptimType, lr: float) -> None:
+    def __init__(
+        self, tables: Sequence[EmbeddingBagConfig], optimizer: EmbOptimType, lr: float,
+        device: torch.device = torch.device("cpu"),
+    ) -> None:
         self.tables = list(tables)
         self.tbes = []
+        on_cuda = device.type == "cuda"
+        place = (EmbeddingLocation.DEVICE, ComputeDevice.CUDA) if on_cuda else (EmbeddingLocation.HOST, ComputeDevice.CPU)
         # One TBE per table keeps mixed dims simple; numerics are per row either way.
         for t in tables:
             self.tbes.append(
                 SplitTableBatchedEmbeddingBagsCodegen(
-                    [(t.num_embeddings, t.embedding_dim, EmbeddingLocation.HOST, ComputeDevice.CPU)],
+                    [(t.num_embeddings, t.embedding_dim, *place)],
                     optimizer=optimizer,
                     learning_rate=lr,
+                    device=device,
                 )
             )
 
@@ -68,10 +74,15 @@ class FullTableReference:
         return torch.cat(outs, dim=1)
 
     def weights(self) -> Dict[str, torch.Tensor]:
-        return {t.name: tbe.split_embedding_weights()[0] for t, tbe in zip(self.tables, self.tbes)}
+        """Weights per table (on the host)."""
+        return {t.name: tbe.split_embedding_weights()[0].cpu() for t, tbe in zip(self.tables, self.tbes)}
 
     def states(self) -> Dict[str, List[torch.Tensor]]:
-        return {t.name: list(tbe.split_optimizer_states()[0]) if tbe.split_optimizer_states() else [] for t, tbe in zip(self.tables, self.tbes)}
+        """Optimizer states per table (on the host)."""
+        return {
+            t.name: [s.cpu() for s in tbe.split_optimizer_states()[0]] if tbe.split_optimizer_states() else []
+            for t, tbe in zip(self.tables, self.tbes)
+        }
 
 
 def window_capacity(stream: Sequence[KeyedJaggedTensor], rows: Sequence[int], lookahead: int) -> int:

@@ -20,7 +20,10 @@ from torchrec.distributed.types import CacheParams, ParameterSharding
 
 import torchrec_scratchpipe.distributed as tsp
 from torchrec_scratchpipe.core.plan import SlotPlanner
-from torchrec_scratchpipe.core.config import ScratchPipeConfig
+from torchrec_scratchpipe.core.config import ScratchPipeConfig, state_shapes
+from torchrec_scratchpipe.core.mover import staging_ring
+from torchrec_scratchpipe.core.staging import StagingRing
+from torchrec_scratchpipe.core.store import BackingStore
 from torchrec_scratchpipe.distributed.kernel import engine_config
 from torchrec_scratchpipe.distributed.types import FUSED_PARAMS_KEY, ScratchPipeTableParams, to_runtime_sharding
 
@@ -79,11 +82,32 @@ def test_plan_shows_kernel_and_storage(device: str, caplog: pytest.LogCaptureFix
         assert 0 < r["staging_bytes"] < r["scratchpad_bytes"]
         device_part = r["scratchpad_bytes"] + r["staging_bytes"]
         if device == "cuda":  # device memory: scratchpad + staging (+ io); host: backing store
-            assert so_shard.storage.ddr == r["backing_store_bytes"]
+            assert so_shard.storage.ddr == r["backing_store_bytes"] + r["host_staging_bytes"]
+            assert r["host_staging_bytes"] == StagingRing.host_bytes(r["slots"], row_bytes) > 0
             assert device_part < so_shard.storage.hbm < device_part + 2 * 1024 * 1024
-        else:  # one memory on CPU
-            assert so_shard.storage.hbm == 0
+        else:  # one memory on CPU; no pinned staging
+            assert so_shard.storage.hbm == 0 and r["host_staging_bytes"] == 0
             assert so_shard.storage.ddr >= device_part + r["backing_store_bytes"]
+
+
+def _nbytes(tensors: Any) -> int:
+    return sum(t.untyped_storage().nbytes() for t in tensors)
+
+
+@pytest.mark.parametrize("lf", [0.05, 0.5])
+def test_host_estimate_matches_allocations(lf: float) -> None:
+    """The DDR estimate of a CUDA shard is what its store, planner and staging ring allocate."""
+    planner = _planner("cuda", constraints=_constraints(lf))
+    planner.plan(_ebc(), tsp.get_sharders(fused_params=FP))
+    for r, shard in zip(planner.scratchpipe_summary, _options(planner, "big_table")[0].shards):
+        store = BackingStore([r["rows"]], 64, state_shapes(FP["optimizer"], 64))
+        slots = SlotPlanner(r["rows"], r["slots"])
+        ring = staging_ring(store, r["slots"], pin=False)  # pinned on CUDA: same bytes (powers of two)
+        allocated = _nbytes([store.weights, *store.states.values()]) + ring.nbytes() + _nbytes(
+            [slots.row_to_slot, slots._tag, slots.slot_to_row, slots.last_use, slots.queue.slots, slots.queue.stamps]
+        )
+        assert ring.nbytes() == r["host_staging_bytes"]
+        assert abs(shard.storage.ddr - allocated) <= 0.05 * allocated, (shard.storage.ddr, allocated)
 
 
 def test_perf_at_device_bandwidth_plus_prefetch() -> None:

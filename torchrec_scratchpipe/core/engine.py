@@ -19,7 +19,7 @@ from torchrec_scratchpipe.core.plan import CapacityError, SlotPlanner
 from torchrec_scratchpipe.core.scratchpad import Scratchpad
 from torchrec_scratchpipe.core.stats import GroupStats
 from torchrec_scratchpipe.core.store import BackingStore
-from torchrec_scratchpipe.core.validate import check_kjt
+from torchrec_scratchpipe.core.validate import HostIds, check_kjt, host_ids, split_groups
 from torchrec_scratchpipe.core.window import PlanWindow, WindowEntry
 from torchrec_scratchpipe.core.worker import PlanWorker
 
@@ -153,41 +153,42 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         self._identity = self._group_perm == list(range(len(self.feature_names)))
         self._split_order = [self.feature_names.index(f) for f in group_order]
         self._split_sizes = [len(g.features) for g in self.groups.values()]
+        self._group_features = [[self.feature_names.index(f) for f in g.features] for g in self.groups.values()]
         self._group_dims = [self._dims[self.feature_names.index(f)] for f in group_order]
         self._queue: Deque[KeyedJaggedTensor] = deque()
+        #: CUDA stream the batches' ids are produced on (a pipeline sets its data-distribution
+        #: stream): ``prefetch`` copies ids to the host there, so it never waits for training.
+        self.intake_stream: Optional[Any] = None
         self._worker = PlanWorker()
         self._background = False  # whether the latest batch is planned in the background
         for g in self.groups.values():
             g.init_weights()
 
     # ---------------------------------------------------------------- batches in
-    def _split(self, kjt: KeyedJaggedTensor) -> List[KeyedJaggedTensor]:
-        if len(self.groups) == 1:
-            return [kjt]
-        return kjt.permute(self._split_order).split(self._split_sizes)
+    def _rows(self, kjt: KeyedJaggedTensor, host: Optional[HostIds] = None) -> List[Tuple[Tuple, torch.Tensor, torch.Tensor]]:
+        """Validate on the host copy; return, per group, ((offsets, weights) on the device,
+        distinct rows, group row of each id)."""
+        host = host if host is not None else host_ids(kjt, self.intake_stream)
+        per_feature = check_kjt(host, self.feature_names, self._feature_tables, self._feature_rows)[1]
+        counts = per_feature[self._split_order].split(self._split_sizes)
+        parts = split_groups(kjt, host, per_feature, self._group_features, self.device)
+        return [((offsets, weights), *g.rows_of(ids, n)) for g, (ids, offsets, weights), n in zip(self.groups.values(), parts, counts)]
 
-    def _validate(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        """Check the batch; return the number of ids of each feature."""
-        return check_kjt(kjt, self.feature_names, self._feature_tables, self._feature_rows)[1].cpu()
-
-    def _rows(self, kjt: KeyedJaggedTensor) -> List[Tuple[KeyedJaggedTensor, torch.Tensor, torch.Tensor]]:
-        """Validate; return, per group, (its sub-batch, distinct rows, group row of each id)."""
-        per_feature = self._validate(kjt)[self._split_order]
-        counts = per_feature.split(self._split_sizes)
-        return [
-            (sub, *g.rows_of(sub.values().to("cpu", torch.int64), n))
-            for g, sub, n in zip(self.groups.values(), self._split(kjt), counts)
-        ]
-
-    def prefetch(self, kjt: KeyedJaggedTensor) -> None:
+    def prefetch(self, kjt: KeyedJaggedTensor, host: Optional[HostIds] = None) -> None:
         """Announce a future batch: it is planned and its rows moved in when the window has room.
+
+        Args:
+            kjt: the batch.
+            host: its host copy from ``host_ids(kjt)``, made earlier on the stream that
+                produced the ids. None: made here, on ``intake_stream`` if set. The checks
+                and the planner read only this copy.
 
         Raises:
             ValueError: bad ids/lengths, or a batch with more distinct rows than a group has
                 slots (names the group, the rows needed and the capacity). Nothing changes then.
         """
         t0 = time.perf_counter()
-        per_group = self._rows(kjt)
+        per_group = self._rows(kjt, host)
         for g, (_, rows, _) in zip(self.groups.values(), per_group):
             if rows.numel() > g.capacity:
                 raise CapacityError(
@@ -199,13 +200,10 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         largest = max(ids.numel() for _, _, ids in per_group)
         self._worker.wait()
         self._background = self.config.plans_in_background(self.device, largest)
-        for g, (sub, rows, ids) in zip(self.groups.values(), per_group):
+        for g, ((offsets, weights), rows, ids) in zip(self.groups.values(), per_group):
             g.stats.planner_s += elapsed
             g.stats.lookups += ids.numel()
             g.stats.unique_rows += rows.numel()
-            offsets = sub.offsets().to(self.device, torch.int64)
-            weights = sub.weights_or_none()
-            weights = weights.to(self.device, non_blocking=True) if weights is not None else None
             g.window.push(rows, _Batch(ids, offsets, weights), fill=False)
         self._queue.append(kjt)
         self._plan_ahead()
@@ -380,6 +378,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         self.config.lookahead, self.config.horizon = lookahead, horizon
         for g in self.groups.values():
             g.window.clear()
+            g.mover.fence()  # released slots may still be in use on the training stream
             g.window.lookahead, g.window.horizon = lookahead, horizon
 
     def reset_window(self) -> None:
@@ -388,6 +387,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         self._queue.clear()
         for g in self.groups.values():
             g.window.clear()
+            g.mover.fence()  # released slots may still be in use on the training stream
 
 
 def _pooling(table: Any) -> PoolingType:

@@ -1,68 +1,77 @@
 """Stages 2-4 and 6: collect, exchange, insert and write-back of one table group.
 
-On CPU the stages run in order inside ``move_in``. On CUDA they run on a side stream:
-victims are read out only after the last retired batch's backward (an event recorded
-at retirement: hazard 1), and their write-back into host memory is finished before
-the next collect reads the backing store (hazard 2).
+On CPU the stages run in order inside ``move_in``. On CUDA rows travel through a fixed
+ring of pinned staging buffers (``StagingRing``) and the copies run on a side stream:
+
+- rows moving in are gathered straight into a buffer and copied to the device at once;
+- the side stream then waits for the last retired batch's update (an event recorded at
+  retirement, or at a ``fence``: hazard 1) before it reads victims or writes slots;
+- victims are copied into a buffer and scattered into the pageable backing store only
+  once that copy has completed, at the latest before a later collect reads one of their
+  rows (hazard 2) or before the buffer is reused.
+
+After a reset, a load or a refresh, ``fence`` makes the side stream wait for everything
+issued so far on the training stream before it touches a slot again.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Optional
+import contextlib
+from collections import deque
+from typing import Deque, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from torchrec_scratchpipe.core.plan import SlotPlan
 from torchrec_scratchpipe.core.scratchpad import Scratchpad
+from torchrec_scratchpipe.core.staging import StagingBuffer, StagingRing
 from torchrec_scratchpipe.core.stats import GroupStats
 from torchrec_scratchpipe.core.store import BackingStore
 
-
-@dataclass
-class _PendingWriteBack:
-    rows: torch.Tensor
-    values: Dict[str, torch.Tensor]
-    done: "torch.cuda.Event"
+_Incoming = Tuple[torch.Tensor, Dict[str, torch.Tensor]]  # device slots, device values
 
 
-def _to_pinned(values: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Device -> pinned host copies, issued asynchronously on the current stream."""
-    out = {}
-    for k, v in values.items():
-        host = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
-        host.copy_(v, non_blocking=True)
-        out[k] = host
-    return out
+def staging_ring(store: BackingStore, capacity: int, pin: bool = True, **kw: int) -> StagingRing:
+    """The staging ring a mover of ``store`` with ``capacity`` slots uses (see ``StagingRing``)."""
+    shapes = {"weights": tuple(store.weights.shape[1:])}
+    dtypes = {"weights": store.weights.dtype}
+    for name, st in store.states.items():
+        shapes[name], dtypes[name] = tuple(st.shape[1:]), st.dtype
+    return StagingRing(shapes, dtypes, capacity, pin=pin, **kw)
 
 
 class Mover:
     """Moves rows between a ``BackingStore`` and a ``Scratchpad`` as plans dictate.
 
     Args:
-        store: host-side full tables.
+        store: host-side full tables (pageable memory).
         pad: device-side slots.
         stats: counters to update (rows and bytes each way).
+        ring: staging buffers. None: a pinned ring on CUDA, direct copies on CPU. A ring
+            given on CPU runs the staged path without streams (to test it).
 
     Example::
 
         >>> # mover.move_in(plan) after each plan; mover.mark_retired() when a batch retires;
-        >>> # mover.wait_ready(entry_event) before training that batch.
+        >>> # mover.wait_ready(entry_event) before training that batch; mover.fence() after
+        >>> # a reset.
     """
 
-    def __init__(self, store: BackingStore, pad: Scratchpad, stats: GroupStats) -> None:
+    def __init__(
+        self, store: BackingStore, pad: Scratchpad, stats: GroupStats, ring: Optional[StagingRing] = None
+    ) -> None:
         self.store = store
         self.pad = pad
         self.stats = stats
         self.device = pad.weights.device
         self.cuda = self.device.type == "cuda"
         self.row_bytes = store.nbytes_per_row()
-        self.stream: Optional["torch.cuda.Stream"] = (
-            torch.cuda.Stream(self.device) if self.cuda else None
-        )
+        self.stream: Optional["torch.cuda.Stream"] = torch.cuda.Stream(self.device) if self.cuda else None
+        self.ring = ring if ring is not None or not self.cuda else staging_ring(store, pad.weights.shape[0])
         self._retired: Optional["torch.cuda.Event"] = None
-        self._pending: Optional[_PendingWriteBack] = None
+        self._pending: Deque[StagingBuffer] = deque()  # victims waiting for the store, oldest first
 
+    # ------------------------------------------------------------------ moving
     def move_in(self, plan: SlotPlan) -> Optional["torch.cuda.Event"]:
         """Write back the plan's victims and bring its missing rows in.
 
@@ -73,34 +82,100 @@ class Mover:
         self.stats.h2d_rows += plan.miss_rows.numel()
         self.stats.d2h_bytes += plan.victim_rows.numel() * self.row_bytes
         self.stats.h2d_bytes += plan.miss_rows.numel() * self.row_bytes
-        if not self.cuda:
+        if self.ring is None:
             if plan.victim_rows.numel():
                 self.store.scatter(plan.victim_rows, self.pad.read(plan.victim_slots))
             if plan.miss_rows.numel():
                 self.pad.write(plan.miss_slots, self.store.gather(plan.miss_rows))
             return None
-        return self._move_in_cuda(plan)
+        self._land_overlapping(plan.miss_rows)  # hazard 2: collect reads current rows
+        with self._side():
+            incoming = self._stage_in(plan.miss_rows, plan.miss_slots)
+            self._wait_retired()  # hazard 1
+            self._stage_out(plan.victim_rows, plan.victim_slots)
+            for slots, values in incoming:
+                self.pad.write(slots, values)
+            return self._record()
 
-    def _move_in_cuda(self, plan: SlotPlan) -> "torch.cuda.Event":
-        self.finish_write_back()  # hazard 2: the store is current before we collect
-        assert self.stream is not None
-        with torch.cuda.stream(self.stream):
-            if self._retired is not None:
-                self.stream.wait_event(self._retired)  # hazard 1
-            if plan.victim_rows.numel():
-                slots = plan.victim_slots.to(self.device, non_blocking=True)
-                host = _to_pinned(self.pad.read(slots))
-                done = torch.cuda.Event()
-                done.record(self.stream)
-                self._pending = _PendingWriteBack(plan.victim_rows, host, done)
-            if plan.miss_rows.numel():
-                collected = self.store.gather(plan.miss_rows)
-                staged = {k: v.pin_memory() for k, v in collected.items()}
-                incoming = {k: v.to(self.device, non_blocking=True) for k, v in staged.items()}
-                self.pad.write(plan.miss_slots.to(self.device, non_blocking=True), incoming)
-            ready = torch.cuda.Event()
-            ready.record(self.stream)
-        return ready
+    def _chunks(self, rows: torch.Tensor, slots: torch.Tensor) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        assert self.ring is not None
+        step = self.ring.rows
+        for i in range(0, rows.numel(), step):
+            yield rows[i : i + step], slots[i : i + step]
+
+    def _stage_in(self, rows: torch.Tensor, slots: torch.Tensor) -> List[_Incoming]:
+        """Gather ``rows`` into staging buffers and start copying them (and ``slots``) to the device."""
+        assert self.ring is not None
+        out = []
+        for r, s in self._chunks(rows, slots):
+            buf = self.ring.acquire(self._land_through)
+            n = r.numel()
+            staged = buf.rows(n)
+            self.store.gather(r, out=staged)
+            buf.index[:n].copy_(s)
+            idx = buf.index[:n].to(self.device, non_blocking=True, copy=True)
+            out.append((idx, {k: v.to(self.device, non_blocking=True, copy=True) for k, v in staged.items()}))
+            buf.done = self._record()
+        return out
+
+    def _stage_out(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        """Copy the victims in ``slots`` into staging buffers; they land in the store later."""
+        assert self.ring is not None
+        for r, s in self._chunks(rows, slots):
+            buf = self.ring.acquire(self._land_through)
+            n = r.numel()
+            buf.index[:n].copy_(s)
+            idx = buf.index[:n].to(self.device, non_blocking=True, copy=True)
+            for k, v in self.pad.read(idx).items():
+                buf.values[k][:n].copy_(v, non_blocking=True)
+            buf.done = self._record()
+            buf.write_back = r
+            self._pending.append(buf)
+
+    # ------------------------------------------------------------------ landing victims
+    def _land_through(self, last: StagingBuffer) -> None:
+        """Scatter pending victims into the store, oldest first, up to and including ``last``."""
+        while self._pending:
+            buf = self._pending.popleft()
+            if buf.done is not None:
+                buf.done.synchronize()
+                buf.done = None
+            rows = buf.write_back
+            assert rows is not None
+            self.store.scatter(rows, buf.rows(rows.numel()))
+            buf.write_back = None
+            if buf is last:
+                return
+
+    def _land_overlapping(self, rows: torch.Tensor) -> None:
+        """Land every pending victim copy that has completed, and those holding any of ``rows``."""
+        last = None
+        for buf in self._pending:
+            done = buf.done is None or buf.done.query()
+            if done or (rows.numel() and bool(torch.isin(buf.write_back, rows).any())):  # type: ignore[arg-type]
+                last = buf
+        if last is not None:
+            self._land_through(last)
+
+    def land_all(self) -> None:
+        """Land every pending victim in the backing store (waits for their copies)."""
+        if self._pending:
+            self._land_through(self._pending[-1])
+
+    # ------------------------------------------------------------------ ordering
+    def _side(self) -> "contextlib.AbstractContextManager":
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def _record(self) -> Optional["torch.cuda.Event"]:
+        if self.stream is None:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(self.stream)
+        return ev
+
+    def _wait_retired(self) -> None:
+        if self.stream is not None and self._retired is not None:
+            self.stream.wait_event(self._retired)
 
     def mark_retired(self) -> None:
         """Record that every update of the batches trained so far has been issued."""
@@ -109,30 +184,43 @@ class Mover:
             ev.record(torch.cuda.current_stream(self.device))
             self._retired = ev
 
+    def fence(self) -> None:
+        """Make the side stream's next work wait for everything issued so far on the current
+        stream (after a reset, a load or a refresh: slots may be touched by batches that
+        never retired)."""
+        self.mark_retired()
+
     def wait_ready(self, ready: Optional["torch.cuda.Event"]) -> None:
         """Make the training stream wait until a batch's rows are inserted."""
         if ready is not None:
             torch.cuda.current_stream(self.device).wait_event(ready)
 
-    def finish_write_back(self) -> None:
-        """Land the last asynchronous write-back in the backing store."""
-        if self._pending is not None:
-            self._pending.done.synchronize()
-            self.store.scatter(self._pending.rows, self._pending.values)
-            self._pending = None
-
+    # ------------------------------------------------------------------ whole-table moves
     def flush(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
         """Synchronously write the resident ``rows`` (in ``slots``) back to the store."""
-        if self.cuda:
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)  # type: ignore[arg-type]
-            self.finish_write_back()
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        self.land_all()
         if rows.numel():
             values = self.pad.read(slots.to(self.device))
             self.store.scatter(rows, {k: v.cpu() for k, v in values.items()})
 
     def refresh(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
-        """Copy ``rows`` from the store into their ``slots`` (after the store was loaded)."""
-        if rows.numel():
-            values = {k: v.to(self.device) for k, v in self.store.gather(rows).items()}
-            self.pad.write(slots.to(self.device), values)
+        """Copy ``rows`` from the store into their ``slots`` (after the store was loaded).
 
+        On CUDA the copy runs on the side stream after everything issued so far on the
+        training stream, and the training stream waits for it.
+        """
+        if self.ring is None:
+            if rows.numel():
+                self.pad.write(slots, self.store.gather(rows))
+            return
+        self.land_all()
+        self.fence()
+        with self._side():
+            incoming = self._stage_in(rows, slots)
+            self._wait_retired()
+            for s, values in incoming:
+                self.pad.write(s, values)
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -11,14 +11,14 @@ class BackingStore:
     """Host-resident rows of one table group: weights plus optimizer state per row.
 
     Tables are concatenated into one row space; table ``t`` owns rows
-    ``[offsets[t], offsets[t + 1])``. Memory is pinned when CUDA is available, so rows
-    can be copied to and from the device asynchronously.
+    ``[offsets[t], offsets[t + 1])``. Memory is pageable: rows are only read and written
+    with ``index_select`` / ``index_copy_``; the mover stages them through a small ring of
+    pinned buffers (``core/staging.py``) to copy them to and from the device.
 
     Args:
         table_rows: rows of each table, in group order.
         dim: embedding dimension.
         state_shapes: per optimizer state, its per-row shape (``()`` or ``(dim,)``).
-        pin: pin the memory (ignored without CUDA).
 
     Example::
 
@@ -32,15 +32,13 @@ class BackingStore:
         table_rows: Sequence[int],
         dim: int,
         state_shapes: Dict[str, tuple],
-        pin: bool = True,
     ) -> None:
         self.table_rows: List[int] = list(table_rows)
         self.offsets = torch.tensor([0] + self.table_rows).cumsum(0)
         total = int(self.offsets[-1])
-        pin = pin and torch.cuda.is_available()
-        self.weights = torch.zeros(total, dim, pin_memory=pin)
+        self.weights = torch.zeros(total, dim)
         self.states: Dict[str, torch.Tensor] = {
-            name: torch.zeros((total,) + tuple(shape), pin_memory=pin)
+            name: torch.zeros((total,) + tuple(shape))
             for name, shape in state_shapes.items()
         }
 
@@ -52,11 +50,19 @@ class BackingStore:
         """Rows of table ``t`` in ``tensor`` (a view, no copy)."""
         return tensor[int(self.offsets[t]) : int(self.offsets[t + 1])]
 
-    def gather(self, rows: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Weights and states of ``rows`` (collect), keyed ``"weights"`` and state names."""
-        out = {"weights": self.weights.index_select(0, rows)}
-        for name, st in self.states.items():
-            out[name] = st.index_select(0, rows)
+    def gather(self, rows: torch.Tensor, out: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """Weights and states of ``rows`` (collect), keyed ``"weights"`` and state names.
+
+        Args:
+            rows: rows to read.
+            out: tensors of the right shapes to gather into (e.g. a staging buffer).
+        """
+        out = out if out is not None else {}
+        for name, src in (("weights", self.weights), *self.states.items()):
+            if name in out:
+                torch.index_select(src, 0, rows, out=out[name])
+            else:
+                out[name] = src.index_select(0, rows)
         return out
 
     def scatter(self, rows: torch.Tensor, values: Dict[str, torch.Tensor]) -> None:

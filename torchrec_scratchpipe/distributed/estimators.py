@@ -9,7 +9,9 @@ Storage of one ScratchPipe shard (``r`` rows, ``d`` columns, ``C = ceil(lf * r)`
   input/output buffers TorchRec counts for every kernel;
 - host memory (DDR): the backing store ``r * row`` and the planner's maps
   (``SlotPlanner.host_bytes``: ``8 r`` for the row -> slot map and de-duplication
-  scratch, about ``36 C`` for the slot -> row map, last uses and the recency queue).
+  scratch, about ``36 C`` for the slot -> row map, last uses and the recency queue),
+  plus on CUDA the mover's ring of pinned staging buffers (``StagingRing.host_bytes``:
+  4 buffers of ``min(C, 16 MiB / (row + 8))`` rows, each rounded up to a power of two).
 
 On a CPU topology both live in DDR. Perf: the scratchpad trains at device-memory
 bandwidth, so forward/backward/comms are TorchRec's estimate for ``fused`` (as TorchRec
@@ -46,6 +48,7 @@ from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS
 
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.core.plan import SlotPlanner
+from torchrec_scratchpipe.core.staging import StagingRing
 from torchrec_scratchpipe.distributed.types import DEFAULT_LOAD_FACTOR, SCRATCHPIPE
 
 
@@ -141,6 +144,7 @@ class ScratchPipeStorageEstimator(ShardEstimator):
             num_poolings=get_num_poolings(self._constraints, so),
             is_pooled=so.is_pooled,
         )
+        on_device = topo.compute_device in {"cuda", "mtia"}
         parts = []
         for shard, in_size, out_sz in zip(so.shards, input_sizes, output_sizes):
             rows, cols = shard.size[0], shard.size[1]
@@ -157,6 +161,7 @@ class ScratchPipeStorageEstimator(ShardEstimator):
                     "store_bytes": rows * row,
                     "planner_bytes": SlotPlanner.host_bytes(rows, slots),
                     "backing_store_bytes": rows * row + SlotPlanner.host_bytes(rows, slots),
+                    "host_staging_bytes": StagingRing.host_bytes(slots, row) if on_device else 0,
                     "input_bytes": int(in_size),
                     "output_bytes": int(out_sz),
                 }
@@ -171,7 +176,7 @@ class ScratchPipeStorageEstimator(ShardEstimator):
             device = p["scratchpad_bytes"] + p["staging_bytes"]
             if on_device:
                 io = calculate_pipeline_io_cost(p["input_bytes"], p["output_bytes"], p["input_bytes"], self._pipeline_type, None)
-                storages.append(Storage(hbm=device + io, ddr=p["backing_store_bytes"]))
+                storages.append(Storage(hbm=device + io, ddr=p["backing_store_bytes"] + p["host_staging_bytes"]))
             else:
                 storages.append(
                     Storage(hbm=0, ddr=device + p["backing_store_bytes"] + p["input_bytes"] + p["output_bytes"])

@@ -102,6 +102,8 @@ class ScratchPipeTrainPipeline(TrainPipelineSparseDist):
         for kernel in self._kernels:
             kernel.engine.reset_window()
             kernel.engine.set_window(lookahead, horizon)
+            # ids come from the input dist: copy them to the host there, not behind training work
+            kernel.engine.intake_stream = self._data_dist_stream
         self._started = False
         self._keys: Optional[List[str]] = None
         self._required = sorted(

@@ -81,7 +81,7 @@ def format_scratchpipe_plan(rows: List[Dict[str, Any]]) -> str:
 
     Device: the scratchpad (slots x (weights + optimizer state)) and the staging buffers
     that carry rows in and out; host: the backing store (every row of the shard) and the
-    planner's maps and recency queue.
+    planner's maps and recency queue, and (CUDA) the pinned staging ring.
 
     Args:
         rows: ``ShardingPlanner.scratchpipe_summary`` (or ``ScratchPipeStats.rows``).
@@ -98,12 +98,13 @@ def format_scratchpipe_plan(rows: List[Dict[str, Any]]) -> str:
             r["table"], r["sharding"], r["rank"], r["rows"], r["load_factor"], r["slots"],
             f"{r['scratchpad_bytes'] / _MB:.3f}", f"{r['staging_bytes'] / _MB:.3f}",
             f"{r['store_bytes'] / _MB:.3f}", f"{r['planner_bytes'] / _MB:.3f}",
+            f"{r['host_staging_bytes'] / _MB:.3f}",
         ]
         for r in rows
     ]
     header = [
         "table", "sharding", "rank", "rows", "load factor", "slots",
         f"device: scratchpad MB ({device_mem})", f"device: staging MB ({device_mem})",
-        "host: store MB (DDR)", "host: planner MB (DDR)",
+        "host: store MB (DDR)", "host: planner MB (DDR)", "host: pinned staging MB (DDR)",
     ]
     return f"ScratchPipe tables (kernel '{SCRATCHPIPE}'), memory per shard:\n" + _tabulate(table, header)  # type: ignore[arg-type]
