@@ -524,6 +524,10 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             g.window.clear()
             g.window.lookahead, g.window.horizon = lookahead, horizon
 
+    def queued(self) -> int:
+        """Batches prefetched and not yet forwarded."""
+        return len(self._queue)
+
     def reset_window(self) -> None:
         """Forget every prefetched batch that has not trained (e.g. at the end of an epoch).
 

@@ -9,7 +9,8 @@ group to TorchRec unchanged. The sharding subclasses only swap in that lookup.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+import weakref
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,7 @@ from torchrec.distributed.sharding.tw_sharding import TwPooledEmbeddingSharding
 from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_scratchpipe.core.engine import PreparedBatch
 from torchrec_scratchpipe.distributed.kernel import ScratchPipeEmbeddingBag
 from torchrec_scratchpipe.distributed.types import FUSED_PARAMS_KEY
 
@@ -40,11 +42,21 @@ def is_scratchpipe_group(config: GroupedEmbeddingConfig) -> bool:
 class ScratchPipeGroupedPooledEmbeddingsLookup(GroupedPooledEmbeddingsLookup):
     """``GroupedPooledEmbeddingsLookup`` that also runs ScratchPipe table groups.
 
+    A prefetched batch is named by tokens (one per ScratchPipe kernel), kept with the
+    very ``KeyedJaggedTensor`` TorchRec later passes to ``forward``: the kernels then know
+    which queued batch trains without comparing ids.
+
     Example::
 
         >>> # lookup.prefetch(kjt)        # like TorchRec's, plus ScratchPipe kernels
         >>> # lookup.peek([kjt2, kjt3])   # ids of later batches, for victim choice
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._tokens: "weakref.WeakKeyDictionary[KeyedJaggedTensor, List[Tuple[ScratchPipeEmbeddingBag, int]]]" = (
+            weakref.WeakKeyDictionary()
+        )
 
     def _create_embedding_kernel(
         self,
@@ -66,16 +78,41 @@ class ScratchPipeGroupedPooledEmbeddingsLookup(GroupedPooledEmbeddingsLookup):
         parts = features.split(self._feature_splits)
         return [(m, f) for m, f in zip(self._emb_modules, parts) if isinstance(m, ScratchPipeEmbeddingBag)]
 
+    def prepare(self, sparse_features: KeyedJaggedTensor) -> List[PreparedBatch]:
+        """Validate a batch for every ScratchPipe kernel; nothing changes (raises on bad input)."""
+        if not self.scratchpipe_kernels():
+            return []
+        return [kernel.prepare(features) for kernel, features in self._scratchpipe_parts(sparse_features)]
+
+    def commit(
+        self,
+        sparse_features: KeyedJaggedTensor,
+        prepared: List[PreparedBatch],
+        forward_stream: Optional[Any] = None,
+    ) -> None:
+        """Prefetch for TorchRec's caching kernels and queue the prepared ScratchPipe batches."""
+        super().prefetch(sparse_features, forward_stream)
+        if prepared:
+            kernels = self.scratchpipe_kernels()
+            self._tokens[sparse_features] = [(k, k.enqueue(p)) for k, p in zip(kernels, prepared)]
+
     def prefetch(
         self,
         sparse_features: KeyedJaggedTensor,
         forward_stream: Optional[Any] = None,
     ) -> None:
         """Prefetch for TorchRec's caching kernels, and announce the batch to ScratchPipe ones."""
-        super().prefetch(sparse_features, forward_stream)
-        if self.scratchpipe_kernels():
-            for kernel, features in self._scratchpipe_parts(sparse_features):
-                kernel.prefetch(features)
+        self.commit(sparse_features, self.prepare(sparse_features), forward_stream)
+
+    def forward(self, sparse_features: KeyedJaggedTensor) -> Any:
+        """TorchRec's lookup, telling each ScratchPipe kernel which prefetched batch this is."""
+        for kernel, token in self._tokens.pop(sparse_features, []):
+            kernel.expect(token)
+        try:
+            return super().forward(sparse_features)
+        finally:
+            for kernel in self.scratchpipe_kernels():
+                kernel.expect(None)
 
     def peek(self, future_features: Sequence[KeyedJaggedTensor]) -> None:
         """Pass the ids of batches after the prefetched ones to the victim policy."""
