@@ -10,6 +10,7 @@ from typing import List
 import pytest
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from engine_utils import FullTableReference, make_tables, power_law_stream, window_capacity
 from torchrec_scratchpipe import ScratchPipeConfig, ScratchPipeEmbeddingBags
@@ -37,6 +38,13 @@ def _assert_same(emb: ScratchPipeEmbeddingBags, ref: FullTableReference) -> None
         torch.testing.assert_close(states["momentum1"], ref.states()[name][0], **TOL)
 
 
+def _union(batches: List[KeyedJaggedTensor]) -> int:
+    """Distinct rows (over all tables) of ``batches`` together."""
+    base = torch.tensor([0] + ROWS[:-1]).cumsum(0)
+    rows = [torch.repeat_interleave(base, torch.tensor(b.length_per_key())) + b.values() for b in batches]
+    return torch.unique(torch.cat(rows)).numel()
+
+
 def _held(emb: ScratchPipeEmbeddingBags) -> int:
     """Slots held now (finished batches are released at the engine's next call: make one)."""
     emb.stats()
@@ -47,8 +55,8 @@ def _held(emb: ScratchPipeEmbeddingBags) -> int:
 def test_k_forwards_then_one_backward_train_like_full_tables(lookahead: int) -> None:
     k = 3
     stream = power_law_stream(ROWS, 36, 8, seed=3)
-    # Room for k batches held at once plus the window ahead, far fewer slots than rows: rows keep moving.
-    emb, ref = _pair(window_capacity(stream, ROWS, k + lookahead), lookahead)
+    # Just room for the k batches of one accumulation step: every slot is needed, rows keep moving.
+    emb, ref = _pair(max(_union(stream[s : s + k]) for s in range(0, len(stream), k)), lookahead)
     assert emb.groups["dim8_sum"].capacity < sum(ROWS) // 4
     for b in stream[: lookahead + 1]:
         emb.prefetch(b)
