@@ -61,7 +61,7 @@ class BatchAgreement:
     Example::
 
         >>> BatchAgreement(None).first_error("rank 0: bad id", ValueError)
-        ValueError('rank 0: bad id')
+        ValueError('batch dropped: rank 0: bad id')
     """
 
     def __init__(self, pg: Optional[dist.ProcessGroup]) -> None:
@@ -81,7 +81,7 @@ class BatchAgreement:
             the lowest refusing rank's message, of its ``kind``.
         """
         if self._group is None:
-            return kind(error) if error is not None else None
+            return kind(f"batch dropped: {error}") if error is not None else None
         flag = torch.tensor([0 if error is None else 1], dtype=torch.int64)
         dist.all_reduce(flag, group=self._group)
         if int(flag) == 0:
