@@ -176,3 +176,34 @@ def test_loads_into_the_store_reach_the_next_forward() -> None:
     for t in loaded:
         ref.weights()[t].copy_(loaded[t] * 0.5)
     _assert_same(emb, ref)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_reads_in_place_match_the_scratchpad_for_mean_pooling_weights_and_groups(weighted: bool) -> None:
+    from torchrec import PoolingType
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    tables = [
+        EmbeddingBagConfig(name="a", embedding_dim=8, num_embeddings=50, feature_names=["fa"], pooling=PoolingType.MEAN),
+        EmbeddingBagConfig(name="b", embedding_dim=4, num_embeddings=30, feature_names=["fb", "fc"]),
+    ]
+    emb = ScratchPipeEmbeddingBags(tables, ScratchPipeConfig(cache_rows=40, lookahead=1))
+    g = torch.Generator().manual_seed(int(weighted))
+
+    def batch() -> KeyedJaggedTensor:
+        lengths = torch.randint(0, 4, (15,), generator=g)
+        n = int(lengths[:5].sum())
+        ids = torch.cat([torch.randint(0, 50, (n,), generator=g), torch.randint(0, 30, (int(lengths.sum()) - n,), generator=g)])
+        w = torch.rand(ids.numel(), generator=g) if weighted else None
+        return KeyedJaggedTensor.from_lengths_sync(["fa", "fb", "fc"], ids, lengths, weights=w)
+
+    bs = [batch() for _ in range(6)]
+    for b in bs[:3]:  # some rows resident and newer than the store, others only in the store
+        emb(b).values().sum().backward()
+    emb.prefetch(bs[3])
+    emb.prefetch(bs[4])
+    with torch.no_grad():
+        read = emb(bs[5]).values()  # not prefetched: read where the rows are
+    emb.reset_window()
+    trained = emb(bs[5]).values()  # planned and looked up by the scratchpad's TBE
+    torch.testing.assert_close(read, trained.detach(), **TOL)

@@ -203,12 +203,15 @@ class ScratchPipeTrainPipeline(TrainPipelineSparseDist):
 
         Raises:
             ValueError: a batch was refused (features unlike the model's, an id outside its
-                table, more distinct rows than a scratchpad has slots) or the iterator was
-                empty from the start. The batch is dropped on every rank before this step
+                table, more distinct rows than a scratchpad has slots), the iterator was
+                empty from the start, or (training mode) another pipeline still has batches
+                in flight on these tables. The batch is dropped on every rank before this step
                 changes anything; the next call goes on with the batches after it.
         """
         if not self._model_attached:
             self.attach(self._model)
+        if self._model.training:
+            self._claim()
         if self._announce_pending:
             self._announce_pending = False
             self._announce_last()
@@ -262,7 +265,6 @@ class ScratchPipeTrainPipeline(TrainPipelineSparseDist):
                 inputs.append((module, dist_input))
         if not inputs or not self._model.training:
             return
-        self._claim()
         prepared, error, kind = [], None, ValueError
         try:
             prepared = [(m, d, m.prepare_prefetch(d)) for m, d in inputs]
