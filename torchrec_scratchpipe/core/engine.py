@@ -166,7 +166,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         >>> emb = ScratchPipeEmbeddingBags(tables, ScratchPipeConfig(cache_rows=16, lookahead=1))
         >>> kjt = KeyedJaggedTensor.from_lengths_sync(["f0"], torch.tensor([1, 2, 3]),
         ...                                             torch.tensor([1, 2]))
-        >>> emb.prefetch(kjt)
+        >>> token = emb.prefetch(kjt)
         >>> emb(kjt).values().shape
         torch.Size([2, 8])
         >>> emb.stats()["dim8_sum"]["train_misses"]

@@ -57,8 +57,11 @@ class PlanWindow:
         ...     _ = w.push(torch.tensor([i, i + 1]))
         >>> w.pop().step, w.planned_steps()
         (0, [0, 1])
-        >>> first = w.take(); w.finish(first); w.retire_done(); w.planned_steps()  # k forwards, then updates
-        [2]
+        >>> second = w.take()                      # a second forward before the first backward
+        >>> w.finish(second); w.retire_done()      # its update ran first: it waits for batch 0
+        0
+        >>> w.finish(w.trained[0]); w.retire_done(), w.planned_steps()
+        (2, [])
     """
 
     def __init__(
