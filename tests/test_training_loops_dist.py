@@ -221,11 +221,19 @@ def _evaluation(rank: int, world_size: int) -> Dict[str, Any]:
             got[name] += [t.model(b)[1][1].detach().clone() for b in val]
         t.model.train()
         got[name] += _steps(t, it, 100)
+        # Then, without a pipeline: two forwards, one backward (gradient accumulation).
+        t.pipeline.detach()
+        for i in range(0, len(val), 2):
+            t.optimizer.zero_grad()
+            outs = [t.model(b) for b in val[i : i + 2]]
+            sum(loss for loss, _ in outs).backward()
+            t.optimizer.step()
+            got[name] += [o[1][1].detach().clone() for o in outs]
     return {"n": (len(got["ref"]), len(got["sp"])), "diff": _diff(got["ref"], got["sp"]),
             "state_diff": max_diff(_state(ref.model), _state(sp.model))}
 
 
-def test_evaluation_mid_training_matches_fused() -> None:
+def test_evaluation_mid_training_and_accumulation_match_fused() -> None:
     (res,) = spawn(_evaluation, 1)
-    assert res["n"] == (16 + 12, 16 + 12), res
+    assert res["n"] == (16 + 12 + 4, 16 + 12 + 4), res
     assert res["diff"] <= TOL and res["state_diff"] <= TOL, res
