@@ -132,19 +132,24 @@ def _lookahead(rank: int, ws: int, ebc: Any, full: Dict[str, torch.Tensor]) -> D
     weight = torch.randn(8, sum(t.embedding_dim for t in tables), generator=torch.Generator().manual_seed(rank))
     modules = [m for _, m in tsp.scratchpipe_modules(sp)]
 
-    def dist_input(module: Any, step: int) -> Any:
-        return module.input_dist(module.create_context(), make_batch(step, rank, tables)).wait().wait()
+    (module,) = modules
 
-    steps, announced, worst = 30, 0, 0.0
+    def dist_input(step: int) -> Any:
+        ctx = module.create_context()
+        return ctx, module.input_dist(ctx, make_batch(step, rank, tables)).wait().wait()
+
+    # As a pipeline does: the input dist output announced is the one the forward computes on.
+    steps, announced, worst, inputs = 30, 0, 0.0, {}
     for s in range(steps):
         while announced <= min(s + 2, steps - 1):
-            for m in modules:
-                m.prefetch(dist_input(m, announced))
+            inputs[announced] = dist_input(announced)
+            module.prefetch(inputs[announced][1])
             announced += 1
-        for m in modules:
-            m.peek([dist_input(m, p) for p in range(announced, min(announced + 2, steps))])
+        module.peek([dist_input(p)[1] for p in range(announced, min(announced + 2, steps))])
+        out = module.compute_and_output_dist(*inputs.pop(s)).wait().values()
+        (out * weight).sum().backward()
         kjt = make_batch(s, rank, tables)
-        worst = max(worst, (_step(sp, kjt, weight) - _step(ref, kjt, weight)).abs().max().item())
+        worst = max(worst, (out.detach() - _step(ref, kjt, weight)).abs().max().item())
     stats = tsp.cache_stats(sp)
     return {
         "out": worst,

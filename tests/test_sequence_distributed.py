@@ -117,18 +117,27 @@ def _lookahead(rank: int, ws: int, ec: Any, full: Dict[str, torch.Tensor]) -> Di
     modules = [m for _, m in tsp.scratchpipe_modules(sp)]
     weight = torch.randn(4 * BATCH * MAX_LEN, DIM, generator=torch.Generator().manual_seed(rank))
 
-    def dist_input(module: Any, step: int) -> Any:
-        return module.input_dist(module.create_context(), seq_batch(step, rank)).wait().wait()
+    (module,) = modules
 
-    steps, announced, worst = 20, 0, 0.0
+    def dist_input(step: int) -> Any:
+        ctx = module.create_context()
+        return ctx, module.input_dist(ctx, seq_batch(step, rank)).wait().wait()
+
+    # As a pipeline does: the input-dist output announced is the one the forward computes on.
+    steps, announced, worst, inputs = 20, 0, 0.0, {}
     for s in range(steps):
         while announced <= min(s + 2, steps - 1):
-            for m in modules:
-                m.prefetch(dist_input(m, announced))
+            inputs[announced] = dist_input(announced)
+            module.prefetch(inputs[announced][1])
             announced += 1
-        for m in modules:
-            m.peek([dist_input(m, p) for p in range(announced, min(announced + 2, steps))])
-        worst = max(worst, _train_pair(sp, ref, rank, range(s, s + 1), weight))
+        module.peek([dist_input(p)[1] for p in range(announced, min(announced + 2, steps))])
+        kjt = seq_batch(s, rank)
+        got = []
+        for out in (module.compute_and_output_dist(*inputs.pop(s)).wait(), ref(kjt)):
+            v = _values(out, kjt.keys())
+            (v * weight[: v.shape[0]]).sum().backward()
+            got.append(v.detach())
+        worst = max(worst, (got[0] - got[1]).abs().max().item() if got[0].numel() else 0.0)
     stats = tsp.cache_stats(sp)
     return {
         "out": worst,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import itertools
 import math
 import time
 from collections import deque
@@ -9,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
@@ -34,6 +38,23 @@ class _Batch:
     offsets: torch.Tensor
     weights: Optional[torch.Tensor]
     ready: Any = None  # CUDA event: rows inserted
+
+
+@dataclass
+class PreparedBatch:
+    """A validated batch, ready to queue (``ScratchPipeEmbeddingBags.prepare``)."""
+
+    kjt: KeyedJaggedTensor
+    per_group: List[Tuple[Tuple, torch.Tensor, torch.Tensor]]  # ((offsets, weights), rows, ids) per group
+    seconds: float
+
+
+@dataclass
+class _Queued:
+    """A prefetched batch waiting for its forward, identified by ``token``."""
+
+    token: int
+    kjt: KeyedJaggedTensor
 
 
 class _Group:
@@ -83,6 +104,48 @@ class _Group:
         slots = self.planner.resident().nonzero().squeeze(1)
         return self.planner.slot_to_row[slots], slots
 
+    @torch.no_grad()
+    def lookup(
+        self, group_ids: torch.Tensor, offsets: torch.Tensor, weights: Optional[torch.Tensor], device: torch.device
+    ) -> torch.Tensor:
+        """Embeddings of a batch that is not in the window, read where each row is now
+        (its slot if resident, else the store); nothing is planned, moved or held.
+
+        Args:
+            group_ids: group row of each id (host), as ``rows_of`` gives.
+            offsets, weights: the group's bag offsets and per-sample weights (on ``device``).
+            device: where the output goes.
+        """
+        rows, inverse = torch.unique(group_ids, return_inverse=True)
+        self.mover.land_all()  # evicted rows have landed in the store
+        table = self.store.weights.index_select(0, rows).to(device)
+        slots = self.planner.row_to_slot.index_select(0, rows).long()
+        resident = (slots >= 0).nonzero().squeeze(1)
+        for entry in self.window.planned:  # rows moved in for planned batches have arrived
+            self.mover.wait_ready(entry.payload.ready)
+        table.index_copy_(0, resident.to(device), self.pad.weights.index_select(0, slots[resident].to(device)))
+        self.mover.mark_retired()  # later inserts into these slots wait for the reads above
+        inverse = inverse.to(device)
+        if self.pad.tbe.pooling_mode == PoolingMode.NONE:
+            return table.index_select(0, inverse)
+        out = F.embedding_bag(inverse, table, offsets, mode="sum", per_sample_weights=weights, include_last_offset=True)
+        if self.pad.tbe.pooling_mode == PoolingMode.MEAN:
+            out = out / (offsets[1:] - offsets[:-1]).clamp(min=1).unsqueeze(1)
+        n = len(self.features)
+        return out.view(n, -1, table.shape[1]).transpose(0, 1).reshape(-1, n * table.shape[1])
+
+    def capacity_message(self, entry: WindowEntry) -> str:
+        """Why the batch ``entry`` cannot be planned now: slots held by unfinished batches."""
+        waiting = sum(not e.done for e in self.window.trained)
+        return (
+            f"table group {self.name!r} (tables {[t.name for t in self.tables]}): the batch needs "
+            f"{entry.rows.numel()} distinct rows, but {waiting} batch(es) that ran forward and "
+            f"have not finished backward hold {self.planner.held_slots()} of the {self.capacity} "
+            "slots. Call backward on those outputs first (their rows stay held until their "
+            "update is done), run forwards you will not backward under torch.no_grad() or "
+            "model.eval(), or raise cache_rows/load_factor so the accumulated batches fit."
+        )
+
 
 class ScratchPipeEmbeddingBags(torch.nn.Module):
     """Pooled embedding tables kept in host memory and trained in a device scratchpad.
@@ -108,7 +171,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         >>> emb = ScratchPipeEmbeddingBags(tables, ScratchPipeConfig(cache_rows=16, lookahead=1))
         >>> kjt = KeyedJaggedTensor.from_lengths_sync(["f0"], torch.tensor([1, 2, 3]),
         ...                                             torch.tensor([1, 2]))
-        >>> emb.prefetch(kjt)
+        >>> token = emb.prefetch(kjt)
         >>> emb(kjt).values().shape
         torch.Size([2, 8])
         >>> emb.stats()["dim8_sum"]["train_misses"]
@@ -155,12 +218,16 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         self._split_sizes = [len(g.features) for g in self.groups.values()]
         self._group_features = [[self.feature_names.index(f) for f in g.features] for g in self.groups.values()]
         self._group_dims = [self._dims[self.feature_names.index(f)] for f in group_order]
-        self._queue: Deque[KeyedJaggedTensor] = deque()
+        self._queue: Deque[_Queued] = deque()  # prefetched, waiting for their forward
+        self._tokens = itertools.count()
         #: CUDA stream the batches' ids are produced on (a pipeline sets its data-distribution
         #: stream): ``prefetch`` copies ids to the host there, so it never waits for training.
         self.intake_stream: Optional[Any] = None
         self._worker = PlanWorker()
         self._background = False  # whether the latest batch is planned in the background
+        self._dirty = False  # slots may hold updates the store has not seen (flush writes them back)
+        self._stale = False  # the store was loaded: resident slots must be refreshed from it
+        self.owner: Any = None  # the pipeline whose batches are queued (set by that pipeline)
         for g in self.groups.values():
             g.init_weights()
 
@@ -174,8 +241,11 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         parts = split_groups(kjt, host, per_feature, self._group_features, self.device)
         return [((offsets, weights), *g.rows_of(ids, n)) for g, (ids, offsets, weights), n in zip(self.groups.values(), parts, counts)]
 
-    def prefetch(self, kjt: KeyedJaggedTensor, host: Optional[HostIds] = None) -> None:
-        """Announce a future batch: it is planned and its rows moved in when the window has room.
+    def prefetch(self, kjt: KeyedJaggedTensor, host: Optional[HostIds] = None) -> int:
+        """Announce a future batch; return its token (pass it to ``pooled`` to name the batch).
+
+        The batch is queued; its rows are planned and moved in when training reaches it
+        (at most L batches ahead of the one training).
 
         Args:
             kjt: the batch.
@@ -187,6 +257,14 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             ValueError: bad ids/lengths, or a batch with more distinct rows than a group has
                 slots (names the group, the rows needed and the capacity). Nothing changes then.
         """
+        return self.enqueue(self.prepare(kjt, host))
+
+    def prepare(self, kjt: KeyedJaggedTensor, host: Optional[HostIds] = None) -> PreparedBatch:
+        """Validate a batch and find its rows, changing nothing (``enqueue`` queues it).
+
+        Raises:
+            ValueError, CapacityError: as ``prefetch``.
+        """
         t0 = time.perf_counter()
         per_group = self._rows(kjt, host)
         for g, (_, rows, _) in zip(self.groups.values(), per_group):
@@ -196,17 +274,21 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
                     f"{rows.numel()} distinct rows but the scratchpad has {g.capacity} slots. "
                     f"Raise cache_rows/load_factor to at least {rows.numel()} rows, or use smaller batches."
                 )
-        elapsed = (time.perf_counter() - t0) / len(self.groups)
-        largest = max(ids.numel() for _, _, ids in per_group)
-        self._worker.wait()
+        return PreparedBatch(kjt, per_group, time.perf_counter() - t0)
+
+    def enqueue(self, batch: PreparedBatch) -> int:
+        """Queue a prepared batch (see ``prefetch``); return its token."""
+        self._sync()
+        largest = max(ids.numel() for _, _, ids in batch.per_group)
         self._background = self.config.plans_in_background(self.device, largest)
-        for g, ((offsets, weights), rows, ids) in zip(self.groups.values(), per_group):
-            g.stats.planner_s += elapsed
+        for g, ((offsets, weights), rows, ids) in zip(self.groups.values(), batch.per_group):
+            g.stats.planner_s += batch.seconds / len(self.groups)
             g.stats.lookups += ids.numel()
             g.stats.unique_rows += rows.numel()
             g.window.push(rows, _Batch(ids, offsets, weights), fill=False)
-        self._queue.append(kjt)
-        self._plan_ahead()
+        token = next(self._tokens)
+        self._queue.append(_Queued(token, batch.kjt))
+        return token
 
     def _plan_ahead(self) -> None:
         """Plan, and move rows in for, every batch the window has room for (on the worker)."""
@@ -224,38 +306,97 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
     def peek(self, kjts: Sequence[KeyedJaggedTensor]) -> None:
         """Show the victim policy the ids of batches beyond those prefetched (nothing moves)."""
         per_batch = [self._rows(k) for k in kjts]
-        self._worker.wait()
+        self._sync()
         for i, g in enumerate(self.groups.values()):
             g.window.set_peek([rows[i][1] for rows in per_batch])
 
     # ---------------------------------------------------------------- train
-    def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        """Pooled embeddings ``[B, sum(dims)]`` in feature order (see ``forward``)."""
-        if not self._queue:
-            self.prefetch(kjt)
+    def _sync(self) -> None:
+        """Wait for the background planner, release finished batches, apply a pending load."""
         self._worker.wait()
-        head = self._queue[0]
-        if head is not kjt and not _same_batch(head, kjt):
+        for g in self.groups.values():
+            g.window.retire_done()
+        if self._stale:
+            self._stale = False
+            for g in self.groups.values():
+                g.mover.refresh(*g.resident())
+
+    def pooled(self, kjt: KeyedJaggedTensor, token: Optional[int] = None) -> torch.Tensor:
+        """Pooled embeddings ``[B, sum(dims)]`` in feature order (see ``forward``).
+
+        Which batch: the one ``token`` names (``prefetch``'s result), else ``kjt`` itself.
+        The oldest prefetched batch trains; with nothing prefetched, a training forward
+        plans ``kjt`` on demand. A forward that will not be backpropagated (under
+        ``torch.no_grad()`` or in eval mode) of any other batch reads the rows where they
+        are and changes nothing.
+
+        Raises:
+            ValueError: a training forward of a batch that is not the oldest prefetched one.
+            CapacityError: the batch's rows do not fit beside those held by batches that
+                ran forward and have not finished backward. Nothing changes then.
+        """
+        self._sync()
+        train = torch.is_grad_enabled() and self.training
+        head = self._queue[0] if self._queue else None
+        if head is not None and (head.token == token if token is not None else head.kjt is kjt):
+            return self._train_head(train)
+        if not train:
+            parts = self._rows(kjt)
+            return self._join([g.lookup(ids, *dev, self.device) for g, (dev, _, ids) in zip(self.groups.values(), parts)])
+        if head is not None or token is not None:
             raise ValueError(
                 "forward() got a batch that is not the oldest prefetched one: call forward on "
                 "batches in the order they were prefetched (or do not prefetch)."
             )
-        self._queue.popleft()
-        entries = []
+        self.prefetch(kjt)  # on demand
+        try:
+            return self._train_head(train)
+        except CapacityError:
+            self.reset_window()  # forget the batch just queued
+            raise
+
+    def _train_head(self, train: bool) -> torch.Tensor:
+        """Train (or, without ``train``, just look up) the oldest prefetched batch."""
         for g in self.groups.values():
-            g.mover.mark_retired()
-            entries.append(g.window.pop(fill=False))
-        # Plan the batches behind this one while it trains: they only touch unheld slots.
-        self._plan_ahead()
+            if not g.window.plan_head():
+                raise CapacityError(g.capacity_message(g.window.pending[0]))
+        self._queue.popleft()
+        entries = [g.window.take(fill=False) for g in self.groups.values()]
+        plan_first = train and self._background  # the thread plans ahead while this batch trains
+        if plan_first:
+            self._plan_ahead()
         outs = []
-        for g, entry in zip(self.groups.values(), entries):
-            plan, batch = entry.plan, entry.payload
-            assert plan is not None
-            g.stats.train_misses += int((g.planner.slot_to_row[plan.slots] != plan.rows).sum())
-            g.stats.steps += 1
-            g.mover.wait_ready(batch.ready)
-            slot_idx = g.planner.row_to_slot.index_select(0, batch.ids).to(self.device, torch.int64, non_blocking=True)
-            outs.append(g.pad(slot_idx, batch.offsets, batch.weights))
+        with contextlib.nullcontext() if train else torch.no_grad():
+            for g, entry in zip(self.groups.values(), entries):
+                assert entry is not None and entry.plan is not None
+                plan, batch = entry.plan, entry.payload
+                g.stats.train_misses += int((g.planner.slot_to_row[plan.slots] != plan.rows).sum())
+                g.stats.steps += 1
+                g.mover.wait_ready(batch.ready)
+                slot_idx = g.planner.row_to_slot.index_select(0, batch.ids).to(self.device, torch.int64, non_blocking=True)
+                out = g.pad(slot_idx, batch.offsets, batch.weights)
+                node = _update_node(out) if train else None
+                if node is None:  # no update will run: the slots are free once the reads are issued
+                    g.window.finish(entry)
+                    g.mover.mark_retired()
+                    if not plan_first:  # else the next call releases it, once the thread is done
+                        g.window.retire_done()
+                else:
+                    self._dirty = True
+                    node.register_hook(functools.partial(self._finished, g, entry))
+                outs.append(out)
+        if not plan_first:
+            self._plan_ahead()  # plan batch j+L now that batch j's TBE is launched
+        return self._join(outs)
+
+    def _finished(self, g: _Group, entry: WindowEntry, *_: Any) -> None:
+        """Autograd hook, run once the batch's backward (and fused update) has run."""
+        self._dirty = True
+        g.mover.mark_retired()
+        g.window.finish(entry)
+
+    def _join(self, outs: List[torch.Tensor]) -> torch.Tensor:
+        """Concatenate per-group outputs in feature order."""
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         if not self._identity:
             cols = torch.split(out, self._group_dims, dim=1)
@@ -285,7 +426,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
     def stats(self) -> Dict[str, Dict[str, float]]:
         """Per-group counters (see ``GroupStats``), plus ``capacity``, ``window_stalls`` and
         ``blocked_s`` (seconds training waited for the background planner)."""
-        self._worker.wait()
+        self._sync()
         out = {}
         for name, g in self.groups.items():
             d = g.stats.as_dict()
@@ -297,10 +438,32 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         return out
 
     def flush(self) -> None:
-        """Write every resident row (weights and optimizer state) back to the backing store."""
-        self._worker.wait()
+        """Write every resident row (weights and optimizer state) back to the backing store.
+
+        Only rows updated since the last flush or load can differ from the store; when none
+        was, nothing is written (so a flush never overwrites values loaded into the store).
+        """
+        self._sync()
         for g in self.groups.values():
-            g.mover.flush(*g.resident())
+            g.mover.flush(*(g.resident() if self._dirty else (torch.empty(0, dtype=torch.int64),) * 2))
+        self._dirty = False
+
+    def purge(self) -> None:
+        """Drop the cached copies: the store becomes the truth (call before writing it).
+
+        Updates not yet written back are flushed first; after that the scratchpad is only
+        a cache, refreshed from the store before it is next used, so whatever is then
+        loaded into the store (in place or by copy) is what the next forward reads.
+        """
+        self.flush()
+        self._stale = True
+
+    def reload(self) -> None:
+        """The store was written from outside (after ``purge``): refresh the resident slots
+        from it now. Updates not flushed before are dropped, as a load overwrites them."""
+        self._dirty = False
+        self._stale = True
+        self._sync()
 
     def _locate(self, name: str) -> tuple:
         for g in self.groups.values():
@@ -343,16 +506,15 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
                 dst = self._view(name, what)
                 if tuple(src.shape) != tuple(dst.shape):
                     raise ValueError(f"table {name!r} {what}: shape {tuple(src.shape)} does not match {tuple(dst.shape)}.")
-        self.flush()
+        self.purge()
         with torch.no_grad():
             for name, per in items.items():
                 for what, src in per.items():
                     self._view(name, what).copy_(src)
-        for g in self.groups.values():
-            g.mover.refresh(*g.resident())
+        self.reload()
 
     def set_learning_rate(self, lr: float) -> None:
-        self._worker.wait()
+        self._sync()
         for g in self.groups.values():
             g.pad.set_learning_rate(lr)
 
@@ -366,7 +528,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             lookahead: batches planned ahead of the training batch.
             horizon: batches ahead whose ids guide victim choice (default ``lookahead``).
         """
-        self._worker.wait()
+        self._sync()
         horizon = lookahead if horizon is None else horizon
         if lookahead < 0 or horizon < lookahead:
             raise ValueError(f"need 0 <= lookahead <= horizon, got lookahead={lookahead}, horizon={horizon}.")
@@ -381,10 +543,18 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             g.mover.fence()  # released slots may still be in use on the training stream
             g.window.lookahead, g.window.horizon = lookahead, horizon
 
+    def queued(self) -> int:
+        """Batches prefetched and not yet forwarded."""
+        return len(self._queue)
+
     def reset_window(self) -> None:
-        """Forget every prefetched batch that has not trained (e.g. at the end of an epoch)."""
-        self._worker.wait()
+        """Forget every prefetched batch that has not trained (e.g. at the end of an epoch).
+
+        Batches that ran forward keep their rows until their backward has run.
+        """
+        self._sync()
         self._queue.clear()
+        self.owner = None
         for g in self.groups.values():
             g.window.clear()
             g.mover.fence()  # released slots may still be in use on the training stream
@@ -414,9 +584,13 @@ def _check_unpooled(tables: Sequence[Any]) -> bool:
     return True
 
 
-def _same_batch(a: KeyedJaggedTensor, b: KeyedJaggedTensor) -> bool:
-    return (
-        a.keys() == b.keys()
-        and torch.equal(a.lengths(), b.lengths())
-        and torch.equal(a.values(), b.values())
-    )
+def _update_node(out: torch.Tensor) -> Optional[Any]:
+    """The autograd node of the TBE lookup behind ``out`` (its backward applies the fused
+    update), or None when no backward can run. Skips single-input wrappers such as views."""
+    node = out.grad_fn
+    while node is not None:
+        inputs = [n for n, _ in node.next_functions if n is not None]
+        if len(inputs) != 1 or type(inputs[0]).__name__ == "AccumulateGrad":
+            return node
+        node = inputs[0]
+    return None

@@ -2,8 +2,10 @@
 
 Batch i trains while batches i+1 .. i+L are already planned (their rows moved in).
 Batches pushed beyond that wait, unplanned; their ids still guide the victim policy.
-When the window's rows do not fit, planning simply waits for older batches to retire:
-the effective lookahead shrinks and training stays correct.
+A batch taken for training keeps its slots until its update is done (``finish``), so
+several forwards may precede one backward. When the window's rows do not fit, planning
+simply waits for older batches to retire: the effective lookahead shrinks and training
+stays correct.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class WindowEntry:
     rows: torch.Tensor
     payload: Any = None
     plan: Optional[SlotPlan] = field(default=None, repr=False)
+    done: bool = False  # its update has run (or it never trains): its slots may be released
 
 
 class PlanWindow:
@@ -41,7 +44,8 @@ class PlanWindow:
 
     Args:
         planner: the slot planner of one scratchpad.
-        lookahead: L; at most L+1 planned batches (the training one included) hold slots.
+        lookahead: L; planning ahead stops once L+1 batches (those taken for training and
+            not yet finished included) hold slots.
         horizon: H >= L; the victim policy sees the ids of batches up to H ahead of the
             training batch.
         on_planned: called with each entry right after it is planned (moves its rows in).
@@ -53,6 +57,11 @@ class PlanWindow:
         ...     _ = w.push(torch.tensor([i, i + 1]))
         >>> w.pop().step, w.planned_steps()
         (0, [0, 1])
+        >>> second = w.take()                      # a second forward before the first backward
+        >>> w.finish(second); w.retire_done()      # its update ran first: it waits for batch 0
+        0
+        >>> w.finish(w.trained[0]); w.retire_done(), w.planned_steps()
+        (2, [])
     """
 
     def __init__(
@@ -66,7 +75,7 @@ class PlanWindow:
         self.lookahead = lookahead
         self.horizon = lookahead if horizon is None else horizon
         self.on_planned = on_planned
-        self.training: Optional[WindowEntry] = None
+        self.trained: Deque[WindowEntry] = deque()  # taken for training, slots held until retired
         self.planned: Deque[WindowEntry] = deque()
         self.pending: Deque[WindowEntry] = deque()
         self.extra_peek: List[torch.Tensor] = []
@@ -79,10 +88,14 @@ class PlanWindow:
         """Batches pushed and not yet popped."""
         return len(self.planned) + len(self.pending)
 
+    @property
+    def training(self) -> Optional[WindowEntry]:
+        """The batch taken for training most recently and not yet retired."""
+        return self.trained[-1] if self.trained else None
+
     def planned_steps(self) -> List[int]:
-        """Steps holding slots now, the training batch first."""
-        head = [self.training.step] if self.training is not None else []
-        return head + [e.step for e in self.planned]
+        """Steps holding slots now, oldest first (batches taken for training first)."""
+        return [e.step for e in self.trained] + [e.step for e in self.planned]
 
     def push(self, rows: torch.Tensor, payload: Any = None, fill: bool = True) -> WindowEntry:
         """Enqueue a future batch; plan it now if the window has room (and ``fill``)."""
@@ -103,37 +116,84 @@ class PlanWindow:
         self.extra_peek = list(rows)
 
     def pop(self, fill: bool = True) -> WindowEntry:
-        """Retire the previous training batch and make the oldest batch the training one.
+        """Retire every batch taken before and take the oldest batch for training.
 
-        Args:
-            fill: then plan ahead up to L batches. When False, only the new training batch
-                is sure to be planned; call ``fill`` later (e.g. while it trains).
+        For a loop with one update per forward (the simulator's). Raises RuntimeError on
+        an empty window.
         """
         self.retire()
-        if not self.planned:
-            self.fill(until=1)
-        if not self.planned:
+        entry = self.take(fill)
+        if entry is None:  # nothing is held after retire(): only an empty window gets here
             raise RuntimeError("pop() on an empty window: push a batch first.")
-        self.training = self.planned.popleft()
+        return entry
+
+    def plan_head(self) -> bool:
+        """Make sure the oldest queued batch is planned, whatever the lookahead.
+
+        Returns False when its rows do not fit beside the slots held now (nothing changes).
+        """
+        if self.planned:
+            return True
+        if not self.pending:
+            raise RuntimeError("no batch is queued: push a batch first.")
+        return self._plan_next()
+
+    def take(self, fill: bool = True) -> Optional[WindowEntry]:
+        """Take the oldest queued batch for training; its slots stay held until it is retired.
+
+        Args:
+            fill: then plan ahead up to L batches. When False, only the taken batch is sure
+                to be planned; call ``fill`` later (e.g. once its training is launched).
+
+        Returns:
+            The batch, or None when its rows do not fit beside the slots held by batches
+            taken before and not yet finished (nothing changes then).
+        """
+        if not self.pending and not self.planned:
+            return None
+        if not self.plan_head():
+            return None
+        entry = self.planned.popleft()
+        self.trained.append(entry)
         if fill:
             self.fill()
-        return self.training
+        return entry
+
+    @staticmethod
+    def finish(entry: WindowEntry) -> None:
+        """Mark a taken batch's update as done (safe from any thread; releases nothing yet)."""
+        entry.done = True
+
+    def retire_done(self) -> int:
+        """Release the slots of finished batches, oldest first; return how many retired.
+
+        A finished batch behind an unfinished one waits for it: plans release in order.
+        """
+        n = 0
+        while self.trained and self.trained[0].done:
+            entry = self.trained.popleft()
+            if entry.plan is not None:
+                self.planner.release(entry.plan)
+            n += 1
+        return n
 
     def retire(self) -> None:
-        """Release the training batch's slots (call once its optimizer update is done)."""
-        if self.training is not None and self.training.plan is not None:
-            self.planner.release(self.training.plan)
-        self.training = None
+        """Finish and release every batch taken for training."""
+        for entry in self.trained:
+            entry.done = True
+        self.retire_done()
 
     def clear(self) -> None:
-        """Release everything and forget all queued batches."""
-        self.retire()
-        for e in self.planned:
-            self.planner.release(e.plan)  # type: ignore[arg-type]
+        """Forget every queued batch (planned or not); batches taken for training stay held
+        until they finish, and the dropped plans are released after them, in order."""
+        for entry in self.planned:
+            entry.done = True
+            self.trained.append(entry)
         self.planned.clear()
         self.pending.clear()
         self.extra_peek = []
         self.next_use.clear()
+        self.retire_done()
 
     @property
     def _tracks_next_use(self) -> bool:
@@ -160,27 +220,33 @@ class PlanWindow:
         return distance
 
     def fill(self, until: Optional[int] = None) -> None:
-        """Plan pending batches in order while the window has room.
+        """Plan pending batches in order while fewer than L+1 batches hold slots.
 
         Args:
-            until: stop once this many batches wait planned (besides the training one).
+            until: stop once this many batches wait planned (besides those taken).
         """
         while (
             self.pending
-            and len(self.planned) + (self.training is not None) <= self.lookahead
+            and len(self.trained) + len(self.planned) <= self.lookahead
             and (until is None or len(self.planned) < until)
         ):
-            entry = self.pending[0]
-            t0 = time.perf_counter()
-            plan = self.planner.try_plan(entry.rows, entry.step, self._distance_fn(entry.step))
-            if plan is not None and self._tracks_next_use:
-                self.next_use.planned(entry.rows)
-            self.plan_seconds += time.perf_counter() - t0
-            if plan is None:
-                self.stalls += 1
+            if not self._plan_next():
                 return
-            entry.plan = plan
-            self.pending.popleft()
-            self.planned.append(entry)
-            if self.on_planned is not None:
-                self.on_planned(entry)
+
+    def _plan_next(self) -> bool:
+        """Plan the oldest pending batch; False (a stall) when its rows do not fit now."""
+        entry = self.pending[0]
+        t0 = time.perf_counter()
+        plan = self.planner.try_plan(entry.rows, entry.step, self._distance_fn(entry.step))
+        if plan is not None and self._tracks_next_use:
+            self.next_use.planned(entry.rows)
+        self.plan_seconds += time.perf_counter() - t0
+        if plan is None:
+            self.stalls += 1
+            return False
+        entry.plan = plan
+        self.pending.popleft()
+        self.planned.append(entry)
+        if self.on_planned is not None:
+            self.on_planned(entry)
+        return True

@@ -29,7 +29,7 @@ from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_scratchpipe.core.config import OPTIMIZER_STATE_NAMES, ScratchPipeConfig
-from torchrec_scratchpipe.core.engine import ScratchPipeEmbeddingBags
+from torchrec_scratchpipe.core.engine import PreparedBatch, ScratchPipeEmbeddingBags
 from torchrec_scratchpipe.core.plan import CapacityError
 from torchrec_scratchpipe.distributed.types import FUSED_PARAMS_KEY, ScratchPipeTableParams
 
@@ -219,6 +219,7 @@ class ScratchPipeEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
         self._weights: List[torch.Tensor] = [weights[n] for n in self._names]
         self._states: List[Dict[str, torch.Tensor]] = [states[n] for n in self._names]
         self._optim = ScratchPipeFusedOptimizer(config, self, pg)
+        self._token: Optional[int] = None  # names the batch of the next forward (set by the lookup)
 
     # ------------------------------------------------------------------ compute
     @property
@@ -269,12 +270,25 @@ class ScratchPipeEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
         """Pooled embeddings ``[B, sum(local dims)]`` of the tables, in feature order
         (for ``EmbeddingCollection`` tables, unpooled: ``[ids, dim]`` in id order)."""
         kjt = self._engine_kjt(features)
-        return self._guard(lambda: self._engine.pooled(kjt))
+        token, self._token = self._token, None
+        return self._guard(lambda: self._engine.pooled(kjt, token))
 
-    def prefetch(self, features: KeyedJaggedTensor) -> None:
-        """Announce a future batch (this kernel's slice of a distributed input)."""
+    def expect(self, token: Optional[int]) -> None:
+        """Name the batch of the next forward (a token from ``enqueue``)."""
+        self._token = token
+
+    def prepare(self, features: KeyedJaggedTensor) -> PreparedBatch:
+        """Validate a future batch (this kernel's slice of a distributed input); nothing changes."""
         kjt = self._engine_kjt(features)
-        self._guard(lambda: self._engine.prefetch(kjt))
+        return self._guard(lambda: self._engine.prepare(kjt))
+
+    def enqueue(self, batch: PreparedBatch) -> int:
+        """Queue a prepared batch; return its token."""
+        return self._engine.enqueue(batch)
+
+    def prefetch(self, features: KeyedJaggedTensor) -> int:
+        """Announce a future batch (this kernel's slice of a distributed input); return its token."""
+        return self.enqueue(self.prepare(features))
 
     def peek(self, features: Sequence[KeyedJaggedTensor]) -> None:
         """Show the victim policy batches beyond the prefetched ones (nothing moves)."""
@@ -294,19 +308,17 @@ class ScratchPipeEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
         self._engine.flush()
 
     def purge(self) -> None:
-        """Called by TorchRec before loading a state dict: make the store current."""
-        self._engine.flush()
+        """Called by TorchRec before loading a state dict: drop the cached copies (updates
+        not yet written back are flushed first; nothing is written over a load)."""
+        self._engine.purge()
 
     def refresh_weights(self) -> None:
-        """Reload resident slots after the weight views were written from outside."""
-        self._engine.load_table_weights({n: w.clone() for n, w in zip(self._names, self._weights)})
+        """Reload resident slots after the store views were loaded (weights or states)."""
+        self._engine.reload()
 
     def refresh_optimizer_states(self) -> None:
-        """Reload resident slots after the optimizer-state views were written from outside."""
-        if self._state_names:
-            self._engine.load_optimizer_states(
-                {n: {k: v.clone() for k, v in s.items()} for n, s in zip(self._names, self._states)}
-            )
+        """Reload resident slots after the optimizer-state views were loaded."""
+        self._engine.reload()
 
     def split_embedding_weights(self) -> List[torch.Tensor]:
         return list(self._weights)

@@ -9,7 +9,8 @@ group to TorchRec unchanged. The sharding subclasses only swap in that lookup.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+import weakref
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,7 @@ from torchrec.distributed.sharding.tw_sharding import TwPooledEmbeddingSharding
 from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_scratchpipe.core.engine import PreparedBatch
 from torchrec_scratchpipe.distributed.kernel import ScratchPipeEmbeddingBag
 from torchrec_scratchpipe.distributed.types import FUSED_PARAMS_KEY
 
@@ -41,12 +43,21 @@ class ScratchPipeLookupMixin:
     """What a TorchRec lookup needs to feed its ScratchPipe kernels (pooled or sequence).
 
     Mixed into a subclass of a TorchRec lookup (which has ``_emb_modules`` and
-    ``_feature_splits``): lists the ScratchPipe kernels, announces batches to them and
-    passes later batches' ids to their victim policy.
+    ``_feature_splits``): lists the ScratchPipe kernels, announces batches to them (in two
+    steps, ``prepare`` then ``commit``, so that ranks can agree in between), names each
+    prefetched batch by tokens kept with the very ``KeyedJaggedTensor`` TorchRec later
+    passes to ``forward`` (the kernels then know which queued batch trains without
+    comparing ids), and passes later batches' ids to their victim policy.
     """
 
     _emb_modules: Any
     _feature_splits: List[int]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._tokens: "weakref.WeakKeyDictionary[KeyedJaggedTensor, List[Tuple[ScratchPipeEmbeddingBag, int]]]" = (
+            weakref.WeakKeyDictionary()
+        )
 
     def scratchpipe_kernels(self) -> List[ScratchPipeEmbeddingBag]:
         """This lookup's ScratchPipe kernels, in group order."""
@@ -56,11 +67,41 @@ class ScratchPipeLookupMixin:
         parts = features.split(self._feature_splits)
         return [(m, f) for m, f in zip(self._emb_modules, parts) if isinstance(m, ScratchPipeEmbeddingBag)]
 
-    def _announce(self, sparse_features: KeyedJaggedTensor) -> None:
-        """Hand a future batch to every ScratchPipe kernel (each gets its own features)."""
-        if self.scratchpipe_kernels():
-            for kernel, features in self._scratchpipe_parts(sparse_features):
-                kernel.prefetch(features)
+    def prepare(self, sparse_features: KeyedJaggedTensor) -> List[PreparedBatch]:
+        """Validate a batch for every ScratchPipe kernel; nothing changes (raises on bad input)."""
+        if not self.scratchpipe_kernels():
+            return []
+        return [kernel.prepare(features) for kernel, features in self._scratchpipe_parts(sparse_features)]
+
+    def commit(
+        self,
+        sparse_features: KeyedJaggedTensor,
+        prepared: List[PreparedBatch],
+        forward_stream: Optional[Any] = None,
+    ) -> None:
+        """Prefetch for TorchRec's caching kernels and queue the prepared ScratchPipe batches."""
+        super().prefetch(sparse_features, forward_stream)  # type: ignore[misc]
+        if prepared:
+            kernels = self.scratchpipe_kernels()
+            self._tokens[sparse_features] = [(k, k.enqueue(p)) for k, p in zip(kernels, prepared)]
+
+    def prefetch(
+        self,
+        sparse_features: KeyedJaggedTensor,
+        forward_stream: Optional[Any] = None,
+    ) -> None:
+        """Prefetch for TorchRec's caching kernels, and announce the batch to ScratchPipe ones."""
+        self.commit(sparse_features, self.prepare(sparse_features), forward_stream)
+
+    def forward(self, sparse_features: KeyedJaggedTensor) -> Any:
+        """TorchRec's lookup, telling each ScratchPipe kernel which prefetched batch this is."""
+        for kernel, token in self._tokens.pop(sparse_features, []):
+            kernel.expect(token)
+        try:
+            return super().forward(sparse_features)  # type: ignore[misc]
+        finally:
+            for kernel in self.scratchpipe_kernels():
+                kernel.expect(None)
 
     def peek(self, future_features: Sequence[KeyedJaggedTensor]) -> None:
         """Pass the ids of batches after the prefetched ones to the victim policy."""
@@ -96,15 +137,6 @@ class ScratchPipeGroupedPooledEmbeddingsLookup(ScratchPipeLookupMixin, GroupedPo
         if is_scratchpipe_group(config):
             return ScratchPipeEmbeddingBag(config=config, pg=pg, device=device, sharding_type=sharding_type)
         return super()._create_embedding_kernel(config, device, pg, sharding_type, env)
-
-    def prefetch(
-        self,
-        sparse_features: KeyedJaggedTensor,
-        forward_stream: Optional[Any] = None,
-    ) -> None:
-        """Prefetch for TorchRec's caching kernels, and announce the batch to ScratchPipe ones."""
-        super().prefetch(sparse_features, forward_stream)
-        self._announce(sparse_features)
 
 
 class _ScratchPipeLookupMixin:

@@ -2,24 +2,27 @@
 
 TorchRec's ``PrefetchTrainPipelineSparseDist`` keeps one future batch and (on CPU)
 skips prefetch. This pipeline keeps H+1 batches in flight, runs the sparse input
-distribution ahead for each, and announces each one to the ScratchPipe kernels as soon
-as its distributed ids are known. The kernels' planners then move rows for up to L
-batches ahead while batch i trains, and use the ids of the rest (up to H ahead) to pick
-victims. Plain ``fused`` tables in the same model are untouched.
+distribution ahead for each, and announces each one to the ScratchPipe kernels once
+its distributed ids are known (after the backward of the step that fetched it). The
+kernels' planners then move rows for up to L batches ahead while batch i trains, and use
+the ids of the rest (up to H ahead) to pick victims. Plain ``fused`` tables in the same
+model are untouched. A bad batch is refused on every rank and dropped; training goes on.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterator, List, Optional, Tuple, cast
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, cast
 
 import torch
+import torch.distributed as dist
 from torchrec.distributed.train_pipeline.pipeline_context import PrefetchTrainPipelineContext
 from torchrec.distributed.train_pipeline.runtime_forwards import PrefetchPipelinedForward
 from torchrec.distributed.train_pipeline.train_pipelines import TrainPipelineSparseDist
 from torchrec.distributed.train_pipeline.utils import _wait_for_batch
 from torchrec.streamable import Multistreamable
 
+from torchrec_scratchpipe.distributed.batch_check import BatchAgreement, out_of_range
 from torchrec_scratchpipe.distributed.kernel import ScratchPipeEmbeddingBag
 from torchrec_scratchpipe.distributed.stats import scratchpipe_kernels
 
@@ -99,45 +102,57 @@ class ScratchPipeTrainPipeline(TrainPipelineSparseDist):
         )
         self.lookahead = lookahead
         self.horizon = horizon
-        for kernel in self._kernels:
-            kernel.engine.reset_window()
-            kernel.engine.set_window(lookahead, horizon)
-            # ids come from the input dist: copy them to the host there, not behind training work
-            kernel.engine.intake_stream = self._data_dist_stream
         self._started = False
         self._keys: Optional[List[str]] = None
-        self._required = sorted(
-            {
-                f
-                for m in model.modules()
-                for c in getattr(m, "_embedding_bag_configs", None) or getattr(m, "_embedding_configs", None) or []
-                for f in c.feature_names
-            }
-        )
+        self._announce_pending = False  # the newest batch is input-distributed, not yet announced
+        self._tables = _table_rows(model)
+        self._required = sorted(self._tables)
+        self._agreement = BatchAgreement(_process_group(model))
+        if not any(k.engine.queued() for k in self._kernels):
+            self._claim()  # else another pipeline's batches are in flight: claim at the first training step
 
-    def _check_batch(self, batch: Any) -> None:
-        """Refuse a batch whose sparse features do not match the model, before its input dist.
+    def _claim(self) -> None:
+        """Make the kernels' windows this pipeline's (L, H), unless they already are."""
+        for kernel in self._kernels:
+            engine = kernel.engine
+            if engine.owner is self:
+                continue
+            if engine.queued():
+                raise ValueError(
+                    f"tables {kernel.table_names} have {engine.queued()} batches in flight from another "
+                    "pipeline: finish them or call that pipeline's reset() before training with this one "
+                    "(an evaluation pipeline runs with model.eval() and needs no claim)."
+                )
+            engine.set_window(self.lookahead, self.horizon)
+            engine.owner = self
+            # ids come from the input dist: copy them to the host there, not behind training work
+            engine.intake_stream = self._data_dist_stream
 
-        TorchRec's input dist permutes features by the positions it saw in the first batch,
-        so a batch with other or reordered keys would silently train the wrong tables.
+    def _check_batch(self, batch: Any) -> Optional[str]:
+        """Why a batch must be refused (features unlike the model's, ids out of range), or None.
+
+        Checked before the batch's input dist, on the global ids: TorchRec's input dist
+        permutes features by the positions it saw in the first batch, so a batch with other
+        or reordered keys would silently train the wrong tables, and it splits ids by rows,
+        so a row-wise shard would only see a local id.
         """
         kjt = getattr(batch, "sparse_features", None)
         if kjt is None:
-            return
+            return None
         keys = list(kjt.keys())
         if self._keys is None:
             missing = [f for f in self._required if f not in keys]
             if missing:
-                raise ValueError(
+                return (
                     f"batch features {keys} lack {missing}, which the model's embedding tables read: "
                     "give every batch a KeyedJaggedTensor with all the model's features."
                 )
-            self._keys = keys
         elif keys != self._keys:
-            raise ValueError(
+            return (
                 f"batch features {keys} differ from the first batch's {self._keys}: every batch must "
                 "carry the same features in the same order."
             )
+        return out_of_range(kjt, self._tables, self._agreement.rank)
 
     @property
     def kernels(self) -> List[ScratchPipeEmbeddingBag]:
@@ -145,85 +160,96 @@ class ScratchPipeTrainPipeline(TrainPipelineSparseDist):
         return self._kernels
 
     def fill_pipeline(self, dataloader_iter: Iterator[Any]) -> None:
-        """Bring H+1 batches in flight: copied, input-distributed and announced."""
+        """Bring H+1 batches in flight: copied, checked, input-distributed and announced."""
         if not self.batches:
-            if not self.enqueue_batch(dataloader_iter):
+            if not self._enqueue_checked(dataloader_iter):
                 if not self._started:
                     raise ValueError(
                         "ScratchPipeTrainPipeline got an empty data iterator: it yielded no batch."
                     )
                 return
-            self._check_or_drop_last()
             self._started = True
             self._init_pipelined_modules(
                 self.batches[0], self.contexts[0], self._pipelined_forward_type  # type: ignore[arg-type]
             )
-            self.wait_sparse_data_dist(self.contexts[0])
-            self._announce(cast(PrefetchTrainPipelineContext, self.contexts[0]))
-        while len(self.batches) < self.horizon + 1 and self._enqueue_and_announce(dataloader_iter):
-            pass
-
-    def _enqueue_and_announce(self, dataloader_iter: Iterator[Any]) -> bool:
-        if not self._enqueue_checked(dataloader_iter):
-            return False
-        self._dist_and_announce()
-        return True
+            self._announce_last()
+        while len(self.batches) < self.horizon + 1 and self._enqueue_checked(dataloader_iter):
+            self.start_sparse_data_dist(self.batches[-1], self.contexts[-1])
+            self._announce_last()
 
     def _enqueue_checked(self, dataloader_iter: Iterator[Any]) -> bool:
-        """Fetch the next batch and check its features; a bad batch leaves no trace."""
+        """Fetch the next batch and check it on every rank; a bad batch is dropped everywhere."""
         if not self.enqueue_batch(dataloader_iter):
             return False
-        self._check_or_drop_last()
+        self._agree_or_drop(self._check_batch(self.batches[-1]), ValueError)
+        if self._keys is None:
+            self._keys = list(self.batches[-1].sparse_features.keys())
         return True
 
-    def _dist_and_announce(self) -> None:
-        self.start_sparse_data_dist(self.batches[-1], self.contexts[-1])
-        self.wait_sparse_data_dist(self.contexts[-1])
-        self._announce(cast(PrefetchTrainPipelineContext, self.contexts[-1]))
-
-    def _check_or_drop_last(self) -> None:
-        try:
-            self._check_batch(self.batches[-1])
-        except ValueError:
+    def _agree_or_drop(self, error: Optional[str], kind: type) -> None:
+        """Share a rank's verdict on the newest batch; if any rank refused it, every rank
+        drops it and raises the same error."""
+        verdict = self._agreement.first_error(error, kind)
+        if verdict is not None:
             self.batches.pop()
             self.contexts.pop()
-            raise
+            raise verdict
 
     def progress(self, dataloader_iter: Iterator[Any]) -> Any:
         """Train one batch; raise StopIteration when none is left.
 
+        Order of one step: announce the batch input-distributed during the previous step
+        (its rows are planned once training reaches it), top up the window, fetch, check and
+        start the input dist of the next batch, then forward (the kernels plan batch i+L
+        right after batch i's lookup is launched), backward and the optimizer step.
+
         Raises:
-            ValueError: the next batch's features do not match the model (checked before
-                this step changes anything), or the iterator was empty from the start.
+            ValueError: a batch was refused (features unlike the model's, an id outside its
+                table, more distinct rows than a scratchpad has slots), the iterator was
+                empty from the start, or (training mode) another pipeline still has batches
+                in flight on these tables. The batch is dropped on every rank before this step
+                changes anything; the next call goes on with the batches after it.
         """
         if not self._model_attached:
             self.attach(self._model)
+        if self._model.training:
+            self._claim()
+        if self._announce_pending:
+            self._announce_pending = False
+            self._announce_last()
         self.fill_pipeline(dataloader_iter)
         if not self.batches:
             raise StopIteration
         fetched = self._enqueue_checked(dataloader_iter)
+        if fetched:  # its ids travel while this batch trains; announced after backward
+            self.start_sparse_data_dist(self.batches[-1], self.contexts[-1])
         self._set_module_context(self.contexts[0])
         if self._model.training:
             self._optimizer.zero_grad()
         _wait_for_batch(self.batches[0], self._data_dist_stream)  # type: ignore[arg-type]
         losses, output = self._model_fwd(self.batches[0])
-        if fetched:  # the next batch enters the window while this one trains: its rows move now
-            self._dist_and_announce()
         if self._model.training:
             torch.sum(losses, dim=0).backward()
             self._optimizer.step()
+        self._announce_pending = fetched
         self.dequeue_batch()
         return output
 
-    def _announce(self, context: PrefetchTrainPipelineContext) -> None:
-        """Finish a batch's input dist and hand its ids to the ScratchPipe kernels.
+    def _announce_last(self) -> None:
+        """Finish the newest batch's input dist and hand its ids to the ScratchPipe kernels.
 
         Each input-dist awaitable is waited on exactly once here; the result is kept in
-        the context for ``PrefetchPipelinedForward`` (TorchRec's awaitable pitfall).
+        the context for ``PrefetchPipelinedForward`` (TorchRec's awaitable pitfall). In
+        training mode the kernels check the batch on every rank first (a batch with more
+        distinct rows than a scratchpad has slots is dropped everywhere); in eval mode they
+        are not told (eval forwards read rows in place and leave the training window alone).
         """
+        context = cast(PrefetchTrainPipelineContext, self.contexts[-1])
+        self.wait_sparse_data_dist(context)
         context.module_input_post_prefetch.clear()
         context.module_contexts_post_prefetch.clear()
         stream = self._data_dist_stream
+        inputs = []
         for module in self._pipelined_modules:
             name = module.forward._name  # type: ignore[union-attr]
             request = context.input_dist_tensors_requests.pop(name)
@@ -235,13 +261,47 @@ class ScratchPipeTrainPipeline(TrainPipelineSparseDist):
                 cur.wait_stream(stream)
                 cast(Multistreamable, dist_input).record_stream(cur)
                 module_ctx.record_stream(cur)
-            if getattr(module, "scratchpipe_kernels", None) and module.scratchpipe_kernels():  # type: ignore[operator]
-                module.prefetch(dist_input=dist_input, ctx=module_ctx)  # type: ignore[operator]
             context.module_input_post_prefetch[name] = dist_input
             context.module_contexts_post_prefetch[name] = module_ctx
+            if getattr(module, "scratchpipe_kernels", None) and module.scratchpipe_kernels():  # type: ignore[operator]
+                inputs.append((module, dist_input))
+        if not inputs or not self._model.training:
+            return
+        prepared, error, kind = [], None, ValueError
+        try:
+            prepared = [(m, d, m.prepare_prefetch(d)) for m, d in inputs]
+        except ValueError as e:
+            error, kind = str(e), type(e)
+        self._agree_or_drop(error, kind)
+        for module, dist_input, parts in prepared:
+            module.commit_prefetch(dist_input, parts)
 
     def reset(self) -> None:
-        """Drop every in-flight batch (TorchRec's reset) and empty the scratchpad windows."""
+        """Drop every in-flight batch (TorchRec's reset) and empty the scratchpad windows
+        this pipeline filled."""
         super().reset()
+        self._announce_pending = False
         for kernel in self._kernels:
-            kernel.engine.reset_window()
+            if kernel.engine.owner is self:
+                kernel.engine.reset_window()
+
+
+def _process_group(model: torch.nn.Module) -> Optional[dist.ProcessGroup]:
+    """The process group of the model's sharded modules (None when not distributed)."""
+    for module in model.modules():
+        env = getattr(module, "_env", None)
+        if env is not None and getattr(env, "process_group", None) is not None:
+            return env.process_group
+    return None
+
+
+def _table_rows(model: torch.nn.Module) -> Dict[str, Tuple[str, int]]:
+    """Feature -> (table, global rows) over the model's embedding tables (the smallest
+    table when a feature feeds several)."""
+    out: Dict[str, Tuple[str, int]] = {}
+    for m in model.modules():
+        for c in getattr(m, "_embedding_bag_configs", None) or getattr(m, "_embedding_configs", None) or []:
+            for f in c.feature_names:
+                if f not in out or c.num_embeddings < out[f][1]:
+                    out[f] = (c.name, c.num_embeddings)
+    return out

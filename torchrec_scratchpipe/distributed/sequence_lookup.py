@@ -47,15 +47,6 @@ class ScratchPipeGroupedEmbeddingsLookup(ScratchPipeLookupMixin, GroupedEmbeddin
             return ScratchPipeEmbeddingBag(config=config, pg=pg, device=device)
         return super()._create_embedding_kernel(config, pg, device, env)
 
-    def prefetch(
-        self,
-        sparse_features: KeyedJaggedTensor,
-        forward_stream: Optional[Any] = None,
-    ) -> None:
-        """Prefetch for TorchRec's caching kernels, and announce the batch to ScratchPipe ones."""
-        super().prefetch(sparse_features, forward_stream)
-        self._announce(sparse_features)
-
 
 class _SequenceLookupMixin:
     """Makes a TorchRec sequence sharding create a ScratchPipe-aware lookup."""

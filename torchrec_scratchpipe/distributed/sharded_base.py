@@ -93,6 +93,25 @@ class ScratchPipeShardedMixin:
         for kernel in self.scratchpipe_kernels():
             kernel.refresh_weights()
 
+    def prepare_prefetch(self, dist_input: KJTList) -> List[Any]:
+        """Validate a batch's input-dist output for every ScratchPipe kernel; nothing changes.
+
+        ``commit_prefetch(dist_input, prepared)`` then announces it: a pipeline can agree
+        across ranks in between, so that a batch one rank refuses is dropped by all.
+        """
+        return [
+            lookup.prepare(features) if isinstance(lookup, ScratchPipeLookupMixin) else None
+            for features, lookup in zip(dist_input, map(unwrap, self._lookups))
+        ]
+
+    def commit_prefetch(self, dist_input: KJTList, prepared: List[Any], forward_stream: Optional[Any] = None) -> None:
+        """Announce a batch prepared by ``prepare_prefetch`` (TorchRec's ``prefetch``, in two steps)."""
+        for features, lookup, part in zip(dist_input, map(unwrap, self._lookups), prepared):
+            if isinstance(lookup, ScratchPipeLookupMixin):
+                lookup.commit(features, part, forward_stream)
+            else:
+                lookup.prefetch(sparse_features=features, forward_stream=forward_stream)
+
     def peek(self, dist_inputs: Sequence[KJTList]) -> None:
         """Ids of batches after the prefetched ones (each the output of ``input_dist``)."""
         for i, lookup in enumerate(self._lookups):
