@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_scratchpipe.compat import PoolingMode
 from torchrec_scratchpipe.core.config import OPTIMIZER_STATE_NAMES, ScratchPipeConfig, check_optimizer, state_shapes
 from torchrec_scratchpipe.core.mover import Mover
 from torchrec_scratchpipe.core.plan import CapacityError, SlotPlanner

@@ -14,12 +14,14 @@ import logging
 from typing import Any, Callable, Iterator, List, Optional, Tuple, cast
 
 import torch
-from torchrec.distributed.train_pipeline.pipeline_context import PrefetchTrainPipelineContext
-from torchrec.distributed.train_pipeline.runtime_forwards import PrefetchPipelinedForward
-from torchrec.distributed.train_pipeline.train_pipelines import TrainPipelineSparseDist
-from torchrec.distributed.train_pipeline.utils import _wait_for_batch
-from torchrec.streamable import Multistreamable
 
+from torchrec_scratchpipe.compat import (
+    Multistreamable,
+    PrefetchPipelinedForward,
+    PrefetchTrainPipelineContext,
+    TrainPipelineSparseDist,
+    wait_for_batch,
+)
 from torchrec_scratchpipe.distributed.kernel import ScratchPipeEmbeddingBag
 from torchrec_scratchpipe.distributed.stats import scratchpipe_kernels
 
@@ -198,7 +200,7 @@ class ScratchPipeTrainPipeline(TrainPipelineSparseDist):
         self._set_module_context(self.contexts[0])
         if self._model.training:
             self._optimizer.zero_grad()
-        _wait_for_batch(self.batches[0], self._data_dist_stream)  # type: ignore[arg-type]
+        wait_for_batch(self.batches[0], self._data_dist_stream)  # type: ignore[arg-type]
         losses, output = self._model_fwd(self.batches[0])
         if fetched:  # the next batch enters the window while this one trains: its rows move now
             self._dist_and_announce()

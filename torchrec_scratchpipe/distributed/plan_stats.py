@@ -19,8 +19,9 @@ from torchrec.distributed.planner.types import (
     StorageReservation,
     Topology,
 )
-from torchrec.distributed.types import ModuleSharder, ShardingPlan, _tabulate
+from torchrec.distributed.types import ModuleSharder, ShardingPlan
 
+from torchrec_scratchpipe.compat import tabulate
 from torchrec_scratchpipe.distributed.estimators import load_factor_of
 from torchrec_scratchpipe.distributed.types import SCRATCHPIPE
 
@@ -86,5 +87,5 @@ class ScratchPipeStats(Stats):
             "table", "sharding", "rank", "rows", "load factor", "slots",
             f"scratchpad MB ({device_mem})", f"staging MB ({device_mem})", "backing store + maps MB (DDR)",
         ]
-        text = _tabulate(table, header)  # type: ignore[arg-type]
+        text = tabulate(table, header)  # type: ignore[arg-type]
         logger.info("ScratchPipe scratchpads (kernel '%s'):\n%s", SCRATCHPIPE, text)
