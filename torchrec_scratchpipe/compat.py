@@ -5,7 +5,11 @@ torchrec 1.6.1-1.9.x (see the README's version table). Everything below is eithe
 (an underscore name), absent or moved in one of those versions, or an extension point
 whose internals the package relies on (kernel base, lookup, shardings, estimators, train
 pipeline). Public data types (configs, ``KeyedJaggedTensor``, ``ShardingType``,
-``ParameterConstraints``, ``EmbOptimType``, ...) are imported directly where used.
+``ParameterConstraints``, ``EmbOptimType``, ...) are imported directly where used. The
+package's subclasses of the classes below (lookup, shardings, sharded module, planner,
+train pipeline) also read their base classes' private attributes (e.g. ``_emb_modules``,
+``_pipelined_modules``); those reads stay in the subclasses, and the suite covers them on
+every stack CI runs.
 
 Nothing here changes TorchRec or FBGEMM at import time. The only change to a TorchRec
 module is scoped: :func:`compute_kernels_accepted` lets the planner's final validation
