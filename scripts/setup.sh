@@ -37,6 +37,9 @@ case "$STACK" in
 esac
 PY=${PYTHON:-python3}
 STAMP="$VENV/.scratchpipe-stack-$STACK"
+if [ -f "scripts/stacks/$STACK.txt" ]; then  # a changed pin list re-installs
+  STAMP="$STAMP-$(cat scripts/stacks/common.txt "scripts/stacks/$STACK.txt" | sha256sum | cut -c1-12)"
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
