@@ -1,36 +1,63 @@
 #!/usr/bin/env bash
-# Create .venv with a working torch + fbgemm-gpu + torchrec stack, then install this
-# package in editable mode with its test extras. Idempotent: a second run only re-checks.
+# Create a virtual environment with a torch + fbgemm-gpu + torchrec stack, then install this
+# package in editable mode with its test tools. Idempotent: a second run only re-checks.
 #
-#   bash scripts/setup.sh            # auto-detect CUDA (nvidia-smi) or CPU
-#   SP_STACK=cpu bash scripts/setup.sh
+#   bash scripts/setup.sh                   # the default stack in .venv (CUDA build if nvidia-smi works)
+#   bash scripts/setup.sh --stack oldest    # or SP_STACK=oldest: a stack in its own .venv-oldest
 #
-# CPU stack (pinned, see docs/user_guide.md): torch 2.13.0, fbgemm-gpu-cpu 1.8.0,
-# torchrec 1.8.0 installed with --no-deps (its metadata asks for the CUDA fbgemm-gpu).
+# Stacks (the README's "Supported versions" table; torchrec always with --no-deps, since its
+# metadata asks for the CUDA fbgemm-gpu package, which would replace fbgemm-gpu-cpu):
+#   default  torch 2.13.0 (CPU), fbgemm-gpu-cpu 1.8.0, torchrec 1.8.0           -> .venv
+#   cuda     torch 2.13.0, fbgemm-gpu 1.8.0 (CUDA), torchrec 1.8.0                -> .venv
+#   oldest   torch 2.11.0, fbgemm-gpu-cpu 1.6.0, torchrec 1.6.1 (the GPU kit's)    -> .venv-oldest
+#   newest   torch 2.14.1, fbgemm-gpu-cpu 1.9.0, torchrec 1.9.2                   -> .venv-newest
+# ("cpu" is another name for "default".) oldest and newest install the exact pins of
+# scripts/stacks/NAME.txt with --no-deps: torch's CUDA build runs on CPU, and --no-deps skips
+# the NVIDIA packages nothing loads there (triton alone is ~0.5 GB unpacked).
+# SP_VENV overrides the venv folder, PYTHON the interpreter that creates it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${SP_VENV:-.venv}
-PY=${PYTHON:-python3}
-STACK=${SP_STACK:-auto}
-if [ "$STACK" = auto ]; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then STACK=cuda; else STACK=cpu; fi
+STACK=${SP_STACK:-}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --stack) STACK=${2:?--stack needs a name}; shift 2 ;;
+    --stack=*) STACK=${1#--stack=}; shift ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown argument '$1' (use --stack default|cuda|oldest|newest)" >&2; exit 2 ;;
+  esac
+done
+if [ -z "$STACK" ] || [ "$STACK" = auto ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then STACK=cuda; else STACK=default; fi
 fi
+[ "$STACK" = cpu ] && STACK=default
+case "$STACK" in
+  default|cuda) VENV=${SP_VENV:-.venv} ;;
+  oldest|newest) VENV=${SP_VENV:-.venv-$STACK} ;;
+  *) echo "setup.sh: unknown stack '$STACK' (use default, cuda, oldest or newest)" >&2; exit 2 ;;
+esac
+PY=${PYTHON:-python3}
 STAMP="$VENV/.scratchpipe-stack-$STACK"
+if [ -f "scripts/stacks/$STACK.txt" ]; then  # a changed pin list re-installs
+  STAMP="$STAMP-$(cat scripts/stacks/common.txt "scripts/stacks/$STACK.txt" | sha256sum | cut -c1-12)"
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 if [ ! -f "$STAMP" ]; then
-  if [ "$STACK" = cpu ]; then
-    "${PIP[@]}" torch==2.13.0
-    "${PIP[@]}" fbgemm-gpu-cpu==1.8.0
-  else
-    "${PIP[@]}" torch==2.13.0
-    "${PIP[@]}" fbgemm-gpu==1.8.0
-  fi
-  "${PIP[@]}" --no-deps torchrec==1.8.0
-  "${PIP[@]}" tensordict torchmetrics==1.0.3 tqdm pyre-extensions iopath torchx==0.7.0 \
-    numpy matplotlib
+  case "$STACK" in
+    default|cuda)
+      if [ "$STACK" = default ]; then FBGEMM=fbgemm-gpu-cpu==1.8.0; else FBGEMM=fbgemm-gpu==1.8.0; fi
+      "${PIP[@]}" torch==2.13.0
+      "${PIP[@]}" "$FBGEMM"
+      "${PIP[@]}" --no-deps torchrec==1.8.0
+      "${PIP[@]}" tensordict torchmetrics==1.0.3 tqdm pyre-extensions iopath torchx==0.7.0 \
+        numpy matplotlib
+      ;;
+    *)
+      "${PIP[@]}" --no-deps -r "scripts/stacks/$STACK.txt"
+      ;;
+  esac
   touch "$STAMP"
 fi
 "${PIP[@]}" --no-deps -e .

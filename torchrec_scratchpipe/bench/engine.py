@@ -20,15 +20,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
-from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-    ComputeDevice,
-    SplitTableBatchedEmbeddingBagsCodegen,
-)
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tqdm import tqdm
 
+from torchrec_scratchpipe.compat import ComputeDevice, EmbeddingLocation, PoolingMode, SplitTableBatchedEmbeddingBagsCodegen
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.core.engine import ScratchPipeEmbeddingBags
 from torchrec_scratchpipe.data.synthetic import SyntheticClickLog, SyntheticConfig

@@ -13,10 +13,10 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
+from torchrec_scratchpipe.compat import PoolingMode
 from torchrec_scratchpipe.core.config import OPTIMIZER_STATE_NAMES, ScratchPipeConfig, check_optimizer, state_shapes
 from torchrec_scratchpipe.core.mover import Mover
 from torchrec_scratchpipe.core.plan import CapacityError, SlotPlanner

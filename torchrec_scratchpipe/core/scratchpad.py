@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import torch
-from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
-from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+
+from torchrec_scratchpipe.compat import (
     ComputeDevice,
+    EmbeddingLocation,
+    PoolingMode,
     SplitTableBatchedEmbeddingBagsCodegen,
 )
-
 from torchrec_scratchpipe.core.config import OPTIMIZER_STATE_NAMES, ScratchPipeConfig, check_optimizer
 
 

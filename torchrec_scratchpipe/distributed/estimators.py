@@ -27,14 +27,6 @@ from typing import Dict, List, Optional
 
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-from torchrec.distributed.planner.constants import BIGINT_DTYPE
-from torchrec.distributed.planner.shard_estimators import (
-    EmbeddingPerfEstimator,
-    EmbeddingStorageEstimator,
-    _calculate_shard_io_sizes,
-    calculate_pipeline_io_cost,
-    get_num_poolings,
-)
 from torchrec.distributed.planner.types import (
     ParameterConstraints,
     SharderDataMap,
@@ -46,6 +38,14 @@ from torchrec.distributed.planner.types import (
 from torchrec.distributed.types import PipelineType, ShardingType
 from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS
 
+from torchrec_scratchpipe.compat import (
+    BIGINT_DTYPE,
+    EmbeddingPerfEstimator,
+    EmbeddingStorageEstimator,
+    calculate_pipeline_io_cost,
+    calculate_shard_io_sizes,
+    get_num_poolings,
+)
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.core.plan import SlotPlanner
 from torchrec_scratchpipe.core.staging import StagingRing
@@ -131,7 +131,7 @@ class ScratchPipeStorageEstimator(ShardEstimator):
         optimizer = self.optimizers.get(so.name, EmbOptimType.EXACT_SGD)
         lookahead = self.config.lookahead if self.config is not None else 0
         out_size = DATA_TYPE_NUM_BITS[so.output_dtype] / 8 if so.output_dtype else so.tensor.element_size()
-        input_sizes, output_sizes = _calculate_shard_io_sizes(
+        input_sizes, output_sizes = calculate_shard_io_sizes(
             sharding_type=so.sharding_type,
             batch_sizes=batch_sizes_of(so, self._constraints),
             world_size=topo.world_size,

@@ -17,17 +17,20 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
 from torch import nn
-from torchrec.distributed.batched_embedding_kernel import EmbeddingFusedOptimizer
-from torchrec.distributed.composable.table_batched_embedding_slice import TableBatchedEmbeddingSlice
-from torchrec.distributed.embedding_kernel import BaseEmbedding, get_state_dict
 from torchrec.distributed.embedding_types import GroupedEmbeddingConfig
 from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_configs import DataType, PoolingType, pooling_type_to_pooling_mode
 from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_scratchpipe.compat import (
+    BaseEmbedding,
+    EmbeddingFusedOptimizer,
+    PoolingMode,
+    TableBatchedEmbeddingSlice,
+    get_state_dict,
+)
 from torchrec_scratchpipe.core.config import OPTIMIZER_STATE_NAMES, ScratchPipeConfig
 from torchrec_scratchpipe.core.engine import PreparedBatch, ScratchPipeEmbeddingBags
 from torchrec_scratchpipe.core.plan import CapacityError

@@ -14,19 +14,21 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
-from torchrec.distributed.embedding_kernel import BaseEmbedding
-from torchrec.distributed.embedding_lookup import GroupedPooledEmbeddingsLookup
 from torchrec.distributed.embedding_types import (
     BaseGroupedFeatureProcessor,
     EmbeddingComputeKernel,
     GroupedEmbeddingConfig,
 )
-from torchrec.distributed.sharding.cw_sharding import CwPooledEmbeddingSharding
-from torchrec.distributed.sharding.rw_sharding import RwPooledEmbeddingSharding
-from torchrec.distributed.sharding.tw_sharding import TwPooledEmbeddingSharding
 from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_scratchpipe.compat import (
+    BaseEmbedding,
+    CwPooledEmbeddingSharding,
+    GroupedPooledEmbeddingsLookup,
+    RwPooledEmbeddingSharding,
+    TwPooledEmbeddingSharding,
+)
 from torchrec_scratchpipe.core.engine import PreparedBatch
 from torchrec_scratchpipe.distributed.kernel import ScratchPipeEmbeddingBag
 from torchrec_scratchpipe.distributed.types import FUSED_PARAMS_KEY

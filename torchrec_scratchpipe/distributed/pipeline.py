@@ -16,12 +16,14 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, cast
 
 import torch
 import torch.distributed as dist
-from torchrec.distributed.train_pipeline.pipeline_context import PrefetchTrainPipelineContext
-from torchrec.distributed.train_pipeline.runtime_forwards import PrefetchPipelinedForward
-from torchrec.distributed.train_pipeline.train_pipelines import TrainPipelineSparseDist
-from torchrec.distributed.train_pipeline.utils import _wait_for_batch
-from torchrec.streamable import Multistreamable
 
+from torchrec_scratchpipe.compat import (
+    Multistreamable,
+    PrefetchPipelinedForward,
+    PrefetchTrainPipelineContext,
+    TrainPipelineSparseDist,
+    wait_for_batch,
+)
 from torchrec_scratchpipe.distributed.batch_check import BatchAgreement, out_of_range
 from torchrec_scratchpipe.distributed.kernel import ScratchPipeEmbeddingBag
 from torchrec_scratchpipe.distributed.stats import scratchpipe_kernels
@@ -226,7 +228,7 @@ class ScratchPipeTrainPipeline(TrainPipelineSparseDist):
         self._set_module_context(self.contexts[0])
         if self._model.training:
             self._optimizer.zero_grad()
-        _wait_for_batch(self.batches[0], self._data_dist_stream)  # type: ignore[arg-type]
+        wait_for_batch(self.batches[0], self._data_dist_stream)  # type: ignore[arg-type]
         losses, output = self._model_fwd(self.batches[0])
         if self._model.training:
             torch.sum(losses, dim=0).backward()

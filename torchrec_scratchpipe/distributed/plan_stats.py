@@ -19,8 +19,9 @@ from torchrec.distributed.planner.types import (
     StorageReservation,
     Topology,
 )
-from torchrec.distributed.types import ModuleSharder, ShardingPlan, _tabulate
+from torchrec.distributed.types import ModuleSharder, ShardingPlan
 
+from torchrec_scratchpipe.compat import tabulate
 from torchrec_scratchpipe.distributed.estimators import load_factor_of
 from torchrec_scratchpipe.distributed.types import SCRATCHPIPE
 
@@ -107,4 +108,4 @@ def format_scratchpipe_plan(rows: List[Dict[str, Any]]) -> str:
         f"device: scratchpad MB ({device_mem})", f"device: staging MB ({device_mem})",
         "host: store MB (DDR)", "host: planner MB (DDR)", "host: pinned staging MB (DDR)",
     ]
-    return f"ScratchPipe tables (kernel '{SCRATCHPIPE}'), memory per shard:\n" + _tabulate(table, header)  # type: ignore[arg-type]
+    return f"ScratchPipe tables (kernel '{SCRATCHPIPE}'), memory per shard:\n" + tabulate(table, header)  # type: ignore[arg-type]

@@ -11,32 +11,33 @@ What it adds to TorchRec's planner:
 - row-wise is offered on CPU only to tables whose constraints ask for it, so tables
   without ScratchPipe constraints plan exactly as in plain TorchRec.
 
-The one scoped patch: TorchRec's ``planners.validate_compute_kernels`` rejects kernel
+The one scoped patch: TorchRec's final plan validation (torchrec >= 1.7) rejects kernel
 names outside its enum, so during ``plan()`` (and only then)
-:func:`scratchpipe_kernel_registered` adds ``"scratchpipe"`` to the module-level set it
-checks, and removes it afterwards.
+:func:`scratchpipe_kernel_registered` lets it accept ``"scratchpipe"`` through
+:func:`torchrec_scratchpipe.compat.compute_kernels_accepted`, and undoes that afterwards.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import threading
-from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, ContextManager, Dict, List, Optional, Set, Tuple
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
-from torchrec.distributed.planner import planners as _trec_planners
-from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
-from torchrec.distributed.planner.planners import EmbeddingShardingPlanner
-from torchrec.distributed.planner.stats import EmbeddingStats
+from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.types import ParameterConstraints, ShardingOption, Topology
-from torchrec.distributed.planner.utils import sharder_name
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
-from torchrec.distributed.utils import optimizer_type_to_emb_opt_type
 
+from torchrec_scratchpipe.compat import (
+    EmbeddingEnumerator,
+    EmbeddingStats,
+    compute_kernels_accepted,
+    optimizer_type_to_emb_opt_type,
+    sharder_name,
+)
 from torchrec_scratchpipe.core.config import check_optimizer
 from torchrec_scratchpipe.distributed.estimators import (
     ScratchPipePerfEstimator,
@@ -52,35 +53,24 @@ from torchrec_scratchpipe.distributed.types import SCRATCHPIPE, check_load_facto
 from torchrec_scratchpipe.quiet import default_storage_reservation
 
 logger: logging.Logger = logging.getLogger(__name__)
-_lock = threading.Lock()
 #: Values of ``ShardingPlanner(capacity_check=...)``.
 CAPACITY_CHECKS = ("warn", "error", "off")
-_depth = 0
+_lock = threading.Lock()
 _WARNED: Set[str] = set()
 
 
-@contextlib.contextmanager
-def scratchpipe_kernel_registered() -> Iterator[None]:
+def scratchpipe_kernel_registered() -> ContextManager[None]:
     """Let TorchRec's final plan validation accept ``"scratchpipe"`` inside this block.
 
-    Re-entrant; the kernel name is removed again when the outermost block exits.
+    Re-entrant; the kernel name is removed again when the outermost block exits. On
+    TorchRec versions that do not validate kernel names it does nothing.
 
     Example::
 
         >>> with scratchpipe_kernel_registered():
         ...     pass  # EmbeddingShardingPlanner.plan(...) accepts "scratchpipe" here
     """
-    global _depth
-    with _lock:
-        _depth += 1
-        _trec_planners._VALID_COMPUTE_KERNELS.add(SCRATCHPIPE)
-    try:
-        yield
-    finally:
-        with _lock:
-            _depth -= 1
-            if _depth == 0:
-                _trec_planners._VALID_COMPUTE_KERNELS.discard(SCRATCHPIPE)
+    return compute_kernels_accepted([SCRATCHPIPE])
 
 
 def scratchpipe_tables(constraints: Optional[Dict[str, ParameterConstraints]]) -> List[str]:

@@ -21,7 +21,6 @@ from torchrec.distributed.sharding.cw_sequence_sharding import CwSequenceEmbeddi
 from torchrec.distributed.sharding.rw_sequence_sharding import RwSequenceEmbeddingSharding
 from torchrec.distributed.sharding.tw_sequence_sharding import TwSequenceEmbeddingSharding
 from torchrec.distributed.types import ShardingEnv, ShardingType
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_scratchpipe.distributed.kernel import ScratchPipeEmbeddingBag
 from torchrec_scratchpipe.distributed.lookup import ScratchPipeLookupMixin, is_scratchpipe_group

@@ -10,12 +10,7 @@ from typing import Any, Dict, List, Optional, Type
 
 import torch
 from torch import nn
-from torchrec.distributed.embedding_sharding import EmbeddingSharding, EmbeddingShardingInfo
-from torchrec.distributed.embeddingbag import (
-    EmbeddingBagCollectionSharder,
-    ShardedEmbeddingBagCollection,
-    replace_placement_with_meta_device,
-)
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import (
     ModuleSharder,
@@ -26,6 +21,12 @@ from torchrec.distributed.types import (
 )
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+from torchrec_scratchpipe.compat import (
+    EmbeddingSharding,
+    EmbeddingShardingInfo,
+    ShardedEmbeddingBagCollection,
+    replace_placement_with_meta_device,
+)
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.distributed.lookup import SCRATCHPIPE_SHARDINGS
 from torchrec_scratchpipe.distributed.sequence_sharder import ScratchPipeEmbeddingCollectionSharder

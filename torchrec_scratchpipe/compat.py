@@ -1,0 +1,187 @@
+"""The one module through which the package touches TorchRec and FBGEMM internals.
+
+Supported stacks: torch 2.11-2.14 with the matching fbgemm-gpu(-cpu) 1.6-1.9 and
+torchrec 1.6.1-1.9.x (see the README's version table). Everything below is either private
+(an underscore name), absent or moved in one of those versions, or an extension point
+whose internals the package relies on (kernel base, lookup, shardings, estimators, train
+pipeline). Public data types (configs, ``KeyedJaggedTensor``, ``ShardingType``,
+``ParameterConstraints``, ``EmbOptimType``, ...) are imported directly where used. The
+package's subclasses of the classes below (lookup, shardings, sharded module, planner,
+train pipeline) also read their base classes' private attributes (e.g. ``_emb_modules``,
+``_pipelined_modules``); those reads stay in the subclasses, and the suite covers them on
+every stack CI runs.
+
+Nothing here changes TorchRec or FBGEMM at import time. The only change to a TorchRec
+module is scoped: :func:`compute_kernels_accepted` lets the planner's final validation
+accept extra kernel names inside a ``with`` block (torchrec >= 1.7 validates kernel names
+against a module-level set; 1.6.1 does not validate them, so the block does nothing there).
+
+Example::
+
+    >>> from torchrec_scratchpipe import compat
+    >>> compat.STACK["torchrec"] >= (1, 6)
+    True
+    >>> with compat.compute_kernels_accepted(["scratchpipe"]):
+    ...     pass  # EmbeddingShardingPlanner.plan(...) accepts "scratchpipe" here
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import re
+import threading
+from typing import Dict, Iterable, Iterator, Optional, Set, Tuple
+
+# --- FBGEMM: the TBE the scratchpad trains with -------------------------------------
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+    ComputeDevice,
+    SplitTableBatchedEmbeddingBagsCodegen,
+)
+
+# --- TorchRec: kernel base, fused optimizer, state dict --------------------------------
+from torchrec.distributed.batched_embedding_kernel import EmbeddingFusedOptimizer
+from torchrec.distributed.composable.table_batched_embedding_slice import TableBatchedEmbeddingSlice
+from torchrec.distributed.embedding_kernel import BaseEmbedding, get_state_dict
+
+# --- TorchRec: lookup, shardings, sharded module --------------------------------------
+from torchrec.distributed.embedding_lookup import GroupedPooledEmbeddingsLookup
+from torchrec.distributed.embedding_sharding import EmbeddingSharding, EmbeddingShardingInfo
+from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection, replace_placement_with_meta_device
+from torchrec.distributed.sharding.cw_sharding import CwPooledEmbeddingSharding
+from torchrec.distributed.sharding.rw_sharding import RwPooledEmbeddingSharding
+from torchrec.distributed.sharding.tw_sharding import TwPooledEmbeddingSharding
+
+# --- TorchRec: planner, estimators, stats ---------------------------------------------
+from torchrec.distributed.planner import planners as _planners
+from torchrec.distributed.planner.constants import BIGINT_DTYPE
+from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+from torchrec.distributed.planner.shard_estimators import (
+    EmbeddingPerfEstimator,
+    EmbeddingStorageEstimator,
+    _calculate_shard_io_sizes,
+    calculate_pipeline_io_cost,
+    get_num_poolings,
+)
+from torchrec.distributed.planner.stats import EmbeddingStats
+from torchrec.distributed.planner.utils import sharder_name
+from torchrec.distributed.types import _tabulate
+from torchrec.distributed.utils import optimizer_type_to_emb_opt_type
+
+# --- TorchRec: train pipeline internals -----------------------------------------------
+from torchrec.distributed.train_pipeline.pipeline_context import PrefetchTrainPipelineContext
+from torchrec.distributed.train_pipeline.runtime_forwards import PrefetchPipelinedForward
+from torchrec.distributed.train_pipeline.train_pipelines import TrainPipelineSparseDist
+from torchrec.distributed.train_pipeline.utils import _wait_for_batch
+from torchrec.streamable import Multistreamable
+
+#: TorchRec's shard input/output size helper (private in every supported version).
+calculate_shard_io_sizes = _calculate_shard_io_sizes
+#: TorchRec's plain-text table formatter (private in every supported version).
+tabulate = _tabulate
+#: Wait for a batch's host-to-device copy on ``stream`` (TorchRec's private helper).
+wait_for_batch = _wait_for_batch
+
+__all__ = [
+    "BIGINT_DTYPE", "BaseEmbedding", "ComputeDevice", "CwPooledEmbeddingSharding", "EmbeddingEnumerator",
+    "EmbeddingFusedOptimizer", "EmbeddingLocation", "EmbeddingPerfEstimator", "EmbeddingSharding",
+    "EmbeddingShardingInfo", "EmbeddingStats", "EmbeddingStorageEstimator", "GroupedPooledEmbeddingsLookup",
+    "Multistreamable", "PoolingMode", "PrefetchPipelinedForward", "PrefetchTrainPipelineContext",
+    "RwPooledEmbeddingSharding", "STACK", "ShardedEmbeddingBagCollection", "SplitTableBatchedEmbeddingBagsCodegen",
+    "TableBatchedEmbeddingSlice", "TrainPipelineSparseDist", "TwPooledEmbeddingSharding",
+    "calculate_pipeline_io_cost", "calculate_shard_io_sizes", "compute_kernels_accepted", "get_num_poolings",
+    "get_state_dict", "kernel_validation_set", "optimizer_type_to_emb_opt_type", "replace_placement_with_meta_device",
+    "sharder_name", "stack_text", "tabulate", "version_tuple", "wait_for_batch",
+]
+
+
+def version_tuple(text: str) -> Tuple[int, ...]:
+    """The leading numeric release of a version string: ``"2.11.0+cu130"`` -> ``(2, 11, 0)``.
+
+    Example::
+
+        >>> version_tuple("1.9.0rc1")
+        (1, 9, 0)
+    """
+    match = re.match(r"\d+(\.\d+)*", text)
+    if match is None:
+        raise ValueError(f"not a version string: {text!r}")
+    return tuple(int(p) for p in match.group(0).split("."))
+
+
+def _installed(*names: str) -> str:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "0"  # an unpackaged checkout (e.g. the GPU kit's PYTHONPATH install without metadata)
+
+
+#: Versions of the running stack as tuples, e.g. ``{"torch": (2, 11, 0), ...}``.
+STACK: Dict[str, Tuple[int, ...]] = {
+    "torch": version_tuple(_installed("torch")),
+    "fbgemm_gpu": version_tuple(_installed("fbgemm-gpu", "fbgemm-gpu-cpu", "fbgemm_gpu", "fbgemm_gpu_cpu")),
+    "torchrec": version_tuple(_installed("torchrec")),
+}
+
+
+def stack_text() -> str:
+    """One line naming the running stack, e.g. ``torch 2.11.0, fbgemm-gpu 1.6.0, torchrec 1.6.1``."""
+    return ", ".join(
+        f"{name.replace('_', '-')} {'.'.join(map(str, version))}" for name, version in STACK.items()
+    )
+
+
+def kernel_validation_set() -> Optional[Set[str]]:
+    """The set of kernel names TorchRec's planner accepts at the end of ``plan()``.
+
+    ``None`` where this TorchRec version does not validate kernel names (1.6.x).
+    """
+    valid = getattr(_planners, "_VALID_COMPUTE_KERNELS", None)
+    return valid if isinstance(valid, set) else None
+
+
+_lock = threading.Lock()
+_accepted: Dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def compute_kernels_accepted(names: Iterable[str]) -> Iterator[None]:
+    """Let TorchRec's final plan validation accept the kernel ``names`` inside this block.
+
+    Re-entrant and thread-safe: a name is removed again when the last block that added it
+    exits, and names TorchRec itself knows are never removed. Does nothing on TorchRec
+    versions that do not validate kernel names.
+
+    Args:
+        names: kernel names outside ``EmbeddingComputeKernel`` (e.g. ``["scratchpipe"]``).
+
+    Example::
+
+        >>> with compute_kernels_accepted(["scratchpipe"]):
+        ...     valid = kernel_validation_set()
+        ...     assert valid is None or "scratchpipe" in valid
+    """
+    valid = kernel_validation_set()
+    if valid is None:
+        yield
+        return
+    added = []
+    with _lock:
+        for name in names:
+            if name in valid and name not in _accepted:
+                continue  # TorchRec's own kernel: never ours to remove
+            _accepted[name] = _accepted.get(name, 0) + 1
+            valid.add(name)
+            added.append(name)
+    try:
+        yield
+    finally:
+        with _lock:
+            for name in added:
+                _accepted[name] -= 1
+                if _accepted[name] == 0:
+                    del _accepted[name]
+                    valid.discard(name)
