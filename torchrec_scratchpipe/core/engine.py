@@ -66,8 +66,7 @@ class _Group:
 
     def rows_of(self, ids: torch.Tensor, per_feature: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(distinct group rows, group row of each id) of this group's ``ids``, ``per_feature`` ids per feature."""
-        group_ids = ids + torch.repeat_interleave(self.feature_base, per_feature, output_size=ids.numel())
-        return self.planner.unique(group_ids), group_ids
+        return self.planner.group_rows(ids, self.feature_base, per_feature)
 
     def init_weights(self) -> None:
         with torch.no_grad():
