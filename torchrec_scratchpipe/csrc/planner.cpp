@@ -7,9 +7,11 @@
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -56,18 +58,18 @@ std::tuple<at::Tensor, at::Tensor> group_dedup(const at::Tensor& values, const a
 }
 
 struct Candidate {
-  int32_t dist;
-  int64_t rank;  // order among ranked candidates (queue order)
-  int64_t pos;
+  int32_t dist;   // batches until the row is needed again
+  int32_t stamp;  // its queue entry's stamp
   int32_t slot;
 };
 
 // One plan: hits, victims from the recency queue, map updates. See SlotPlanner.try_plan.
-// Returns (slots, miss_rows, miss_slots, victim_rows, victim_slots, hist, head, ok).
+// Returns (slots, miss_rows, miss_slots, victim_rows, victim_slots, hist, head, ok); the
+// queue stretch the walk passed is compacted in place (``head`` is its new start).
 // When not ok (the misses do not fit in the unheld slots) nothing has changed.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, bool>
 plan(const at::Tensor& rows_t, int64_t step, at::Tensor row_to_slot_t, at::Tensor slot_to_row_t,
-     at::Tensor last_use_t, const at::Tensor& q_slots_t, const at::Tensor& q_stamps_t, int64_t head,
+     at::Tensor last_use_t, at::Tensor q_slots_t, at::Tensor q_stamps_t, int64_t head,
      int64_t tail, int64_t oldest_held, const c10::optional<at::Tensor>& next_t,
      const c10::optional<at::Tensor>& peek_t, int64_t limit) {
   const int64_t n = rows_t.numel();
@@ -75,8 +77,8 @@ plan(const at::Tensor& rows_t, int64_t step, at::Tensor row_to_slot_t, at::Tenso
   int32_t* row_to_slot = row_to_slot_t.data_ptr<int32_t>();
   int64_t* slot_to_row = slot_to_row_t.data_ptr<int64_t>();
   int32_t* last_use = last_use_t.data_ptr<int32_t>();
-  const int32_t* q_slots = q_slots_t.data_ptr<int32_t>();
-  const int32_t* q_stamps = q_stamps_t.data_ptr<int32_t>();
+  int32_t* q_slots = q_slots_t.data_ptr<int32_t>();
+  int32_t* q_stamps = q_stamps_t.data_ptr<int32_t>();
   const int32_t stamp = static_cast<int32_t>(step);
   const int64_t span = step - oldest_held;
 
@@ -106,18 +108,26 @@ plan(const at::Tensor& rows_t, int64_t step, at::Tensor row_to_slot_t, at::Tenso
   const int64_t n_miss = static_cast<int64_t>(miss_at.size());
 
   // Pass 2: walk the unheld prefix of the recency queue, least recently used first.
+  // Rows needed within the horizon are set aside and ranked only if the others run out.
   std::vector<int32_t> picked;
-  std::vector<int64_t> picked_pos;
   picked.reserve(n_miss);
-  picked_pos.reserve(n_miss);
   const bool future = next_t.has_value() && next_t->defined();
   const int32_t* next = future ? next_t->data_ptr<int32_t>() : nullptr;
   const int32_t* peek = (peek_t.has_value() && peek_t->defined()) ? peek_t->data_ptr<int32_t>() : nullptr;
   std::vector<Candidate> ranked;
-  int64_t first_kept = -1;  // queue position of the first candidate seen and not taken
   int64_t pos = head;
   if (n_miss > 0) {
+    constexpr int64_t kAhead = 16;  // prefetch distance: the walk is bound by memory latency
     for (; pos < tail && static_cast<int64_t>(picked.size()) < n_miss; ++pos) {
+      if (pos + kAhead < tail) {
+        const int32_t sa = q_slots[pos + kAhead];
+        __builtin_prefetch(&last_use[sa]);
+        if (future) __builtin_prefetch(&slot_to_row[sa]);
+      }
+      if (future && pos + kAhead / 2 < tail) {
+        const int64_t rb = slot_to_row[q_slots[pos + kAhead / 2]];
+        if (rb >= 0) __builtin_prefetch(&next[rb]);
+      }
       const int32_t st = q_stamps[pos];
       if (st >= oldest_held) break;  // held from here on: stamps only grow
       const int32_t s = q_slots[pos];
@@ -128,16 +138,15 @@ plan(const at::Tensor& rows_t, int64_t step, at::Tensor row_to_slot_t, at::Tenso
         if (peek != nullptr) nxt = std::min(nxt, peek[s]);
         const int64_t d = static_cast<int64_t>(nxt) - step;
         if (nxt != kNever && d <= limit) {
-          if (first_kept < 0) first_kept = pos;
-          ranked.push_back({static_cast<int32_t>(d), static_cast<int64_t>(ranked.size()), pos, s});
+          ranked.push_back({static_cast<int32_t>(d), st, s});
           continue;
         }
       }
       picked.push_back(s);
-      picked_pos.push_back(pos);
     }
   }
   const int64_t free = static_cast<int64_t>(picked.size());
+  std::vector<char> taken(ranked.size(), 0);
   if (free < n_miss) {
     const int64_t want = n_miss - free;
     if (static_cast<int64_t>(ranked.size()) < want) {  // stall: undo the stamps
@@ -149,25 +158,28 @@ plan(const at::Tensor& rows_t, int64_t step, at::Tensor row_to_slot_t, at::Tenso
       return {e, e, e, e, e, hist_t, head, false};
     }
     // farthest next use first; queue order (least recent use) breaks ties
-    auto better = [](const Candidate& a, const Candidate& b) {
-      return a.dist != b.dist ? a.dist > b.dist : a.rank < b.rank;
+    std::vector<int64_t> order(ranked.size());
+    for (size_t k = 0; k < order.size(); ++k) order[k] = static_cast<int64_t>(k);
+    auto better = [&ranked](int64_t a, int64_t b) {
+      return ranked[a].dist != ranked[b].dist ? ranked[a].dist > ranked[b].dist : a < b;
     };
-    std::partial_sort(ranked.begin(), ranked.begin() + want, ranked.end(), better);
-    std::vector<char> taken(ranked.size(), 0);
-    for (int64_t k = 0; k < want; ++k) {
-      picked.push_back(ranked[k].slot);
-      picked_pos.push_back(ranked[k].pos);
-      taken[ranked[k].rank] = 1;
+    if (want < static_cast<int64_t>(order.size())) {
+      std::nth_element(order.begin(), order.begin() + want, order.end(), better);
     }
-    first_kept = -1;  // the untaken ranked candidate nearest the head
-    for (const auto& c : ranked) {
-      if (!taken[c.rank] && (first_kept < 0 || c.pos < first_kept)) first_kept = c.pos;
+    std::sort(order.begin(), order.begin() + want, better);
+    for (int64_t k = 0; k < want; ++k) {
+      picked.push_back(ranked[order[k]].slot);
+      taken[order[k]] = 1;
     }
   }
-  int64_t new_head = head;
-  if (n_miss > 0) {
-    new_head = *std::max_element(picked_pos.begin(), picked_pos.end()) + 1;
-    if (first_kept >= 0) new_head = std::min(new_head, first_kept);
+  // Drop what the walk passed over (stale entries, victims); the candidates it kept move,
+  // in order, to the end of the walked stretch, which becomes the new head.
+  int64_t new_head = pos;
+  for (int64_t k = static_cast<int64_t>(ranked.size()) - 1; k >= 0; --k) {
+    if (taken[k]) continue;
+    --new_head;
+    q_slots[new_head] = ranked[k].slot;
+    q_stamps[new_head] = ranked[k].stamp;
   }
 
   // Pass 3: place the misses, evicting the victims' rows; update the maps.
@@ -226,13 +238,47 @@ void next_use_push(const at::Tensor& rows_t, int64_t step, at::Tensor next_t, at
   }
 }
 
+// Row copies between a large table and a compact buffer, one memcpy per row, in parallel.
+// ``table`` and ``buffer`` are contiguous with the same row shape and dtype.
+template <bool kGather>
+void copy_rows(const at::Tensor& table, const at::Tensor& rows_t, const at::Tensor& buffer) {
+  const int64_t n = rows_t.numel();
+  const int64_t row_bytes = table.numel() == 0 ? 0 : table.nbytes() / table.size(0);
+  const int64_t* rows = rows_t.data_ptr<int64_t>();
+  char* t = static_cast<char*>(table.data_ptr());
+  char* b = static_cast<char*>(buffer.data_ptr());
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(row_bytes, 1));
+  at::parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      char* row = t + rows[i] * row_bytes;
+      if (kGather) {
+        std::memcpy(b + i * row_bytes, row, row_bytes);
+      } else {
+        std::memcpy(row, b + i * row_bytes, row_bytes);
+      }
+    }
+  });
+}
+
+// out[i] = table[rows[i]]
+void gather_rows(const at::Tensor& table, const at::Tensor& rows, at::Tensor out) {
+  copy_rows<true>(table, rows, out);
+}
+
+// table[rows[i]] = values[i]
+void scatter_rows(at::Tensor table, const at::Tensor& rows, const at::Tensor& values) {
+  copy_rows<false>(table, rows, values);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(scratchpipe, m) {
+  m.def("gather_rows(Tensor table, Tensor rows, Tensor(a!) out) -> ()");
+  m.def("scatter_rows(Tensor(a!) table, Tensor rows, Tensor values) -> ()");
   m.def("group_dedup(Tensor values, Tensor counts, Tensor base, Tensor(a!) tag, int epoch) -> (Tensor, Tensor)");
   m.def(
       "plan(Tensor rows, int step, Tensor(a!) row_to_slot, Tensor(b!) slot_to_row, Tensor(c!) last_use, "
-      "Tensor q_slots, Tensor q_stamps, int head, int tail, int oldest_held, Tensor? next, Tensor? peek, "
+      "Tensor(d!) q_slots, Tensor(e!) q_stamps, int head, int tail, int oldest_held, Tensor? next, Tensor? peek, "
       "int limit) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, bool)");
   m.def(
       "next_use_push(Tensor rows, int step, Tensor(a!) next, Tensor(b!) last_step, Tensor(c!) last_pos, "
@@ -243,4 +289,6 @@ TORCH_LIBRARY_IMPL(scratchpipe, CPU, m) {
   m.impl("group_dedup", group_dedup);
   m.impl("plan", plan);
   m.impl("next_use_push", next_use_push);
+  m.impl("gather_rows", gather_rows);
+  m.impl("scatter_rows", scatter_rows);
 }
