@@ -34,5 +34,7 @@ if [ ! -f "$STAMP" ]; then
   touch "$STAMP"
 fi
 "${PIP[@]}" --no-deps -e .
-"${PIP[@]}" pytest hypothesis
+"${PIP[@]}" pytest hypothesis ninja
+# The planner's C++ operator, cached per torch version (falls back to PyTorch if no compiler).
+PATH="$VENV/bin:$PATH" "$VENV/bin/python" -m torchrec_scratchpipe.core.native
 echo "scratchpipe: $STACK stack ready in $VENV"

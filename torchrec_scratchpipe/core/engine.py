@@ -202,7 +202,9 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             offsets = sub.offsets().to(self.device, torch.int64)
             weights = sub.weights_or_none()
             weights = weights.to(self.device, non_blocking=True) if weights is not None else None
-            g.window.push(rows, _Batch(ids, offsets, weights), fill=False)
+            t1 = time.perf_counter()
+            g.window.push(rows, _Batch(ids, offsets, weights), fill=False)  # next-use links: planner time
+            g.stats.planner_s += time.perf_counter() - t1
         self._queue.append(kjt)
         self._plan_ahead()
 

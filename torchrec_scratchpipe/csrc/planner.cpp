@@ -19,6 +19,9 @@
 namespace {
 
 constexpr int32_t kNever = std::numeric_limits<int32_t>::max();
+// Prefetch distance of the per-id loops: they are bound by memory latency (random reads
+// into per-row and per-slot arrays), so the next rows' cache lines are requested early.
+constexpr int64_t kAhead = 16;
 
 template <typename T>
 void group_dedup_impl(const T* values, int64_t n, const int64_t* counts, const int64_t* base,
@@ -29,6 +32,7 @@ void group_dedup_impl(const T* values, int64_t n, const int64_t* counts, const i
     const int64_t b = base[f];
     const int64_t end = i + counts[f];
     for (; i < end; ++i) {
+      if (i + kAhead < end) __builtin_prefetch(&tag[static_cast<int64_t>(values[i + kAhead]) + b]);
       const int64_t r = static_cast<int64_t>(values[i]) + b;
       ids[i] = r;
       if (tag[r] != epoch) {
@@ -63,6 +67,53 @@ struct Candidate {
   int32_t slot;
 };
 
+// Indices of the ``want`` candidates with the farthest next use (ties: earlier in the
+// queue first), in that order. Distances within [0, limit] are counting-sorted (one
+// sequential pass); anything else falls back to nth_element + sort.
+std::vector<int64_t> rank_farthest(const std::vector<Candidate>& ranked, int64_t want, int64_t limit) {
+  const int64_t m = static_cast<int64_t>(ranked.size());
+  int32_t lo = kNever, hi = -1;
+  for (const auto& c : ranked) {
+    lo = std::min(lo, c.dist);
+    hi = std::max(hi, c.dist);
+  }
+  std::vector<int64_t> order;
+  if (m == 0 || lo < 0 || hi > limit || limit > (1 << 16)) {
+    order.resize(m);
+    for (int64_t k = 0; k < m; ++k) order[k] = k;
+    auto better = [&ranked](int64_t a, int64_t b) {
+      return ranked[a].dist != ranked[b].dist ? ranked[a].dist > ranked[b].dist : a < b;
+    };
+    if (want < m) std::nth_element(order.begin(), order.begin() + want, order.end(), better);
+    std::sort(order.begin(), order.begin() + want, better);
+    order.resize(want);
+    return order;
+  }
+  std::vector<int64_t> count(hi + 1, 0), start(hi + 1, 0);
+  for (const auto& c : ranked) ++count[c.dist];
+  int64_t above = 0;  // candidates strictly farther than the threshold distance
+  int32_t thr = hi;
+  for (; thr > lo && above + count[thr] < want; --thr) above += count[thr];
+  int64_t o = 0;
+  for (int32_t d = hi; d > thr; --d) {
+    start[d] = o;
+    o += count[d];
+  }
+  start[thr] = o;
+  int64_t left = want - above;  // taken at the threshold distance, in queue order
+  order.assign(want, 0);
+  for (int64_t k = 0; k < m; ++k) {
+    const int32_t d = ranked[k].dist;
+    if (d > thr) {
+      order[start[d]++] = k;
+    } else if (d == thr && left > 0) {
+      order[start[thr]++] = k;
+      --left;
+    }
+  }
+  return order;
+}
+
 // One plan: hits, victims from the recency queue, map updates. See SlotPlanner.try_plan.
 // Returns (slots, miss_rows, miss_slots, victim_rows, victim_slots, hist, head, ok); the
 // queue stretch the walk passed is compacted in place (``head`` is its new start).
@@ -92,6 +143,11 @@ plan(const at::Tensor& rows_t, int64_t step, at::Tensor row_to_slot_t, at::Tenso
 
   // Pass 1: hits keep their slot and are stamped (so they are no victims); holds move.
   for (int64_t i = 0; i < n; ++i) {
+    if (i + kAhead < n) __builtin_prefetch(&row_to_slot[rows[i + kAhead]]);
+    if (i + kAhead / 2 < n) {
+      const int32_t sa = row_to_slot[rows[i + kAhead / 2]];
+      if (sa >= 0) __builtin_prefetch(&last_use[sa]);
+    }
     const int32_t s = row_to_slot[rows[i]];
     if (s < 0) {
       miss_at.push_back(i);
@@ -117,7 +173,6 @@ plan(const at::Tensor& rows_t, int64_t step, at::Tensor row_to_slot_t, at::Tenso
   std::vector<Candidate> ranked;
   int64_t pos = head;
   if (n_miss > 0) {
-    constexpr int64_t kAhead = 16;  // prefetch distance: the walk is bound by memory latency
     for (; pos < tail && static_cast<int64_t>(picked.size()) < n_miss; ++pos) {
       if (pos + kAhead < tail) {
         const int32_t sa = q_slots[pos + kAhead];
@@ -158,15 +213,7 @@ plan(const at::Tensor& rows_t, int64_t step, at::Tensor row_to_slot_t, at::Tenso
       return {e, e, e, e, e, hist_t, head, false};
     }
     // farthest next use first; queue order (least recent use) breaks ties
-    std::vector<int64_t> order(ranked.size());
-    for (size_t k = 0; k < order.size(); ++k) order[k] = static_cast<int64_t>(k);
-    auto better = [&ranked](int64_t a, int64_t b) {
-      return ranked[a].dist != ranked[b].dist ? ranked[a].dist > ranked[b].dist : a < b;
-    };
-    if (want < static_cast<int64_t>(order.size())) {
-      std::nth_element(order.begin(), order.begin() + want, order.end(), better);
-    }
-    std::sort(order.begin(), order.begin() + want, better);
+    std::vector<int64_t> order = rank_farthest(ranked, want, limit);
     for (int64_t k = 0; k < want; ++k) {
       picked.push_back(ranked[order[k]].slot);
       taken[order[k]] = 1;
@@ -193,6 +240,14 @@ plan(const at::Tensor& rows_t, int64_t step, at::Tensor row_to_slot_t, at::Tenso
   int64_t* victim_slots = victim_slots_t.data_ptr<int64_t>();
   int64_t n_victims = 0;
   for (int64_t k = 0; k < n_miss; ++k) {
+    if (k + kAhead < n_miss) {
+      __builtin_prefetch(&slot_to_row[picked[k + kAhead]], 1);
+      __builtin_prefetch(&row_to_slot[rows[miss_at[k + kAhead]]], 1);
+    }
+    if (k + kAhead / 2 < n_miss) {
+      const int64_t oa = slot_to_row[picked[k + kAhead / 2]];
+      if (oa >= 0) __builtin_prefetch(&row_to_slot[oa], 1);
+    }
     const int64_t i = miss_at[k];
     const int64_t r = rows[i];
     const int32_t s = picked[k];
@@ -226,6 +281,11 @@ void next_use_push(const at::Tensor& rows_t, int64_t step, at::Tensor next_t, at
   const int64_t* bases = bases_t.data_ptr<int64_t>();
   const int32_t st = static_cast<int32_t>(step);
   for (int64_t i = 0; i < n; ++i) {
+    if (i + kAhead < n) {
+      __builtin_prefetch(&last_step[rows[i + kAhead]], 1);
+      __builtin_prefetch(&last_pos[rows[i + kAhead]], 1);
+      __builtin_prefetch(&next[rows[i + kAhead]], 1);
+    }
     const int64_t r = rows[i];
     const int32_t prev = last_step[r];
     if (prev >= first_waiting) {
@@ -250,6 +310,10 @@ void copy_rows(const at::Tensor& table, const at::Tensor& rows_t, const at::Tens
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(row_bytes, 1));
   at::parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
+      if (i + kAhead < hi) {  // request the rows ahead: random rows are latency-bound
+        const char* ahead = t + rows[i + kAhead] * row_bytes;
+        for (int64_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(ahead + c, kGather ? 0 : 1);
+      }
       char* row = t + rows[i] * row_bytes;
       if (kGather) {
         std::memcpy(b + i * row_bytes, row, row_bytes);
