@@ -76,7 +76,10 @@ class NextUse:
         _, base, n = self._waiting.pop(0)
         if n != rows.numel():
             raise RuntimeError("NextUse: batches must be planned in the order they were pushed.")
-        self.next.index_copy_(0, rows, self._succ[base : base + n])
+        if self.native:
+            torch.ops.scratchpipe.scatter_rows(self.next, rows.contiguous(), self._succ[base : base + n])
+        else:
+            self.next.index_copy_(0, rows, self._succ[base : base + n])
 
     def step_of(self, rows: torch.Tensor) -> torch.Tensor:
         """Next-use step of ``rows`` (``NONE`` where unknown; ``rows < 0`` give ``NONE``)."""

@@ -300,11 +300,33 @@ void next_use_push(const at::Tensor& rows_t, int64_t step, at::Tensor next_t, at
 
 // Row copies between a large table and a compact buffer, one memcpy per row, in parallel.
 // ``table`` and ``buffer`` are contiguous with the same row shape and dtype.
+template <bool kGather, typename T>
+void copy_elements(T* table, const int64_t* rows, T* buffer, int64_t n) {
+  at::parallel_for(0, n, 1 << 14, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      if (i + kAhead < hi) __builtin_prefetch(table + rows[i + kAhead], kGather ? 0 : 1);
+      if (kGather) {
+        buffer[i] = table[rows[i]];
+      } else {
+        table[rows[i]] = buffer[i];
+      }
+    }
+  });
+}
+
 template <bool kGather>
 void copy_rows(const at::Tensor& table, const at::Tensor& rows_t, const at::Tensor& buffer) {
   const int64_t n = rows_t.numel();
   const int64_t row_bytes = table.numel() == 0 ? 0 : table.nbytes() / table.size(0);
   const int64_t* rows = rows_t.data_ptr<int64_t>();
+  if (row_bytes == 4) {  // one scalar per row (row-wise optimizer state, next-use steps)
+    copy_elements<kGather>(static_cast<int32_t*>(table.data_ptr()), rows, static_cast<int32_t*>(buffer.data_ptr()), n);
+    return;
+  }
+  if (row_bytes == 8) {
+    copy_elements<kGather>(static_cast<int64_t*>(table.data_ptr()), rows, static_cast<int64_t*>(buffer.data_ptr()), n);
+    return;
+  }
   char* t = static_cast<char*>(table.data_ptr());
   char* b = static_cast<char*>(buffer.data_ptr());
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(row_bytes, 1));
