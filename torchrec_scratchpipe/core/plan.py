@@ -144,7 +144,9 @@ class SlotPlanner:
             rows: distinct row ids of the batch (any order, int64).
             step: the batch's sequence number; each plan's step exceeds the previous one's.
             next_use: maps candidate slots to how many batches ahead their rows are next
-                needed (``NEVER`` for rows not needed within the horizon). None: recency only.
+                needed (``NEVER`` for rows not needed within the horizon). None: recency
+                only. A ``Distance`` (what ``PlanWindow`` passes) runs natively too; any
+                other callable runs the PyTorch path.
 
         Returns:
             The plan, or None when the misses do not fit in the unheld slots now (nothing
@@ -179,7 +181,7 @@ class SlotPlanner:
         future = self.policy == "future" and next_use is not None
         nxt, peek, limit = (next_use.next, next_use.peek, next_use.limit) if future else (None, None, 0)  # type: ignore[union-attr]
         slots, miss_rows, miss_slots, victim_rows, victim_slots, moved, head, ok = torch.ops.scratchpipe.plan(
-            rows.contiguous(), step, self.row_to_slot, self.slot_to_row, self.last_use, self.queue.slots,
+            rows.to(torch.int64).contiguous(), step, self.row_to_slot, self.slot_to_row, self.last_use, self.queue.slots,
             self.queue.stamps, self.queue.head, self.queue.tail, oldest_held, nxt, peek, limit,
         )
         if not ok:
