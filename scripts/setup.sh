@@ -36,5 +36,5 @@ fi
 "${PIP[@]}" --no-deps -e .
 "${PIP[@]}" pytest hypothesis ninja
 # The planner's C++ operator, cached per torch version (falls back to PyTorch if no compiler).
-PATH="$VENV/bin:$PATH" "$VENV/bin/python" -m torchrec_scratchpipe.core.native
+PATH="$VENV/bin:$PATH" "$VENV/bin/python" -c "from torchrec_scratchpipe.core import native; native.main()"
 echo "scratchpipe: $STACK stack ready in $VENV"
