@@ -72,6 +72,26 @@ def test_matches_full_table_training(
             torch.testing.assert_close(got, want.view(got.shape), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["native", "reference"])
+@pytest.mark.parametrize("lookahead,horizon", [(4, 12)])
+@pytest.mark.parametrize("capacity", ["window", "batch"])
+def test_both_planner_paths_match(path: str, lookahead: int, horizon: int, capacity: str, monkeypatch) -> None:
+    """The C++ planner operator and the PyTorch reference both train like the full tables."""
+    from torchrec_scratchpipe.core import native
+
+    if path == "native" and not native.available():
+        pytest.skip("native planner not built (python -m torchrec_scratchpipe.core.native)")
+    monkeypatch.setenv("SCRATCHPIPE_NATIVE", "1" if path == "native" else "0")
+    emb, ref, _ = run_pair([8, 8, 8], EmbOptimType.EXACT_ROWWISE_ADAGRAD, lookahead, horizon, capacity, False)
+    assert all(g.planner.native == (path == "native") for g in emb.groups.values())
+    assert emb.stats()["dim8_sum"]["train_misses"] == 0
+    weights, states = emb.table_weights(), emb.optimizer_states()
+    for name, w in ref.weights().items():
+        torch.testing.assert_close(weights[name], w, atol=1e-5, rtol=1e-5)
+        for got, want in zip(states[name].values(), ref.states()[name]):
+            torch.testing.assert_close(got, want.view(got.shape), atol=1e-5, rtol=1e-5)
+
+
 def test_mixed_dims_form_groups_and_match() -> None:
     emb, ref, _ = run_pair([8, 16, 8], EmbOptimType.EXACT_ROWWISE_ADAGRAD, 2, 4, "window")
     assert set(emb.stats()) == {"dim8_sum", "dim16_sum"}

@@ -6,6 +6,17 @@ Run::
 
 Prints per-step planner, mover and train time of the engine, the step time of plain
 FBGEMM TBE training the full tables (same device, same batches), and their ratio.
+
+Two yardsticks are measured in the same run, every step:
+
+- the *one-gather floor*: one ``index_select`` of the step's ids from the planner's
+  per-row int32 map, taken right after the step's planning (so its cache is as warm as
+  the planner left it). The planner (validation, de-duplication, hits, victims, map
+  updates, next-use links) is reported as a multiple of it, and in M ids/s;
+- a plain ``memcpy`` of as many bytes as the mover's host side moved that step (from a
+  256 MiB buffer pair, rotating, so the source is not cache-hot), against that host side
+  replayed on the same rows: gather the step's missing rows (weights and optimizer
+  state) into a reusable staging buffer, and scatter its victims into the backing store.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from tqdm import tqdm
 from torchrec_scratchpipe.compat import ComputeDevice, EmbeddingLocation, PoolingMode, SplitTableBatchedEmbeddingBagsCodegen
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.core.engine import ScratchPipeEmbeddingBags
+from torchrec_scratchpipe.core.plan import SlotPlan
 from torchrec_scratchpipe.data.synthetic import SyntheticClickLog, SyntheticConfig
 
 
@@ -108,6 +120,42 @@ def _engine(cfg: EngineBenchConfig, device: torch.device) -> ScratchPipeEmbeddin
     return ScratchPipeEmbeddingBags(tables, sp, device=device)
 
 
+class _HostMoverProbe:
+    """Times the mover's host side on a step's plan against a plain memcpy of the same bytes."""
+
+    def __init__(self, emb: ScratchPipeEmbeddingBags, capacity: int) -> None:
+        self.store = next(iter(emb.groups.values())).store
+        self.staging = self.store.buffers(capacity)
+        self.row_bytes = self.store.nbytes_per_row()
+        self.src = torch.empty(256 << 20, dtype=torch.uint8).fill_(1)
+        self.dst = torch.empty(256 << 20, dtype=torch.uint8).fill_(2)
+        self.offset = 0
+
+    def measure(self, plan: SlotPlan) -> Dict[str, float]:
+        """Seconds of gather + scatter and of memcpy for ``plan``, and the bytes moved."""
+        t0 = time.perf_counter()
+        self.store.gather(plan.miss_rows, out=self.staging)
+        t1 = time.perf_counter()
+        back = self.store.gather(plan.victim_rows, out=self.staging)  # the values they hold now
+        t2 = time.perf_counter()
+        self.store.scatter(plan.victim_rows, back)  # rewrites identical values
+        t3 = time.perf_counter()
+        nbytes = (plan.miss_rows.numel() + plan.victim_rows.numel()) * self.row_bytes
+        if self.offset + nbytes > self.src.numel():
+            self.offset = 0
+        a, b = self.src[self.offset : self.offset + nbytes], self.dst[self.offset : self.offset + nbytes]
+        t4 = time.perf_counter()
+        b.copy_(a)
+        t5 = time.perf_counter()
+        self.offset += nbytes
+        return {"host": (t1 - t0) + (t3 - t2), "memcpy": t5 - t4, "bytes": float(nbytes)}
+
+
+def _median_rate(nbytes: List[float], seconds: List[float]) -> float:
+    """Median of per-step GB/s."""
+    return statistics.median(b / t / 1e9 for b, t in zip(nbytes, seconds)) if seconds else float("nan")
+
+
 def run(cfg: EngineBenchConfig) -> Dict[str, object]:
     """Alternate blocks of full-table TBE and ScratchPipe steps, so both see the same machine."""
     device = torch.device(cfg.device)
@@ -116,10 +164,14 @@ def run(cfg: EngineBenchConfig) -> Dict[str, object]:
     batches = [k.to(device) for k in _batches(cfg, n + ahead)]
     tbe, emb = _full_tbe(cfg, device), _engine(cfg, device)
     group = next(iter(emb.groups.values()))
+    base = group.store.offsets[:-1]
+    group_ids = [k.values().cpu() + torch.repeat_interleave(base, torch.tensor(k.length_per_key())) for k in batches]
+    probe = _HostMoverProbe(emb, group.capacity)
     for k in batches[:ahead]:
         emb.prefetch(k)
     keys = ("planner_s", "mover_s", "planner_background_s", "mover_background_s", "blocked_s")
-    rec: Dict[str, List[float]] = {k: [] for k in ("full", "total", "train", "planner_fg", "mover_fg") + keys}
+    extra = ("floor", "host_mover", "memcpy", "moved_bytes")
+    rec: Dict[str, List[float]] = {k: [] for k in ("full", "total", "train", "planner_fg", "mover_fg") + keys + extra}
     bar = tqdm(total=2 * n, desc="full TBE / ScratchPipe", leave=False)
     for start in range(0, n, cfg.block):  # alternate blocks: both see the same machine state
         block = range(start, min(n, start + cfg.block))
@@ -141,6 +193,10 @@ def run(cfg: EngineBenchConfig) -> Dict[str, object]:
             _sync(device)
             total = time.perf_counter() - t0
             after = emb.stats()[group.name]
+            t1 = time.perf_counter()
+            group.planner.row_to_slot.index_select(0, group_ids[i + ahead])  # the one-gather floor
+            floor = time.perf_counter() - t1
+            newest = group.window.planned[-1].plan if group.window.planned else None
             if i >= cfg.warmup:
                 d = {k: after[k] - before[k] for k in keys}
                 # the parts done on the training thread, not next to it
@@ -152,14 +208,26 @@ def run(cfg: EngineBenchConfig) -> Dict[str, object]:
                 rec["train"].append(total - planner_fg - mover_fg - d["blocked_s"])
                 for k in keys:
                     rec[k].append(d[k])
+                rec["floor"].append(floor)
+                if newest is not None and device.type == "cpu":
+                    m = probe.measure(newest)
+                    rec["host_mover"].append(m["host"])
+                    rec["memcpy"].append(m["memcpy"])
+                    rec["moved_bytes"].append(m["bytes"])
             bar.update(1)
     bar.close()
-    ms = {k: statistics.median(v) * 1e3 for k, v in rec.items()}
+    ms = {k: statistics.median(v) * 1e3 if v else float("nan") for k, v in rec.items()}
     step = ms["total"]
+    ids_per_step = statistics.mean(k.values().numel() for k in batches)
+    # per-step bandwidths, then medians: one stalled step (a busy machine) does not skew them
+    host_gbps = _median_rate(rec["moved_bytes"], rec["host_mover"])
+    memcpy_gbps = _median_rate(rec["moved_bytes"], rec["memcpy"])
+    ratios = [m / h for h, m in zip(rec["host_mover"], rec["memcpy"])]
     return {
         "config": asdict(cfg),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),
+        "native_planner": group.planner.native,
         "background_planning": emb.config.plans_in_background(device, batches[0].values().numel()),
         "full_tbe_step_ms": ms["full"],
         "scratchpipe_step_ms": step,
@@ -176,6 +244,16 @@ def run(cfg: EngineBenchConfig) -> Dict[str, object]:
         # for background work (counted against the planner, though it includes moving)
         "planner_fraction": (ms["planner_fg"] + ms["blocked_s"]) / step,
         "planner_busy_fraction": ms["planner_s"] / step,
+        "ids_per_step": ids_per_step,
+        "floor_ms": ms["floor"],
+        "planner_floor_ratio": ms["planner_s"] / ms["floor"],
+        "planner_m_ids_per_s": ids_per_step / ms["planner_s"] / 1e3,
+        "floor_m_ids_per_s": ids_per_step / ms["floor"] / 1e3,
+        "host_mover_ms": ms["host_mover"],
+        "memcpy_ms": ms["memcpy"],
+        "host_mover_gbps": host_gbps,
+        "memcpy_gbps": memcpy_gbps,
+        "host_mover_memcpy_ratio": statistics.median(ratios) if ratios else float("nan"),
         "engine_stats": emb.stats(),
     }
 
@@ -196,6 +274,12 @@ def format_table(result: Dict[str, Any]) -> str:
         ("    mover", f"{r['mover_background_ms']:.2f} ms"),
         ("planner cost to the step", f"{100 * r['planner_fraction']:.1f}% (on the training thread + waits)"),
         ("planner busy time", f"{100 * r['planner_busy_fraction']:.1f}% of step (both threads)"),
+        (f"planner per step ({'native' if r['native_planner'] else 'PyTorch'})", f"{r['planner_ms']:.2f} ms, {r['planner_m_ids_per_s']:.1f} M ids/s"),
+        ("one-gather floor", f"{r['floor_ms']:.3f} ms, {r['floor_m_ids_per_s']:.0f} M ids/s"),
+        ("planner / floor", f"{r['planner_floor_ratio']:.1f}x"),
+        ("mover host side (gather + scatter)", f"{r['host_mover_ms']:.2f} ms, {r['host_mover_gbps']:.1f} GB/s"),
+        ("memcpy of the same bytes", f"{r['memcpy_ms']:.2f} ms, {r['memcpy_gbps']:.1f} GB/s"),
+        ("mover host side / memcpy", f"{100 * r['host_mover_memcpy_ratio']:.0f}% (median of per-step ratios)"),
         ("overhead ratio (SP / full)", f"{r['overhead_ratio']:.3f}"),
     ]
     width = max(len(a) for a, _ in rows)

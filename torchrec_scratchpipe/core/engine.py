@@ -87,8 +87,7 @@ class _Group:
 
     def rows_of(self, ids: torch.Tensor, per_feature: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(distinct group rows, group row of each id) of this group's ``ids``, ``per_feature`` ids per feature."""
-        group_ids = ids + torch.repeat_interleave(self.feature_base, per_feature, output_size=ids.numel())
-        return self.planner.unique(group_ids), group_ids
+        return self.planner.group_rows(ids, self.feature_base, per_feature)
 
     def init_weights(self) -> None:
         with torch.no_grad():
@@ -285,7 +284,9 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             g.stats.planner_s += batch.seconds / len(self.groups)
             g.stats.lookups += ids.numel()
             g.stats.unique_rows += rows.numel()
-            g.window.push(rows, _Batch(ids, offsets, weights), fill=False)
+            t1 = time.perf_counter()
+            g.window.push(rows, _Batch(ids, offsets, weights), fill=False)  # next-use links: planner time
+            g.stats.planner_s += time.perf_counter() - t1
         token = next(self._tokens)
         self._queue.append(_Queued(token, batch.kjt))
         return token

@@ -11,6 +11,7 @@ each row's next occurrence after its last *planned* occurrence:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
@@ -23,6 +24,7 @@ class NextUse:
 
     Args:
         num_rows: size of the row space.
+        native: link rows in the C++ operator (``core/native.py``; must be loaded).
 
     Example::
 
@@ -34,7 +36,8 @@ class NextUse:
         True
     """
 
-    def __init__(self, num_rows: int) -> None:
+    def __init__(self, num_rows: int, native: bool = False) -> None:
+        self.native = native
         self.next = torch.full((num_rows,), NONE, dtype=torch.int32)
         self._last_step = torch.full((num_rows,), -1, dtype=torch.int32)
         self._last_pos = torch.zeros(num_rows, dtype=torch.int32)
@@ -46,8 +49,18 @@ class NextUse:
         """Record a batch (distinct ``rows``) pushed at ``step``."""
         n = rows.numel()
         base = self._alloc(n)
-        prev = self._last_step.index_select(0, rows)
         first_waiting = self._waiting[0][0] if self._waiting else step
+        if self.native:
+            bases = torch.tensor([w[1] for w in self._waiting], dtype=torch.int64)
+            torch.ops.scratchpipe.next_use_push(
+                rows.contiguous(), step, self.next, self._last_step, self._last_pos, self._succ, bases, first_waiting
+            )
+        else:
+            self._push_reference(step, rows, first_waiting)
+        self._waiting.append([step, base, n])
+
+    def _push_reference(self, step: int, rows: torch.Tensor, first_waiting: int) -> None:
+        prev = self._last_step.index_select(0, rows)
         waiting = prev >= first_waiting
         if bool(waiting.any()):
             bases = torch.tensor([w[1] for w in self._waiting], dtype=torch.int64)
@@ -56,15 +69,17 @@ class NextUse:
             self._succ.index_fill_(0, slot, step)
         self.next.index_fill_(0, rows[~waiting], step)
         self._last_step.index_fill_(0, rows, step)
-        self._last_pos.index_copy_(0, rows, torch.arange(n, dtype=torch.int32))
-        self._waiting.append([step, base, n])
+        self._last_pos.index_copy_(0, rows, torch.arange(rows.numel(), dtype=torch.int32))
 
     def planned(self, rows: torch.Tensor) -> None:
         """The oldest waiting batch, whose distinct rows are ``rows``, was planned."""
         _, base, n = self._waiting.pop(0)
         if n != rows.numel():
             raise RuntimeError("NextUse: batches must be planned in the order they were pushed.")
-        self.next.index_copy_(0, rows, self._succ[base : base + n])
+        if self.native:
+            torch.ops.scratchpipe.scatter_rows(self.next, rows.contiguous(), self._succ[base : base + n])
+        else:
+            self.next.index_copy_(0, rows, self._succ[base : base + n])
 
     def step_of(self, rows: torch.Tensor) -> torch.Tensor:
         """Next-use step of ``rows`` (``NONE`` where unknown; ``rows < 0`` give ``NONE``)."""
@@ -91,6 +106,44 @@ class NextUse:
         self._succ[base : base + n] = NONE
         self._used += n
         return base
+
+
+@dataclass
+class Distance:
+    """How many batches after ``step`` each candidate slot's row is next needed.
+
+    The victim policy's view of the future at one plan: ``NEVER`` (``NONE``) for rows no
+    batch within ``limit`` steps needs. Callable on candidate slots (the PyTorch planner);
+    the native planner reads the fields directly.
+
+    Args:
+        step: the step being planned.
+        limit: farthest distance that counts (H - L).
+        next: next-use step per row (``NextUse.next``).
+        slot_to_row: the planner's slot -> row map.
+        peek: per slot, the first step among peeked batches (``peek_steps``), or None.
+
+    Example::
+
+        >>> d = Distance(0, 2, torch.tensor([1, NONE, 5], dtype=torch.int32), torch.tensor([2, 0, -1]))
+        >>> d(torch.tensor([0, 1, 2])).tolist() == [NONE, 1, NONE]  # row 2 at 5 > 2 steps
+        True
+    """
+
+    step: int
+    limit: int
+    next: torch.Tensor
+    slot_to_row: torch.Tensor
+    peek: Optional[torch.Tensor] = None
+
+    def __call__(self, candidates: torch.Tensor) -> torch.Tensor:
+        rows = self.slot_to_row.index_select(0, candidates)
+        nxt = self.next.index_select(0, rows.clamp(min=0))
+        nxt = torch.where(rows >= 0, nxt, torch.full_like(nxt, NONE))
+        if self.peek is not None:
+            nxt = torch.minimum(nxt, self.peek.index_select(0, candidates))
+        d = nxt - self.step
+        return torch.where((nxt == NONE) | (d > self.limit), NONE, d)
 
 
 def peek_steps(slots_of: torch.Tensor, peek: Sequence[torch.Tensor], first_step: int, capacity: int) -> Optional[torch.Tensor]:

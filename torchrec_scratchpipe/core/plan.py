@@ -1,7 +1,9 @@
 """Stage 1, plan: the slot map, holds and victim choice of one scratchpad.
 
 The planner knows nothing about weights; it only decides which row lives in which slot.
-The engine, the simulator and the capacity advisor all use this same code.
+The engine, the simulator and the capacity advisor all use this same code. Its per-id
+loops run in a fused C++ operator when that is built (``core/native.py``), else as the
+PyTorch tensor code below (the reference; both give identical plans).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Callable, Deque, List, Optional, Tuple
 
 import torch
 
+from torchrec_scratchpipe.core import native as _native
+from torchrec_scratchpipe.core.next_use import Distance
 from torchrec_scratchpipe.core.recency import RecencyQueue
 
 
@@ -62,13 +66,16 @@ class SlotPlanner:
     slots first) by a ``RecencyQueue``: ``"lru"`` takes them in that order; ``"future"``
     first takes those whose rows ``next_use`` says are not needed within the horizon,
     and only if too few, ranks the rest by farthest next use, then least recent use.
-    Everything is vectorized: no Python loop runs per id.
+    Everything is vectorized: no Python loop runs per id. On CPU the per-id work runs in
+    the native operator when it is available (``native``), in tensor ops otherwise.
 
     Args:
         num_rows: size of the row space (all tables of the group, concatenated).
         capacity: number of slots C (below 2**31).
         policy: ``"future"`` or ``"lru"``.
         device: where the maps live (the device the ids arrive on).
+        native: use the C++ operator (True: required; False: the PyTorch path; None:
+            ``SCRATCHPIPE_NATIVE``, by default the operator when built). CPU maps only.
 
     Example::
 
@@ -89,6 +96,7 @@ class SlotPlanner:
         capacity: int,
         policy: str = "future",
         device: Optional[torch.device] = None,
+        native: Optional[bool] = None,
     ) -> None:
         if capacity <= 0 or num_rows <= 0:
             raise ValueError(f"capacity ({capacity}) and num_rows ({num_rows}) must be positive.")
@@ -100,6 +108,9 @@ class SlotPlanner:
         self.capacity = capacity
         self.policy = policy
         dev = device or torch.device("cpu")
+        if native and dev.type != "cpu":
+            raise ValueError(f"the native planner runs on CPU maps only, got device {dev}: pass native=None.")
+        self.native = dev.type == "cpu" and _native.enabled(native)
         self.row_to_slot = torch.full((num_rows,), -1, dtype=torch.int32, device=dev)
         self.slot_to_row = torch.full((capacity,), -1, dtype=torch.int64, device=dev)
         # Step of each slot's last plan (-1: never); entry ``capacity`` is a sink for misses.
@@ -107,7 +118,8 @@ class SlotPlanner:
         self.queue = RecencyQueue(capacity, dev)
         self._held: Deque[List[int]] = deque()  # [step, slots last used at step], unreleased
         self._last_step = -1
-        self._tag = torch.empty(num_rows, dtype=torch.int32, device=dev)  # scratch for unique()
+        self._tag = torch.zeros(num_rows, dtype=torch.int32, device=dev)  # scratch for unique()
+        self._epoch = 0  # native de-duplication: rows tagged with the current epoch were seen
 
     @staticmethod
     def host_bytes(num_rows: int, capacity: int) -> int:
@@ -132,7 +144,9 @@ class SlotPlanner:
             rows: distinct row ids of the batch (any order, int64).
             step: the batch's sequence number; each plan's step exceeds the previous one's.
             next_use: maps candidate slots to how many batches ahead their rows are next
-                needed (``NEVER`` for rows not needed within the horizon). None: recency only.
+                needed (``NEVER`` for rows not needed within the horizon). None: recency
+                only. A ``Distance`` (what ``PlanWindow`` passes) runs natively too; any
+                other callable runs the PyTorch path.
 
         Returns:
             The plan, or None when the misses do not fit in the unheld slots now (nothing
@@ -149,10 +163,41 @@ class SlotPlanner:
             )
         if step <= self._last_step:
             raise ValueError(f"plan steps must increase: got {step} after {self._last_step}.")
+        oldest_held = self._held[0][0] if self._held else step
+        if self.native and (next_use is None or isinstance(next_use, Distance)):
+            plan = self._plan_native(rows, step, oldest_held, next_use)
+        else:
+            plan = self._plan_reference(rows, step, oldest_held, next_use)
+        if plan is None:
+            return None
+        self._last_step = step
+        plan.held_after = self.held_slots()
+        return plan
+
+    def _plan_native(
+        self, rows: torch.Tensor, step: int, oldest_held: int, next_use: Optional[Distance]
+    ) -> Optional[SlotPlan]:
+        """``try_plan`` in the fused operator: one pass for hits, one walk for victims, one to place."""
+        future = self.policy == "future" and next_use is not None
+        nxt, peek, limit = (next_use.next, next_use.peek, next_use.limit) if future else (None, None, 0)  # type: ignore[union-attr]
+        slots, miss_rows, miss_slots, victim_rows, victim_slots, moved, head, ok = torch.ops.scratchpipe.plan(
+            rows.to(torch.int64).contiguous(), step, self.row_to_slot, self.slot_to_row, self.last_use, self.queue.slots,
+            self.queue.stamps, self.queue.head, self.queue.tail, oldest_held, nxt, peek, limit,
+        )
+        if not ok:
+            return None
+        self.queue.advance(head)
+        self.queue.append(slots, step, self.last_use)
+        self._hold(moved, oldest_held, step, rows.numel())
+        return SlotPlan(step, rows, slots, miss_rows, miss_slots, victim_rows, victim_slots)
+
+    def _plan_reference(
+        self, rows: torch.Tensor, step: int, oldest_held: int, next_use: Optional[NextUseFn]
+    ) -> Optional[SlotPlan]:
+        """``try_plan`` in PyTorch tensor ops (the reference, and the path on CUDA)."""
         slots = self.row_to_slot.index_select(0, rows).long()
         miss = slots < 0
         n_miss = int(miss.sum())
-        oldest_held = self._held[0][0] if self._held else step
         ref = torch.where(miss, self.capacity, slots)  # misses point at the sink
         prev = self.last_use.index_select(0, ref)
         self.last_use.index_fill_(0, ref, step)  # the batch's own slots are no victims
@@ -165,9 +210,8 @@ class SlotPlanner:
         plan = self._place(step, rows, slots, miss, miss_slots)
         self.queue.advance(head)
         self.queue.append(plan.slots, step, self.last_use)
-        self._hold(prev, oldest_held, step, rows.numel())
-        self._last_step = step
-        plan.held_after = self.held_slots()
+        span = step - oldest_held
+        self._hold(torch.bincount((prev - (oldest_held - 1)).clamp_(min=0), minlength=span + 1), oldest_held, step, rows.numel())
         return plan
 
     def _place(
@@ -197,13 +241,17 @@ class SlotPlanner:
             )
         self._held.popleft()
 
-    def _hold(self, prev: torch.Tensor, oldest_held: int, step: int, n: int) -> None:
-        """Count the new plan's slots as held at ``step``, moving hits off older held steps."""
+    def _hold(self, moved: torch.Tensor, oldest_held: int, step: int, n: int) -> None:
+        """Count the new plan's slots as held at ``step``, moving hits off older held steps.
+
+        Args:
+            moved: per step since ``oldest_held - 1`` (index 1 is ``oldest_held``), how many
+                of the plan's hits were last used then.
+        """
         if self._held:
-            span = step - oldest_held
-            moved = torch.bincount((prev - (oldest_held - 1)).clamp_(min=0), minlength=span + 1).tolist()
+            counts = moved.tolist()
             for entry in self._held:
-                entry[1] -= moved[entry[0] - oldest_held + 1]
+                entry[1] -= counts[entry[0] - oldest_held + 1]
         self._held.append([step, n])
 
     def _victims(
@@ -237,7 +285,7 @@ class SlotPlanner:
         else:  # farthest next use first; queue order (least recent use) breaks ties
             rest = (dist != NEVER).nonzero().squeeze(1)
             score = dist.index_select(0, rest).long() * (rest.numel() + 1) - torch.arange(rest.numel(), device=rest.device)
-            pick = torch.cat([free, rest[torch.topk(score, n - free.numel(), sorted=False).indices]])
+            pick = torch.cat([free, rest[torch.topk(score, n - free.numel(), sorted=True).indices]])
         taken = torch.zeros(slots.numel(), dtype=torch.bool, device=slots.device)
         taken[pick] = True
         head = int(pos[pick].max()) + 1
@@ -249,12 +297,38 @@ class SlotPlanner:
     def unique(self, ids: torch.Tensor) -> torch.Tensor:
         """Distinct rows of ``ids`` (int64), in first-seen order.
 
-        Linear time: a scatter into a row-indexed scratch array replaces sorting.
+        Linear time: a row-indexed scratch array replaces sorting.
         """
-        n = ids.numel()
+        return self.group_rows(ids, ids.new_zeros(1), torch.tensor([ids.numel()]))[0]
+
+    def group_rows(
+        self, values: torch.Tensor, feature_base: torch.Tensor, per_feature: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Group rows of a batch's ids and their distinct rows, in one pass where native.
+
+        Args:
+            values: the ids, feature after feature (int32 or int64, validated).
+            feature_base: first group row of each feature's table (int64).
+            per_feature: number of ids of each feature (int64).
+
+        Returns:
+            ``(distinct rows in first-seen order, group row of each id)``, both int64.
+        """
+        n = values.numel()
+        if self.native and n < 2**31 - 1:  # a native planner's maps, and so its ids, are on CPU
+            self._epoch += 1
+            if self._epoch == 2**31 - 1:  # tags would wrap: start over
+                self._tag.zero_()
+                self._epoch = 1
+            ids, rows = torch.ops.scratchpipe.group_dedup(
+                values.contiguous(), per_feature.to(torch.int64).contiguous(),
+                feature_base.to(torch.int64).contiguous(), self._tag, self._epoch,
+            )
+            return rows, ids
+        ids = values.long() + torch.repeat_interleave(feature_base.to(values.device), per_feature.to(values.device), output_size=n)
         if n >= 2**31 - 1:
-            return torch.unique(ids)
+            return torch.unique(ids), ids
         pos = torch.arange(n, dtype=torch.int32, device=ids.device)
-        self._tag.scatter_(0, ids, pos)  # one winner per distinct id
+        self._tag.scatter_reduce_(0, ids, pos, reduce="amin", include_self=False)  # first occurrence wins
         first = (self._tag.index_select(0, ids) == pos).nonzero().squeeze(1)
-        return ids.index_select(0, first)
+        return ids.index_select(0, first), ids

@@ -13,6 +13,7 @@ from torchrec_scratchpipe.compat import (
     SplitTableBatchedEmbeddingBagsCodegen,
 )
 from torchrec_scratchpipe.core.config import OPTIMIZER_STATE_NAMES, ScratchPipeConfig, check_optimizer
+from torchrec_scratchpipe.core.store import gather_rows, scatter_rows
 
 
 class Scratchpad(torch.nn.Module):
@@ -85,9 +86,9 @@ class Scratchpad(torch.nn.Module):
 
     def read(self, slots: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Weights and states of ``slots`` (on the scratchpad's device)."""
-        out = {"weights": self.weights.index_select(0, slots)}
+        out = {"weights": gather_rows(self.weights.detach(), slots)}
         for name, st in self.states.items():
-            out[name] = st.index_select(0, slots)
+            out[name] = gather_rows(st.detach(), slots)
         return out
 
     @torch.no_grad()
@@ -99,9 +100,9 @@ class Scratchpad(torch.nn.Module):
         slots sits between forward and backward, and TBE's backward would otherwise reject
         its saved weights as modified. Only unheld slots are ever written here.
         """
-        self.weights.data.index_copy_(0, slots, values["weights"])
+        scatter_rows(self.weights.data, slots, values["weights"])
         for name, st in self.states.items():
-            st.data.index_copy_(0, slots, values[name])
+            scatter_rows(st.data, slots, values[name])
 
     def set_learning_rate(self, lr: float) -> None:
         self.tbe.set_learning_rate(lr)

@@ -1,10 +1,69 @@
-"""The backing store: full tables and their per-row optimizer state in host memory."""
+"""The backing store: full tables and their per-row optimizer state in host memory.
+
+``gather_rows`` / ``scatter_rows`` are the host side of the mover: whole-row copies
+between a large table and a compact buffer. On CPU they run as one ``memcpy`` per row in
+the native operator when it is built (``core/native.py``); PyTorch's ``index_copy_``
+moves rows element by element and is an order of magnitude slower there.
+"""
 
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
 
 import torch
+
+from torchrec_scratchpipe.core import native as _native
+
+
+def _native_rows(table: torch.Tensor, rows: torch.Tensor, buffer: torch.Tensor) -> bool:
+    return (
+        table.device.type == "cpu" and buffer.device.type == "cpu" and rows.device.type == "cpu"
+        and table.is_contiguous() and buffer.is_contiguous() and table.dtype == buffer.dtype
+        and rows.dtype == torch.int64 and _native.enabled()
+    )
+
+
+def gather_rows(table: torch.Tensor, rows: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``table[rows]``, written into ``out[:len(rows)]`` when given (e.g. a pinned staging buffer).
+
+    Args:
+        table: rows to read (any shape ``[N, ...]``).
+        rows: int64 row ids.
+        out: optional buffer with at least ``len(rows)`` rows of ``table``'s row shape.
+
+    Returns:
+        The gathered rows (a view of ``out`` when given).
+
+    Example::
+
+        >>> gather_rows(torch.arange(6.0).view(3, 2), torch.tensor([2, 0])).tolist()
+        [[4.0, 5.0], [0.0, 1.0]]
+    """
+    n = rows.numel()
+    if out is None:
+        out = torch.empty((n,) + tuple(table.shape[1:]), dtype=table.dtype, device=table.device)
+    dst = out[:n]
+    if _native_rows(table, rows, dst):
+        torch.ops.scratchpipe.gather_rows(table, rows, dst)
+    else:
+        torch.index_select(table, 0, rows.to(table.device), out=dst)
+    return dst
+
+
+def scatter_rows(table: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """``table[rows] = values`` (distinct ``rows``), in place.
+
+    Example::
+
+        >>> t = torch.zeros(3, 2)
+        >>> scatter_rows(t, torch.tensor([1]), torch.ones(1, 2))
+        >>> t.sum().item()
+        2.0
+    """
+    if _native_rows(table, rows, values):
+        torch.ops.scratchpipe.scatter_rows(table, rows, values)
+    else:
+        table.index_copy_(0, rows.to(table.device), values.to(table.device))
 
 
 class BackingStore:
@@ -54,22 +113,28 @@ class BackingStore:
         """Weights and states of ``rows`` (collect), keyed ``"weights"`` and state names.
 
         Args:
-            rows: rows to read.
-            out: tensors of the right shapes to gather into (e.g. a staging buffer).
+            rows: int64 row ids.
+            out: optional reusable buffers, same keys, each with at least ``len(rows)``
+                rows (e.g. pinned staging); the results are views of them.
         """
-        out = out if out is not None else {}
-        for name, src in (("weights", self.weights), *self.states.items()):
-            if name in out:
-                torch.index_select(src, 0, rows, out=out[name])
-            else:
-                out[name] = src.index_select(0, rows)
-        return out
+        res = {"weights": gather_rows(self.weights, rows, None if out is None else out["weights"])}
+        for name, st in self.states.items():
+            res[name] = gather_rows(st, rows, None if out is None else out[name])
+        return res
 
     def scatter(self, rows: torch.Tensor, values: Dict[str, torch.Tensor]) -> None:
         """Write ``values`` (as returned by ``gather``) back to ``rows`` (write-back)."""
-        self.weights.index_copy_(0, rows, values["weights"])
+        scatter_rows(self.weights, rows, values["weights"])
         for name, st in self.states.items():
-            st.index_copy_(0, rows, values[name])
+            scatter_rows(st, rows, values[name])
+
+    def buffers(self, rows: int, pin: bool = False) -> Dict[str, torch.Tensor]:
+        """Empty buffers for ``rows`` rows of weights and states (``gather(out=...)``)."""
+        pin = pin and torch.cuda.is_available()
+        out = {"weights": torch.empty((rows,) + tuple(self.weights.shape[1:]), pin_memory=pin)}
+        for name, st in self.states.items():
+            out[name] = torch.empty((rows,) + tuple(st.shape[1:]), dtype=st.dtype, pin_memory=pin)
+        return out
 
     def nbytes_per_row(self) -> int:
         """Bytes one row moves (weights and state)."""

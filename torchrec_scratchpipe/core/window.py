@@ -17,8 +17,8 @@ from typing import Any, Callable, Deque, List, Optional, Sequence
 
 import torch
 
-from torchrec_scratchpipe.core.next_use import NONE, NextUse, peek_steps
-from torchrec_scratchpipe.core.plan import NEVER, NextUseFn, SlotPlan, SlotPlanner
+from torchrec_scratchpipe.core.next_use import Distance, NextUse, peek_steps
+from torchrec_scratchpipe.core.plan import SlotPlan, SlotPlanner
 
 
 @dataclass
@@ -82,7 +82,7 @@ class PlanWindow:
         self.next_step = 0
         self.stalls = 0  # times planning waited because the window did not fit
         self.plan_seconds = 0.0  # time spent choosing slots
-        self.next_use = NextUse(planner.num_rows)
+        self.next_use = NextUse(planner.num_rows, native=planner.native)
 
     def __len__(self) -> int:
         """Batches pushed and not yet popped."""
@@ -200,24 +200,13 @@ class PlanWindow:
         """Only a horizon beyond the lookahead and the "future" policy need next uses."""
         return self.horizon > self.lookahead and self.planner.policy == "future"
 
-    def _distance_fn(self, step: int) -> Optional[NextUseFn]:
+    def _distance_fn(self, step: int) -> Optional[Distance]:
         """Distance from ``step`` to each candidate slot's next use (``NEVER`` beyond H - L)."""
-        limit = self.horizon - self.lookahead
         if not self._tracks_next_use:
             return None
-        extra = self.extra_peek[:limit]
-        peeked: List[Optional[torch.Tensor]] = []  # computed on first use, once per plan
-
-        def distance(candidates: torch.Tensor) -> torch.Tensor:
-            nxt = self.next_use.step_of(self.planner.slot_to_row.index_select(0, candidates))
-            if not peeked:
-                peeked.append(peek_steps(self.planner.row_to_slot, extra, self.next_step, self.planner.capacity))
-            if peeked[0] is not None:
-                nxt = torch.minimum(nxt, peeked[0].index_select(0, candidates))
-            d = nxt - step
-            return torch.where((nxt == NONE) | (d > limit), NEVER, d)
-
-        return distance
+        limit = self.horizon - self.lookahead
+        peek = peek_steps(self.planner.row_to_slot, self.extra_peek[:limit], self.next_step, self.planner.capacity)
+        return Distance(step, limit, self.next_use.next, self.planner.slot_to_row, peek)
 
     def fill(self, until: Optional[int] = None) -> None:
         """Plan pending batches in order while fewer than L+1 batches hold slots.

@@ -1,0 +1,380 @@
+// Fused host loops of ScratchPipe's slot planner (torch.ops.scratchpipe.*).
+//
+// Each op does in one or two passes what the pure-PyTorch reference in
+// torchrec_scratchpipe/core/{plan,next_use}.py does with a chain of tensor ops, and
+// produces exactly the same result (tests/test_native.py checks this on random streams).
+// All tensors are CPU and contiguous; the Python side checks shapes and dtypes.
+
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+constexpr int32_t kNever = std::numeric_limits<int32_t>::max();
+// Prefetch distance of the per-id loops: they are bound by memory latency (random reads
+// into per-row and per-slot arrays), so the next rows' cache lines are requested early.
+constexpr int64_t kAhead = 16;
+
+template <typename T>
+void group_dedup_impl(const T* values, int64_t n, const int64_t* counts, const int64_t* base,
+                      int64_t features, int32_t* tag, int32_t epoch, int64_t* ids, int64_t* rows,
+                      int64_t& n_rows) {
+  int64_t i = 0, out = 0;
+  for (int64_t f = 0; f < features; ++f) {
+    const int64_t b = base[f];
+    const int64_t end = i + counts[f];
+    for (; i < end; ++i) {
+      if (i + kAhead < end) __builtin_prefetch(&tag[static_cast<int64_t>(values[i + kAhead]) + b]);
+      const int64_t r = static_cast<int64_t>(values[i]) + b;
+      ids[i] = r;
+      if (tag[r] != epoch) {
+        tag[r] = epoch;
+        rows[out++] = r;
+      }
+    }
+  }
+  n_rows = out;
+}
+
+// Group row of every id (id + its feature's base row) and the distinct rows in
+// first-seen order. ``tag`` holds ``epoch`` exactly for rows seen in this call.
+std::tuple<at::Tensor, at::Tensor> group_dedup(const at::Tensor& values, const at::Tensor& counts,
+                                               const at::Tensor& base, at::Tensor tag, int64_t epoch) {
+  const int64_t n = values.numel();
+  auto ids = at::empty({n}, values.options().dtype(at::kLong));
+  auto rows = at::empty({n}, values.options().dtype(at::kLong));
+  int64_t n_rows = 0;
+  AT_DISPATCH_INDEX_TYPES(values.scalar_type(), "group_dedup", [&] {
+    group_dedup_impl<index_t>(values.data_ptr<index_t>(), n, counts.data_ptr<int64_t>(),
+                              base.data_ptr<int64_t>(), counts.numel(), tag.data_ptr<int32_t>(),
+                              static_cast<int32_t>(epoch), ids.data_ptr<int64_t>(),
+                              rows.data_ptr<int64_t>(), n_rows);
+  });
+  return {ids, rows.narrow(0, 0, n_rows)};
+}
+
+struct Candidate {
+  int32_t dist;   // batches until the row is needed again
+  int32_t stamp;  // its queue entry's stamp
+  int32_t slot;
+};
+
+// Indices of the ``want`` candidates with the farthest next use (ties: earlier in the
+// queue first), in that order. Distances within [0, limit] are counting-sorted (one
+// sequential pass); anything else falls back to nth_element + sort.
+std::vector<int64_t> rank_farthest(const std::vector<Candidate>& ranked, int64_t want, int64_t limit) {
+  const int64_t m = static_cast<int64_t>(ranked.size());
+  int32_t lo = kNever, hi = -1;
+  for (const auto& c : ranked) {
+    lo = std::min(lo, c.dist);
+    hi = std::max(hi, c.dist);
+  }
+  std::vector<int64_t> order;
+  if (m == 0 || lo < 0 || hi > limit || limit > (1 << 16)) {
+    order.resize(m);
+    for (int64_t k = 0; k < m; ++k) order[k] = k;
+    auto better = [&ranked](int64_t a, int64_t b) {
+      return ranked[a].dist != ranked[b].dist ? ranked[a].dist > ranked[b].dist : a < b;
+    };
+    if (want < m) std::nth_element(order.begin(), order.begin() + want, order.end(), better);
+    std::sort(order.begin(), order.begin() + want, better);
+    order.resize(want);
+    return order;
+  }
+  std::vector<int64_t> count(hi + 1, 0), start(hi + 1, 0);
+  for (const auto& c : ranked) ++count[c.dist];
+  int64_t above = 0;  // candidates strictly farther than the threshold distance
+  int32_t thr = hi;
+  for (; thr > lo && above + count[thr] < want; --thr) above += count[thr];
+  int64_t o = 0;
+  for (int32_t d = hi; d > thr; --d) {
+    start[d] = o;
+    o += count[d];
+  }
+  start[thr] = o;
+  int64_t left = want - above;  // taken at the threshold distance, in queue order
+  order.assign(want, 0);
+  for (int64_t k = 0; k < m; ++k) {
+    const int32_t d = ranked[k].dist;
+    if (d > thr) {
+      order[start[d]++] = k;
+    } else if (d == thr && left > 0) {
+      order[start[thr]++] = k;
+      --left;
+    }
+  }
+  return order;
+}
+
+// One plan: hits, victims from the recency queue, map updates. See SlotPlanner.try_plan.
+// Returns (slots, miss_rows, miss_slots, victim_rows, victim_slots, hist, head, ok); the
+// queue stretch the walk passed is compacted in place (``head`` is its new start).
+// When not ok (the misses do not fit in the unheld slots) nothing has changed.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, bool>
+plan(const at::Tensor& rows_t, int64_t step, at::Tensor row_to_slot_t, at::Tensor slot_to_row_t,
+     at::Tensor last_use_t, at::Tensor q_slots_t, at::Tensor q_stamps_t, int64_t head,
+     int64_t tail, int64_t oldest_held, const c10::optional<at::Tensor>& next_t,
+     const c10::optional<at::Tensor>& peek_t, int64_t limit) {
+  const int64_t n = rows_t.numel();
+  const int64_t* rows = rows_t.data_ptr<int64_t>();
+  int32_t* row_to_slot = row_to_slot_t.data_ptr<int32_t>();
+  int64_t* slot_to_row = slot_to_row_t.data_ptr<int64_t>();
+  int32_t* last_use = last_use_t.data_ptr<int32_t>();
+  int32_t* q_slots = q_slots_t.data_ptr<int32_t>();
+  int32_t* q_stamps = q_stamps_t.data_ptr<int32_t>();
+  const int32_t stamp = static_cast<int32_t>(step);
+  const int64_t span = step - oldest_held;
+
+  auto slots_t = at::empty({n}, rows_t.options());
+  auto hist_t = at::zeros({span + 1}, rows_t.options());
+  int64_t* slots = slots_t.data_ptr<int64_t>();
+  int64_t* hist = hist_t.data_ptr<int64_t>();
+  std::vector<int32_t> prev(n);
+  std::vector<int64_t> miss_at;
+  miss_at.reserve(n);
+
+  // Pass 1: hits keep their slot and are stamped (so they are no victims); holds move.
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + kAhead < n) __builtin_prefetch(&row_to_slot[rows[i + kAhead]]);
+    if (i + kAhead / 2 < n) {
+      const int32_t sa = row_to_slot[rows[i + kAhead / 2]];
+      if (sa >= 0) __builtin_prefetch(&last_use[sa]);
+    }
+    const int32_t s = row_to_slot[rows[i]];
+    if (s < 0) {
+      miss_at.push_back(i);
+      prev[i] = -1;
+      continue;
+    }
+    slots[i] = s;
+    const int32_t p = last_use[s];
+    prev[i] = p;
+    const int64_t bin = std::max<int64_t>(static_cast<int64_t>(p) - (oldest_held - 1), 0);
+    hist[std::min(bin, span)] += 1;
+    last_use[s] = stamp;
+  }
+  const int64_t n_miss = static_cast<int64_t>(miss_at.size());
+
+  // Pass 2: walk the unheld prefix of the recency queue, least recently used first.
+  // Rows needed within the horizon are set aside and ranked only if the others run out.
+  std::vector<int32_t> picked;
+  picked.reserve(n_miss);
+  const bool future = next_t.has_value() && next_t->defined();
+  const int32_t* next = future ? next_t->data_ptr<int32_t>() : nullptr;
+  const int32_t* peek = (peek_t.has_value() && peek_t->defined()) ? peek_t->data_ptr<int32_t>() : nullptr;
+  std::vector<Candidate> ranked;
+  int64_t pos = head;
+  if (n_miss > 0) {
+    for (; pos < tail && static_cast<int64_t>(picked.size()) < n_miss; ++pos) {
+      if (pos + kAhead < tail) {
+        const int32_t sa = q_slots[pos + kAhead];
+        __builtin_prefetch(&last_use[sa]);
+        if (future) __builtin_prefetch(&slot_to_row[sa]);
+      }
+      if (future && pos + kAhead / 2 < tail) {
+        const int64_t rb = slot_to_row[q_slots[pos + kAhead / 2]];
+        if (rb >= 0) __builtin_prefetch(&next[rb]);
+      }
+      const int32_t st = q_stamps[pos];
+      if (st >= oldest_held) break;  // held from here on: stamps only grow
+      const int32_t s = q_slots[pos];
+      if (last_use[s] != st) continue;  // stale entry
+      if (future) {
+        const int64_t r = slot_to_row[s];
+        int32_t nxt = r >= 0 ? next[r] : kNever;
+        if (peek != nullptr) nxt = std::min(nxt, peek[s]);
+        const int64_t d = static_cast<int64_t>(nxt) - step;
+        if (nxt != kNever && d <= limit) {
+          ranked.push_back({static_cast<int32_t>(d), st, s});
+          continue;
+        }
+      }
+      picked.push_back(s);
+    }
+  }
+  const int64_t free = static_cast<int64_t>(picked.size());
+  std::vector<char> taken(ranked.size(), 0);
+  if (free < n_miss) {
+    const int64_t want = n_miss - free;
+    if (static_cast<int64_t>(ranked.size()) < want) {  // stall: undo the stamps
+      for (int64_t i = 0; i < n; ++i) {
+        const int32_t s = row_to_slot[rows[i]];
+        if (s >= 0) last_use[s] = prev[i];
+      }
+      auto e = at::empty({0}, rows_t.options());
+      return {e, e, e, e, e, hist_t, head, false};
+    }
+    // farthest next use first; queue order (least recent use) breaks ties
+    std::vector<int64_t> order = rank_farthest(ranked, want, limit);
+    for (int64_t k = 0; k < want; ++k) {
+      picked.push_back(ranked[order[k]].slot);
+      taken[order[k]] = 1;
+    }
+  }
+  // Drop what the walk passed over (stale entries, victims); the candidates it kept move,
+  // in order, to the end of the walked stretch, which becomes the new head.
+  int64_t new_head = pos;
+  for (int64_t k = static_cast<int64_t>(ranked.size()) - 1; k >= 0; --k) {
+    if (taken[k]) continue;
+    --new_head;
+    q_slots[new_head] = ranked[k].slot;
+    q_stamps[new_head] = ranked[k].stamp;
+  }
+
+  // Pass 3: place the misses, evicting the victims' rows; update the maps.
+  auto miss_rows_t = at::empty({n_miss}, rows_t.options());
+  auto miss_slots_t = at::empty({n_miss}, rows_t.options());
+  auto victim_rows_t = at::empty({n_miss}, rows_t.options());
+  auto victim_slots_t = at::empty({n_miss}, rows_t.options());
+  int64_t* miss_rows = miss_rows_t.data_ptr<int64_t>();
+  int64_t* miss_slots = miss_slots_t.data_ptr<int64_t>();
+  int64_t* victim_rows = victim_rows_t.data_ptr<int64_t>();
+  int64_t* victim_slots = victim_slots_t.data_ptr<int64_t>();
+  int64_t n_victims = 0;
+  for (int64_t k = 0; k < n_miss; ++k) {
+    if (k + kAhead < n_miss) {
+      __builtin_prefetch(&slot_to_row[picked[k + kAhead]], 1);
+      __builtin_prefetch(&row_to_slot[rows[miss_at[k + kAhead]]], 1);
+    }
+    if (k + kAhead / 2 < n_miss) {
+      const int64_t oa = slot_to_row[picked[k + kAhead / 2]];
+      if (oa >= 0) __builtin_prefetch(&row_to_slot[oa], 1);
+    }
+    const int64_t i = miss_at[k];
+    const int64_t r = rows[i];
+    const int32_t s = picked[k];
+    const int64_t old = slot_to_row[s];
+    if (old >= 0) {
+      row_to_slot[old] = -1;
+      victim_rows[n_victims] = old;
+      victim_slots[n_victims++] = s;
+    }
+    row_to_slot[r] = s;
+    slot_to_row[s] = r;
+    last_use[s] = stamp;
+    miss_rows[k] = r;
+    miss_slots[k] = s;
+    slots[i] = s;
+  }
+  return {slots_t, miss_rows_t, miss_slots_t, victim_rows_t.narrow(0, 0, n_victims),
+          victim_slots_t.narrow(0, 0, n_victims), hist_t, new_head, true};
+}
+
+// NextUse.push: link rows whose previous occurrence waits unplanned to this step; the
+// others learn this step as their next use. See core/next_use.py.
+void next_use_push(const at::Tensor& rows_t, int64_t step, at::Tensor next_t, at::Tensor last_step_t,
+                   at::Tensor last_pos_t, at::Tensor succ_t, const at::Tensor& bases_t, int64_t first_waiting) {
+  const int64_t n = rows_t.numel();
+  const int64_t* rows = rows_t.data_ptr<int64_t>();
+  int32_t* next = next_t.data_ptr<int32_t>();
+  int32_t* last_step = last_step_t.data_ptr<int32_t>();
+  int32_t* last_pos = last_pos_t.data_ptr<int32_t>();
+  int32_t* succ = succ_t.data_ptr<int32_t>();
+  const int64_t* bases = bases_t.data_ptr<int64_t>();
+  const int32_t st = static_cast<int32_t>(step);
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + kAhead < n) {
+      __builtin_prefetch(&last_step[rows[i + kAhead]], 1);
+      __builtin_prefetch(&last_pos[rows[i + kAhead]], 1);
+      __builtin_prefetch(&next[rows[i + kAhead]], 1);
+    }
+    const int64_t r = rows[i];
+    const int32_t prev = last_step[r];
+    if (prev >= first_waiting) {
+      succ[bases[prev - first_waiting] + last_pos[r]] = st;
+    } else {
+      next[r] = st;
+    }
+    last_step[r] = st;
+    last_pos[r] = static_cast<int32_t>(i);
+  }
+}
+
+// Row copies between a large table and a compact buffer, one memcpy per row, in parallel.
+// ``table`` and ``buffer`` are contiguous with the same row shape and dtype.
+template <bool kGather, typename T>
+void copy_elements(T* table, const int64_t* rows, T* buffer, int64_t n) {
+  at::parallel_for(0, n, 1 << 14, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      if (i + kAhead < hi) __builtin_prefetch(table + rows[i + kAhead], kGather ? 0 : 1);
+      if (kGather) {
+        buffer[i] = table[rows[i]];
+      } else {
+        table[rows[i]] = buffer[i];
+      }
+    }
+  });
+}
+
+template <bool kGather>
+void copy_rows(const at::Tensor& table, const at::Tensor& rows_t, const at::Tensor& buffer) {
+  const int64_t n = rows_t.numel();
+  const int64_t row_bytes = table.numel() == 0 ? 0 : table.nbytes() / table.size(0);
+  const int64_t* rows = rows_t.data_ptr<int64_t>();
+  if (row_bytes == 4) {  // one scalar per row (row-wise optimizer state, next-use steps)
+    copy_elements<kGather>(static_cast<int32_t*>(table.data_ptr()), rows, static_cast<int32_t*>(buffer.data_ptr()), n);
+    return;
+  }
+  if (row_bytes == 8) {
+    copy_elements<kGather>(static_cast<int64_t*>(table.data_ptr()), rows, static_cast<int64_t*>(buffer.data_ptr()), n);
+    return;
+  }
+  char* t = static_cast<char*>(table.data_ptr());
+  char* b = static_cast<char*>(buffer.data_ptr());
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(row_bytes, 1));
+  at::parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      if (i + kAhead < hi) {  // request the rows ahead: random rows are latency-bound
+        const char* ahead = t + rows[i + kAhead] * row_bytes;
+        for (int64_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(ahead + c, kGather ? 0 : 1);
+      }
+      char* row = t + rows[i] * row_bytes;
+      if (kGather) {
+        std::memcpy(b + i * row_bytes, row, row_bytes);
+      } else {
+        std::memcpy(row, b + i * row_bytes, row_bytes);
+      }
+    }
+  });
+}
+
+// out[i] = table[rows[i]]
+void gather_rows(const at::Tensor& table, const at::Tensor& rows, at::Tensor out) {
+  copy_rows<true>(table, rows, out);
+}
+
+// table[rows[i]] = values[i]
+void scatter_rows(at::Tensor table, const at::Tensor& rows, const at::Tensor& values) {
+  copy_rows<false>(table, rows, values);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(scratchpipe, m) {
+  m.def("gather_rows(Tensor table, Tensor rows, Tensor(a!) out) -> ()");
+  m.def("scatter_rows(Tensor(a!) table, Tensor rows, Tensor values) -> ()");
+  m.def("group_dedup(Tensor values, Tensor counts, Tensor base, Tensor(a!) tag, int epoch) -> (Tensor, Tensor)");
+  m.def(
+      "plan(Tensor rows, int step, Tensor(a!) row_to_slot, Tensor(b!) slot_to_row, Tensor(c!) last_use, "
+      "Tensor(d!) q_slots, Tensor(e!) q_stamps, int head, int tail, int oldest_held, Tensor? next, Tensor? peek, "
+      "int limit) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, bool)");
+  m.def(
+      "next_use_push(Tensor rows, int step, Tensor(a!) next, Tensor(b!) last_step, Tensor(c!) last_pos, "
+      "Tensor(d!) succ, Tensor bases, int first_waiting) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(scratchpipe, CPU, m) {
+  m.impl("group_dedup", group_dedup);
+  m.impl("plan", plan);
+  m.impl("next_use_push", next_use_push);
+  m.impl("gather_rows", gather_rows);
+  m.impl("scatter_rows", scatter_rows);
+}
