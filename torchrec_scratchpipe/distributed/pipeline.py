@@ -267,8 +267,10 @@ class ScratchPipeTrainPipeline(TrainPipelineSparseDist):
             context.module_contexts_post_prefetch[name] = module_ctx
             if getattr(module, "scratchpipe_kernels", None) and module.scratchpipe_kernels():  # type: ignore[operator]
                 inputs.append((module, dist_input))
-        if not inputs or not self._model.training:
+        if not self._model.training:
             return
+        # Every rank takes part in the agreement, also one without ScratchPipe shards (a
+        # table-wise table lives on one rank): the collectives must match across ranks.
         prepared, error, kind = [], None, ValueError
         try:
             prepared = [(m, d, m.prepare_prefetch(d)) for m, d in inputs]
