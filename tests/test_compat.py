@@ -110,3 +110,27 @@ def test_tabulate_and_wait_for_batch() -> None:
     batch = torch.ones(3)
     compat.wait_for_batch(batch, None)  # no stream on CPU: returns without touching the batch
     assert torch.equal(batch, torch.ones(3))
+
+
+def test_sequence_lookup_hook_keeps_its_signature() -> None:
+    """The sequence lookup's private kernel hook still takes the arguments our subclass passes."""
+    from torchrec_scratchpipe.distributed.sequence_lookup import ScratchPipeGroupedEmbeddingsLookup
+
+    base = inspect.signature(compat.GroupedEmbeddingsLookup._create_embedding_kernel).parameters
+    ours = inspect.signature(ScratchPipeGroupedEmbeddingsLookup._create_embedding_kernel).parameters
+    assert list(base)[:4] == list(ours)[:4]
+
+
+def test_process_group_topology_and_fx_notice_shims() -> None:
+    class _Env:
+        process_group = "pg"
+
+    model = torch.nn.Sequential(torch.nn.Linear(1, 1))
+    assert compat.module_process_group(model) is None
+    model[0]._env = _Env()  # what TorchRec's sharded modules carry
+    assert compat.module_process_group(model) == "pg"
+    factory = compat.topology_factory()
+    if factory is not None:
+        assert [c.__name__ for c in factory] == ["TopologyFactory", "TrainerConfig", "KernelConfig"]
+    notice = compat.fx_tracing_notice()
+    assert notice is None or (callable(notice[0]) and notice[1].startswith("torch.fx"))

@@ -31,10 +31,13 @@ import contextlib
 import importlib.metadata
 import re
 import threading
-from typing import Dict, Iterable, Iterator, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Set, Tuple
 
 # --- FBGEMM: the TBE the scratchpad trains with -------------------------------------
-from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
+    EmbeddingLocation,
+    PoolingMode,
+)
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
     ComputeDevice,
     SplitTableBatchedEmbeddingBagsCodegen,
@@ -42,16 +45,27 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
 
 # --- TorchRec: kernel base, fused optimizer, state dict --------------------------------
 from torchrec.distributed.batched_embedding_kernel import EmbeddingFusedOptimizer
-from torchrec.distributed.composable.table_batched_embedding_slice import TableBatchedEmbeddingSlice
+from torchrec.distributed.composable.table_batched_embedding_slice import (
+    TableBatchedEmbeddingSlice,
+)
+
+# --- TorchRec: sequence (EmbeddingCollection) lookup, shardings, sharded module -------
+from torchrec.distributed.embedding import ShardedEmbeddingCollection
 from torchrec.distributed.embedding_kernel import BaseEmbedding, get_state_dict
 
 # --- TorchRec: lookup, shardings, sharded module --------------------------------------
-from torchrec.distributed.embedding_lookup import GroupedPooledEmbeddingsLookup
-from torchrec.distributed.embedding_sharding import EmbeddingSharding, EmbeddingShardingInfo
-from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection, replace_placement_with_meta_device
-from torchrec.distributed.sharding.cw_sharding import CwPooledEmbeddingSharding
-from torchrec.distributed.sharding.rw_sharding import RwPooledEmbeddingSharding
-from torchrec.distributed.sharding.tw_sharding import TwPooledEmbeddingSharding
+from torchrec.distributed.embedding_lookup import (
+    GroupedEmbeddingsLookup,
+    GroupedPooledEmbeddingsLookup,
+)
+from torchrec.distributed.embedding_sharding import (
+    EmbeddingSharding,
+    EmbeddingShardingInfo,
+)
+from torchrec.distributed.embeddingbag import (
+    ShardedEmbeddingBagCollection,
+    replace_placement_with_meta_device,
+)
 
 # --- TorchRec: planner, estimators, stats ---------------------------------------------
 from torchrec.distributed.planner import planners as _planners
@@ -65,15 +79,34 @@ from torchrec.distributed.planner.shard_estimators import (
     get_num_poolings,
 )
 from torchrec.distributed.planner.stats import EmbeddingStats
+from torchrec.distributed.planner.storage_reservations import (
+    FixedPercentageStorageReservation,
+)
 from torchrec.distributed.planner.utils import sharder_name
-from torchrec.distributed.types import _tabulate
-from torchrec.distributed.utils import optimizer_type_to_emb_opt_type
+from torchrec.distributed.sharding.cw_sequence_sharding import (
+    CwSequenceEmbeddingSharding,
+)
+from torchrec.distributed.sharding.cw_sharding import CwPooledEmbeddingSharding
+from torchrec.distributed.sharding.rw_sequence_sharding import (
+    RwSequenceEmbeddingSharding,
+)
+from torchrec.distributed.sharding.rw_sharding import RwPooledEmbeddingSharding
+from torchrec.distributed.sharding.tw_sequence_sharding import (
+    TwSequenceEmbeddingSharding,
+)
+from torchrec.distributed.sharding.tw_sharding import TwPooledEmbeddingSharding
 
 # --- TorchRec: train pipeline internals -----------------------------------------------
-from torchrec.distributed.train_pipeline.pipeline_context import PrefetchTrainPipelineContext
-from torchrec.distributed.train_pipeline.runtime_forwards import PrefetchPipelinedForward
+from torchrec.distributed.train_pipeline.pipeline_context import (
+    PrefetchTrainPipelineContext,
+)
+from torchrec.distributed.train_pipeline.runtime_forwards import (
+    PrefetchPipelinedForward,
+)
 from torchrec.distributed.train_pipeline.train_pipelines import TrainPipelineSparseDist
 from torchrec.distributed.train_pipeline.utils import _wait_for_batch
+from torchrec.distributed.types import _tabulate
+from torchrec.distributed.utils import optimizer_type_to_emb_opt_type
 from torchrec.streamable import Multistreamable
 
 #: TorchRec's shard input/output size helper (private in every supported version).
@@ -84,6 +117,9 @@ tabulate = _tabulate
 wait_for_batch = _wait_for_batch
 
 __all__ = [
+    "CwSequenceEmbeddingSharding", "FixedPercentageStorageReservation", "GroupedEmbeddingsLookup",
+    "RwSequenceEmbeddingSharding", "ShardedEmbeddingCollection", "TwSequenceEmbeddingSharding",
+    "fx_tracing_notice", "module_process_group", "topology_factory",
     "BIGINT_DTYPE", "BaseEmbedding", "ComputeDevice", "CwPooledEmbeddingSharding", "EmbeddingEnumerator",
     "EmbeddingFusedOptimizer", "EmbeddingLocation", "EmbeddingPerfEstimator", "EmbeddingSharding",
     "EmbeddingShardingInfo", "EmbeddingStats", "EmbeddingStorageEstimator", "GroupedPooledEmbeddingsLookup",
@@ -185,3 +221,58 @@ def compute_kernels_accepted(names: Iterable[str]) -> Iterator[None]:
                 if _accepted[name] == 0:
                     del _accepted[name]
                     valid.discard(name)
+
+
+def module_process_group(model: Any) -> Optional[Any]:
+    """The process group of a model's sharded modules (their private ``_env``), or None.
+
+    Example::
+
+        >>> import torch
+        >>> module_process_group(torch.nn.Linear(1, 1)) is None
+        True
+    """
+    for module in model.modules():
+        env = getattr(module, "_env", None)
+        if env is not None and getattr(env, "process_group", None) is not None:
+            return env.process_group
+    return None
+
+
+def topology_factory() -> Optional[Tuple[Any, Any, Any]]:
+    """TorchRec's ``(TopologyFactory, TrainerConfig, KernelConfig)``, or None on versions
+    without the factory (there ``Topology(...)`` is the recommended way and does not warn).
+
+    Example::
+
+        >>> factory = topology_factory()
+        >>> factory is None or len(factory) == 3
+        True
+    """
+    try:
+        from torchrec.distributed.planner.types import (
+            KernelConfig,
+            TopologyFactory,
+            TrainerConfig,
+        )
+    except ImportError:
+        return None
+    return TopologyFactory, TrainerConfig, KernelConfig
+
+
+def fx_tracing_notice() -> Optional[Tuple[Callable[[], None], str]]:
+    """torch's one-time ``is_fx_tracing`` notice (a private, cached function) and the name
+    of the logger it writes to, or None where this torch has no such notice.
+
+    Example::
+
+        >>> notice = fx_tracing_notice()
+        >>> notice is None or callable(notice[0])
+        True
+    """
+    try:
+        from torch.fx import _symbolic_trace
+    except ImportError:  # pragma: no cover - other torch layouts
+        return None
+    notice = getattr(_symbolic_trace, "is_fx_tracing_warning", None)
+    return None if notice is None else (notice, _symbolic_trace.__name__)

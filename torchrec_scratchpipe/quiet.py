@@ -34,8 +34,13 @@ import logging
 import warnings
 from typing import Any, Iterator
 
-from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.planner.types import StorageReservation, Topology
+
+from torchrec_scratchpipe.compat import (
+    FixedPercentageStorageReservation,
+    fx_tracing_notice,
+    topology_factory,
+)
 
 #: Deprecations torch 2.13 reports about calls TorchRec makes (DMP's DDP, row-wise collectives).
 _TORCHREC_DEPRECATIONS = (
@@ -49,14 +54,11 @@ STORAGE_RESERVATION_PERCENTAGE = 0.15
 
 def _consume_fx_tracing_notice() -> None:
     """Emit torch's one-time ``is_fx_tracing`` notice with its logger disabled."""
-    try:
-        from torch.fx import _symbolic_trace
-    except ImportError:  # pragma: no cover - other torch layouts
+    found = fx_tracing_notice()
+    if found is None:
         return
-    notice = getattr(_symbolic_trace, "is_fx_tracing_warning", None)
-    if notice is None:
-        return
-    log = logging.getLogger(_symbolic_trace.__name__)
+    notice, logger_name = found
+    log = logging.getLogger(logger_name)
     disabled, log.disabled = log.disabled, True
     try:
         notice()  # lru_cached in torch: later calls do nothing
@@ -92,10 +94,10 @@ def make_topology(world_size: int, compute_device: str, **kwargs: Any) -> Topolo
         >>> make_topology(2, "cpu").compute_device
         'cpu'
     """
-    try:
-        from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
-    except ImportError:  # older TorchRec: no factory, no warning either
+    factory = topology_factory()
+    if factory is None:  # older TorchRec: no factory, no warning either
         return Topology(world_size=world_size, compute_device=compute_device, **kwargs)
+    TopologyFactory, TrainerConfig, KernelConfig = factory
     return TopologyFactory.create_topology(
         trainer_config=TrainerConfig(world_size=world_size, **kwargs),
         kernel_config=KernelConfig(compute_device=compute_device),

@@ -15,13 +15,13 @@ import logging
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, cast
 
 import torch
-import torch.distributed as dist
 
 from torchrec_scratchpipe.compat import (
     Multistreamable,
     PrefetchPipelinedForward,
     PrefetchTrainPipelineContext,
     TrainPipelineSparseDist,
+    module_process_group,
     wait_for_batch,
 )
 from torchrec_scratchpipe.distributed.batch_check import BatchAgreement, out_of_range
@@ -109,7 +109,7 @@ class ScratchPipeTrainPipeline(TrainPipelineSparseDist):
         self._announce_pending = False  # the newest batch is input-distributed, not yet announced
         self._tables = _table_rows(model)
         self._required = sorted(self._tables)
-        self._agreement = BatchAgreement(_process_group(model))
+        self._agreement = BatchAgreement(module_process_group(model))
         if not any(k.engine.queued() for k in self._kernels):
             self._claim()  # else another pipeline's batches are in flight: claim at the first training step
 
@@ -288,15 +288,6 @@ class ScratchPipeTrainPipeline(TrainPipelineSparseDist):
         for kernel in self._kernels:
             if kernel.engine.owner is self:
                 kernel.engine.reset_window()
-
-
-def _process_group(model: torch.nn.Module) -> Optional[dist.ProcessGroup]:
-    """The process group of the model's sharded modules (None when not distributed)."""
-    for module in model.modules():
-        env = getattr(module, "_env", None)
-        if env is not None and getattr(env, "process_group", None) is not None:
-            return env.process_group
-    return None
 
 
 def _table_rows(model: torch.nn.Module) -> Dict[str, Tuple[str, int]]:

@@ -14,16 +14,24 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
-from torchrec.distributed.embedding_kernel import BaseEmbedding
-from torchrec.distributed.embedding_lookup import GroupedEmbeddingsLookup
-from torchrec.distributed.embedding_types import BaseGroupedFeatureProcessor, GroupedEmbeddingConfig
-from torchrec.distributed.sharding.cw_sequence_sharding import CwSequenceEmbeddingSharding
-from torchrec.distributed.sharding.rw_sequence_sharding import RwSequenceEmbeddingSharding
-from torchrec.distributed.sharding.tw_sequence_sharding import TwSequenceEmbeddingSharding
+from torchrec.distributed.embedding_types import (
+    BaseGroupedFeatureProcessor,
+    GroupedEmbeddingConfig,
+)
 from torchrec.distributed.types import ShardingEnv, ShardingType
 
+from torchrec_scratchpipe.compat import (
+    BaseEmbedding,
+    CwSequenceEmbeddingSharding,
+    GroupedEmbeddingsLookup,
+    RwSequenceEmbeddingSharding,
+    TwSequenceEmbeddingSharding,
+)
 from torchrec_scratchpipe.distributed.kernel import ScratchPipeEmbeddingBag
-from torchrec_scratchpipe.distributed.lookup import ScratchPipeLookupMixin, is_scratchpipe_group
+from torchrec_scratchpipe.distributed.lookup import (
+    ScratchPipeLookupMixin,
+    is_scratchpipe_group,
+)
 
 
 class ScratchPipeGroupedEmbeddingsLookup(ScratchPipeLookupMixin, GroupedEmbeddingsLookup):

@@ -9,13 +9,23 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Type
 
 import torch
-from torchrec.distributed.embedding import EmbeddingCollectionSharder, ShardedEmbeddingCollection
-from torchrec.distributed.embedding_sharding import EmbeddingSharding, EmbeddingShardingInfo
-from torchrec.distributed.types import ParameterSharding, QuantizedCommCodecs, ShardingEnv
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.types import (
+    ParameterSharding,
+    QuantizedCommCodecs,
+    ShardingEnv,
+)
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
+from torchrec_scratchpipe.compat import (
+    EmbeddingSharding,
+    EmbeddingShardingInfo,
+    ShardedEmbeddingCollection,
+)
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
-from torchrec_scratchpipe.distributed.sequence_lookup import SCRATCHPIPE_SEQUENCE_SHARDINGS
+from torchrec_scratchpipe.distributed.sequence_lookup import (
+    SCRATCHPIPE_SEQUENCE_SHARDINGS,
+)
 from torchrec_scratchpipe.distributed.sharded_base import (
     SCRATCHPIPE_SHARDING_TYPES,
     ScratchPipeShardedMixin,
