@@ -30,13 +30,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tqdm import tqdm
 
 from torchrec_scratchpipe.compat import ComputeDevice, EmbeddingLocation, PoolingMode, SplitTableBatchedEmbeddingBagsCodegen
-from torchrec_scratchpipe.core.config import ScratchPipeConfig
+from torchrec_scratchpipe import defaults
+from torchrec_scratchpipe.core.config import OPTIMIZERS_BY_NAME, ScratchPipeConfig
 from torchrec_scratchpipe.core.engine import ScratchPipeEmbeddingBags
 from torchrec_scratchpipe.core.plan import SlotPlan
 from torchrec_scratchpipe.data.synthetic import SyntheticClickLog, SyntheticConfig
@@ -66,8 +66,8 @@ class EngineBenchConfig:
     batch_size: int = 4096
     pooling: int = 1
     alpha: float = 1.05
-    load_factor: float = 0.1
-    lookahead: int = 4
+    load_factor: float = defaults.LOAD_FACTOR
+    lookahead: int = defaults.LOOKAHEAD
     horizon: Optional[int] = None
     steps: int = 40
     warmup: int = 5
@@ -103,7 +103,7 @@ def _full_tbe(cfg: EngineBenchConfig, device: torch.device) -> SplitTableBatched
     spec = [(cfg.rows, cfg.dim, loc, ComputeDevice.CUDA if on_cuda else ComputeDevice.CPU)] * cfg.tables
     pooling = PoolingMode.NONE if cfg.unpooled else PoolingMode.SUM
     return SplitTableBatchedEmbeddingBagsCodegen(
-        spec, optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, device=device, pooling_mode=pooling
+        spec, optimizer=OPTIMIZERS_BY_NAME[defaults.OPTIMIZER], device=device, pooling_mode=pooling
     )
 
 
@@ -115,7 +115,7 @@ def _engine(cfg: EngineBenchConfig, device: torch.device) -> ScratchPipeEmbeddin
     ]
     sp = ScratchPipeConfig(
         load_factor=cfg.load_factor, lookahead=cfg.lookahead, horizon=cfg.horizon,
-        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, background_planning=cfg.background_planning,
+        optimizer=OPTIMIZERS_BY_NAME[defaults.OPTIMIZER], background_planning=cfg.background_planning,
     )
     return ScratchPipeEmbeddingBags(tables, sp, device=device)
 
