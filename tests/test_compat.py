@@ -102,6 +102,8 @@ def test_private_hooks_keep_the_signatures_the_package_calls() -> None:
     lookup = inspect.signature(compat.GroupedPooledEmbeddingsLookup.__init__).parameters
     assert {"grouped_configs", "pg", "device", "feature_processor", "sharding_type", "env"} <= set(lookup)
     assert list(inspect.signature(compat.wait_for_batch).parameters)[:2] == ["batch", "stream"]
+    # the pipeline checks each loader batch on the host in this hook, before the device copy
+    assert list(inspect.signature(compat.TrainPipelineSparseDist._next_batch).parameters) == ["self", "dataloader_iter"]
 
 
 def test_tabulate_and_wait_for_batch() -> None:

@@ -107,6 +107,7 @@ class ScratchPipeTrainPipeline(TrainPipelineSparseDist):
         self._started = False
         self._keys: Optional[List[str]] = None
         self._announce_pending = False  # the newest batch is input-distributed, not yet announced
+        self._verdict: Optional[str] = None  # why the newest fetched batch must be refused, or None
         self._tables = _table_rows(model)
         self._required = sorted(self._tables)
         self._agreement = BatchAgreement(module_process_group(model))
@@ -129,6 +130,13 @@ class ScratchPipeTrainPipeline(TrainPipelineSparseDist):
             engine.owner = self
             # ids come from the input dist: copy them to the host there, not behind training work
             engine.intake_stream = self._data_dist_stream
+
+    def _next_batch(self, dataloader_iter: Iterator[Any]) -> Any:
+        """TorchRec's, plus the batch check on the loader's (host) batch, before TorchRec copies
+        it to the device: on CUDA the check then never waits for the device."""
+        batch = super()._next_batch(dataloader_iter)
+        self._verdict = None if batch is None else self._check_batch(batch)
+        return batch
 
     def _check_batch(self, batch: Any) -> Optional[str]:
         """Why a batch must be refused (features unlike the model's, ids out of range), or None.
@@ -183,7 +191,7 @@ class ScratchPipeTrainPipeline(TrainPipelineSparseDist):
         """Fetch the next batch and check it on every rank; a bad batch is dropped everywhere."""
         if not self.enqueue_batch(dataloader_iter):
             return False
-        self._agree_or_drop(self._check_batch(self.batches[-1]), ValueError)
+        self._agree_or_drop(self._verdict, ValueError)  # checked on the host by _next_batch
         if self._keys is None:
             self._keys = list(self.batches[-1].sparse_features.keys())
         return True
