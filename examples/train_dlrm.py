@@ -25,15 +25,15 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torchmetrics.classification import BinaryAUROC
-from torchrec import EmbeddingBagConfig
 from tqdm import tqdm
 
-from torchrec_scratchpipe import cache_stats, defaults
+from torchrec_scratchpipe import cache_stats, defaults  # before torchrec: compat quiets FBGEMM 1.6's import notice
 from torchrec_scratchpipe.advise.stalls import stall_notes
 from torchrec_scratchpipe.core.config import OPTIMIZERS_BY_NAME
 from torchrec_scratchpipe.data.source import open_source
 from torchrec_scratchpipe.quiet import quiet_known_noise
 from torchrec_scratchpipe.training import KERNELS, KernelChoice, ModelSpec, Trainer, build_trainer
+from torchrec import EmbeddingBagConfig  # noqa: E402  (after the package, see above)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -4,6 +4,7 @@ The engine (``ScratchPipeEmbeddingBags``) works on its own; the TorchRec layer m
 compute kernel (``SCRATCHPIPE``) that users pick in their sharding plan.
 """
 
+from torchrec_scratchpipe import compat  # noqa: F401  (first: it imports FBGEMM and TorchRec)
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.core.engine import ScratchPipeEmbeddingBags
 from torchrec_scratchpipe.core.plan import CapacityError, SlotPlanner

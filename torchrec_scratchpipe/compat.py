@@ -29,19 +29,32 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import logging
 import re
 import threading
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Set, Tuple
 
-# --- FBGEMM: the TBE the scratchpad trains with -------------------------------------
-from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
-    EmbeddingLocation,
-    PoolingMode,
-)
-from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-    ComputeDevice,
-    SplitTableBatchedEmbeddingBagsCodegen,
-)
+
+
+class _FbgemmCompatNotice(logging.Filter):
+    """Drops the notice fbgemm-gpu 1.6.0 logs on import on torch 2.11 (its own version table
+    lacks its entry; the pair is the supported one). Only while this module imports it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_fbgemm_torch_compat_table has no entry" not in record.getMessage()
+
+
+_notice = _FbgemmCompatNotice()
+logging.getLogger().addFilter(_notice)
+try:
+    # --- FBGEMM: the TBE the scratchpad trains with ---------------------------------
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+finally:
+    logging.getLogger().removeFilter(_notice)
 
 # --- TorchRec: kernel base, fused optimizer, state dict --------------------------------
 from torchrec.distributed.batched_embedding_kernel import EmbeddingFusedOptimizer

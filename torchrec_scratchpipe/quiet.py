@@ -18,6 +18,11 @@ and say nothing about the user's job:
   instead, with :func:`make_topology` (TorchRec's ``TopologyFactory``) and
   :func:`default_storage_reservation`.
 
+- On the oldest stack, TorchRec 1.6.1's collectives call a torch helper that torch 2.11
+  flags (``UserWarning``s about ``_get_pg_default_device``): ignored inside the block too;
+  fbgemm-gpu 1.6.0's import-time notice that its own version table lacks torch 2.11 is
+  dropped while ``torchrec_scratchpipe.compat`` imports it.
+
 Nothing is patched and no filter is installed at import time.
 
 Example:
@@ -48,6 +53,11 @@ _TORCHREC_DEPRECATIONS = (
     r".*`torch\.distributed\.reduce_scatter_tensor` is deprecated",
     r".*`torch\.distributed\.all_gather_into_tensor` is deprecated",
 )
+#: What torch 2.11 says about a call TorchRec 1.6.1 makes in its collectives (oldest stack).
+_TORCHREC_OLD_STACK_NOTICES = (
+    r".*`_get_pg_default_device` will be deprecated",
+    r".*Multiple backends are registered with this ProcessGroup",
+)
 #: Head room the planner keeps free on each device (TorchRec's default percentage).
 STORAGE_RESERVATION_PERCENTAGE = 0.15
 
@@ -76,6 +86,8 @@ def quiet_known_noise() -> Iterator[None]:
     with warnings.catch_warnings():
         for message in _TORCHREC_DEPRECATIONS:
             warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+        for message in _TORCHREC_OLD_STACK_NOTICES:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
         yield
 
 

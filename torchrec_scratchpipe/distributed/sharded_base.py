@@ -58,7 +58,7 @@ class ScratchPipeShardedMixin:
             lambda module, _keys: module.refresh_scratchpads()
         )
 
-    def _initialize_torch_state(self, skip_registering: bool = False) -> None:
+    def _initialize_torch_state(self, *args: Any, **kwargs: Any) -> None:
         # TorchRec leaves state handling of customized_kernel tables to subclasses. Ours
         # expose store views exactly like ``fused``, so let TorchRec treat them as fused.
         plan = self.module_sharding_plan
@@ -71,7 +71,7 @@ class ScratchPipeShardedMixin:
             }
         )
         try:
-            super()._initialize_torch_state(skip_registering)  # type: ignore[misc]
+            super()._initialize_torch_state(*args, **kwargs)  # type: ignore[misc]  (1.6.1 takes no argument)
         finally:
             self.module_sharding_plan = plan
 
