@@ -135,3 +135,38 @@ def test_unpooled_errors() -> None:
         emb.embeddings(many)
     assert torch.equal(emb.table_weights()["t0"], before)
     assert sum(emb.stats()["dim8_none"][k] for k in ("steps", "lookups")) == 0
+
+
+@pytest.mark.parametrize("lookahead", [0, 2])
+def test_two_forwards_then_one_backward_train_like_full_table_tbe(lookahead: int) -> None:
+    """Gradient accumulation over two unpooled batches: both outputs read the rows as they
+    were before the (one) backward, which then applies both batches' updates, as full TBE does."""
+    tables = _tables()
+    stream = power_law_stream(ROWS, 40, BATCH, max_len=10, seed=7)
+    # Room for the two batches of one step only: every slot is needed and rows keep moving.
+    cache_rows = window_capacity(stream, ROWS, 1)
+    opt = EmbOptimType.EXACT_ROWWISE_ADAGRAD
+    emb = ScratchPipeEmbeddingBags(tables, ScratchPipeConfig(cache_rows=cache_rows, lookahead=lookahead, optimizer=opt, learning_rate=0.1))
+    assert emb.groups["dim8_none"].capacity < sum(ROWS) // 2
+    ref = _SequenceReference(tables, opt, lr=0.1)
+    ref.load(emb.table_weights())
+    g = torch.Generator().manual_seed(2)
+    for k in stream[: lookahead + 1]:
+        emb.prefetch(k)
+    for start in range(0, len(stream), 2):
+        outs, expects = [], []
+        for i in (start, start + 1):
+            outs.append(emb.embeddings(stream[i]))
+            expects.append(ref(stream[i]))
+            torch.testing.assert_close(outs[-1], expects[-1], atol=1e-6, rtol=1e-6, msg=f"step {i}")
+            if i + lookahead + 1 < len(stream):
+                emb.prefetch(stream[i + lookahead + 1])
+        grads = [torch.randn(o.shape, generator=g) for o in outs]
+        sum((o * w).sum() for o, w in zip(outs, grads)).backward()
+        sum((e * w).sum() for e, w in zip(expects, grads)).backward()
+    assert emb.stats()["dim8_none"]["evictions"] > 0
+    ref_w, ref_s = ref.weights(), ref.states()
+    for name, w in emb.table_weights().items():
+        torch.testing.assert_close(w, ref_w[name], atol=1e-6, rtol=1e-6)
+    for name, states in emb.optimizer_states().items():
+        torch.testing.assert_close(states["momentum1"].view(-1), ref_s[name][0].view(-1), atol=1e-6, rtol=1e-6)
