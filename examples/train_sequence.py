@@ -1,6 +1,6 @@
 """Train a small transformer next-item model whose item table lives on ScratchPipe.
 
-The model reads each user's history of item ids (unpooled: one embedding per id, from a
+The model (torchrec_scratchpipe/sequence_model.py) reads each user's history of item ids (unpooled: one embedding per id, from a
 TorchRec ``EmbeddingCollection``), encodes it with one transformer layer, and scores the
 next item against the other targets of the batch (in-batch softmax). The large ``item``
 table trains on ScratchPipe (or ``fused`` for comparison); the small ``category``
@@ -24,10 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from torch import nn
-from torchrec import EmbeddingCollection, EmbeddingConfig, JaggedTensor, KeyedJaggedTensor
 from torchrec.datasets.utils import Batch
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.planner import Topology
@@ -40,72 +37,13 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 import torchrec_scratchpipe.distributed as tsp
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.distributed.pipeline import ScratchPipeTrainPipeline
+from torchrec_scratchpipe.sequence_model import NextItemModel, sequence_batches
 from torchrec_scratchpipe.training import init_single_process_group
-
-KEYS = ["history", "history_category", "target"]
-
-
-class SequenceTower(nn.Module):
-    """History embeddings -> one transformer layer -> user vector; in-batch softmax loss."""
-
-    def __init__(self, dim: int, max_len: int) -> None:
-        super().__init__()
-        self.max_len = max_len
-        self.position = nn.Parameter(torch.zeros(max_len, dim))
-        layer = nn.TransformerEncoderLayer(dim, nhead=2, dim_feedforward=2 * dim, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
-
-    def forward(self, history: JaggedTensor, category: JaggedTensor, target: JaggedTensor) -> Any:
-        x = history.to_padded_dense(self.max_len) + category.to_padded_dense(self.max_len) + self.position
-        lengths = history.lengths()
-        pad = torch.arange(self.max_len)[None, :] >= lengths[:, None]
-        z = self.encoder(x, src_key_padding_mask=pad)
-        user = (z * (~pad)[..., None]).sum(1) / lengths.clamp(min=1)[:, None]
-        logits = user @ target.values().T  # every sample has one target
-        loss = F.cross_entropy(logits, torch.arange(logits.shape[0]))
-        return loss, (loss.detach(), logits.diag().detach())
-
-
-class NextItemModel(nn.Module):
-    """``EmbeddingCollection`` (items, categories) + :class:`SequenceTower`.
-
-    Returns ``(loss, (loss, scores))``: pipelines train on the first and hand back the second.
-    """
-
-    def __init__(self, items: int, categories: int, dim: int, max_len: int, device: torch.device) -> None:
-        super().__init__()
-        self.ec = EmbeddingCollection(
-            tables=[
-                EmbeddingConfig(name="item", embedding_dim=dim, num_embeddings=items, feature_names=["history", "target"]),
-                EmbeddingConfig(name="category", embedding_dim=dim, num_embeddings=categories, feature_names=["history_category"]),
-            ],
-            device=device,
-        )
-        self.tower = SequenceTower(dim, max_len)
-
-    def forward(self, batch: Batch) -> Any:
-        emb = self.ec(batch.sparse_features)
-        return self.tower(emb["history"], emb["history_category"], emb["target"])
 
 
 def synthetic_batches(args: argparse.Namespace, rank: int) -> List[Batch]:
     """Users stick to one of 64 topics; histories of 1..max_len items, target from the same topic."""
-    g = torch.Generator().manual_seed(args.seed * 1000 + rank)
-    block = args.items // 64
-    out = []
-    for _ in range(args.steps):
-        topic = torch.randint(0, 64, (args.batch_size,), generator=g)
-        lengths = torch.randint(1, args.max_len + 1, (args.batch_size,), generator=g)
-        owner = torch.repeat_interleave(topic, lengths)
-        history = owner * block + (torch.rand(owner.numel(), generator=g).pow(3) * block).long()
-        target = topic * block + (torch.rand(args.batch_size, generator=g).pow(3) * block).long()
-        category = history * args.categories // args.items
-        kjt = KeyedJaggedTensor.from_lengths_sync(
-            KEYS, torch.cat([history, category, target]),
-            torch.cat([lengths, lengths, torch.ones(args.batch_size, dtype=torch.long)]),
-        )
-        out.append(Batch(torch.zeros(args.batch_size, 1), kjt, torch.zeros(args.batch_size)))
-    return out
+    return sequence_batches(args.steps, args.batch_size, args.items, args.categories, args.max_len, args.seed * 1000 + rank)
 
 
 def build(args: argparse.Namespace) -> tuple:

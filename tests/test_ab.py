@@ -40,6 +40,29 @@ def test_ab_report_on_synthetic_data(tmp_path: Path) -> None:
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_ab_sequence_model_scratchpipe_arms_match_fused(tmp_path: Path) -> None:
+    """``--model sequence``: an EmbeddingCollection whose item table (read by two features)
+    is on ScratchPipe trains what ``fused`` trains; the UVM arm replays the same item ids."""
+    cfg = parse_args(["--model", "sequence", "--tables", "1", "--rows", "4096", "--dim", "8", "--max-len", "8",
+                      "--batch-size", "32", "--steps", "8", "--warmup", "2", "--horizon", "8", "--load-factor", "0.2",
+                      "--out", str(tmp_path), "--no-progress", "--device", "cpu"])
+    data = run_ab(cfg)
+    rows = {r["arm"]: r for r in data["arms"]}
+    sp_labels = ["scratchpipe L=1 H=8", "scratchpipe L=4 H=8"]
+    assert set(rows) == {"fused", "fused_uvm_caching (simulated)", *sp_labels}
+    sim = rows["fused_uvm_caching (simulated)"]
+    for label in sp_labels:
+        r = rows[label]
+        assert r["max_loss_diff_vs_fused"] <= 1e-6 and r["max_weight_diff_vs_fused"] <= 1e-6, r
+        assert r["train_misses"] == 0 and r["h2d_rows"] == r["misses"] > 0
+        assert r["unique_rows"] == sim["unique_rows"]  # the simulator replayed the item table's ids
+    assert sim["simulated"] and sim["misses"] > 0
+    assert "sequence model (EmbeddingCollection" in (tmp_path / "report.md").read_text()
+    assert len(json.loads((tmp_path / "report.json").read_text())["per_step"]["fused"]["loss"]) == 10
+    for png in ("throughput.png", "traffic.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
@@ -49,6 +72,8 @@ def test_ab_report_on_synthetic_data(tmp_path: Path) -> None:
         ({"lookaheads": [4], "horizon": 2}, "below the largest lookahead"),
         ({"data": "parquet:x"}, "data must be"),
         ({"dim": 6}, "multiple of 4"),
+        ({"model": "hstu"}, "model must be one of"),
+        ({"model": "sequence", "data": "trace:x"}, "leave --data synthetic"),
     ],
 )
 def test_ab_config_errors(kwargs, message) -> None:

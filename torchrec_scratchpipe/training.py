@@ -1,4 +1,7 @@
-"""Assemble a trainable DLRM under a kernel choice: model, plan, DMP, optimizer, pipeline.
+"""Assemble a trainable model under a kernel choice: model, plan, DMP, optimizer, pipeline.
+
+The model is a DLRM (:class:`ModelSpec`) or the sequence model of
+``torchrec_scratchpipe.sequence_model`` (``SequenceSpec``, an ``EmbeddingCollection``).
 
 The A/B tool and ``examples/train_dlrm.py`` both use this, so every arm of a comparison
 is built the same way and differs only in its sharding plan: the user-facing promise
@@ -10,7 +13,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -31,6 +34,9 @@ from torchrec_scratchpipe.distributed import SCRATCHPIPE, ShardingPlanner, get_s
 from torchrec_scratchpipe.distributed.pipeline import ScratchPipeTrainPipeline
 from torchrec_scratchpipe.distributed.plan_stats import format_scratchpipe_plan
 from torchrec_scratchpipe.quiet import make_topology, quiet_known_noise
+
+if TYPE_CHECKING:
+    from torchrec_scratchpipe.sequence_model import SequenceSpec
 
 KERNELS = ("fused", "fused_uvm_caching", SCRATCHPIPE)
 
@@ -154,7 +160,12 @@ class Trainer:
         return text + ("\n" + format_scratchpipe_plan(self.scratchpads) if self.scratchpads else "")
 
 
-def constraints_for(spec: ModelSpec, choice: KernelChoice) -> Dict[str, ParameterConstraints]:
+#: What ``build_trainer`` takes: anything with ``tables``, ``optimizer``, ``learning_rate``,
+#: ``batch_size``, ``pooling``, ``build(device)`` and ``initial_state(seed)``.
+AnySpec = Union[ModelSpec, "SequenceSpec"]
+
+
+def constraints_for(spec: AnySpec, choice: KernelChoice) -> Dict[str, ParameterConstraints]:
     """Per-table constraints that put ``choice.kernel`` on the chosen tables."""
     chosen = set(choice.tables) if choice.tables is not None else {t.name for t in spec.tables}
     unknown = (chosen | set(choice.overrides)) - {t.name for t in spec.tables}
@@ -175,7 +186,7 @@ def constraints_for(spec: ModelSpec, choice: KernelChoice) -> Dict[str, Paramete
 
 
 def build_trainer(
-    spec: ModelSpec,
+    spec: AnySpec,
     choice: KernelChoice,
     device: torch.device,
     initial_state: Optional[Dict[str, torch.Tensor]] = None,
@@ -184,7 +195,7 @@ def build_trainer(
     """Shard ``spec`` under ``choice`` and wrap it in the matching train pipeline.
 
     Args:
-        spec: the model.
+        spec: the model (``ModelSpec`` or ``SequenceSpec``).
         choice: the kernel for the chosen tables.
         device: training device.
         initial_state: a state dict to start from (see ``ModelSpec.initial_state``).
@@ -242,11 +253,11 @@ def build_trainer(
 
 
 def local_table_weights(model: torch.nn.Module, names: Sequence[str]) -> Dict[str, torch.Tensor]:
-    """This rank's shard of each table's weight, from the model's state dict."""
+    """This rank's shard of each table's weight (bag or sequence table), from the model's state dict."""
     out = {}
     for key, value in model.state_dict().items():
         for name in names:
-            if key.endswith(f"embedding_bags.{name}.weight"):
+            if key.endswith((f"embedding_bags.{name}.weight", f"embeddings.{name}.weight")):
                 shards = value.local_shards() if hasattr(value, "local_shards") else None
                 out[name] = shards[0].tensor.detach().clone() if shards else value.detach().clone()
     return out

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from torchrec_scratchpipe.core.config import row_bytes
 from torchrec_scratchpipe.distributed.stats import cache_stats, scratchpipe_kernels
-from torchrec_scratchpipe.training import KernelChoice, ModelSpec, build_trainer, local_table_weights
+from torchrec_scratchpipe.training import AnySpec, KernelChoice, build_trainer, local_table_weights
 
 
 @dataclass
@@ -68,7 +68,7 @@ def _sp_counters(model: torch.nn.Module) -> Dict[str, float]:
 
 
 def run_arm(
-    spec: ModelSpec,
+    spec: AnySpec,
     choice: KernelChoice,
     batches: Sequence[Batch],
     warmup: int,
@@ -79,8 +79,8 @@ def run_arm(
     """Train ``batches`` under ``choice`` and measure every step.
 
     Args:
-        spec: the model.
-        choice: the arm's kernel.
+        spec: the model (DLRM or sequence).
+        choice: the arm's kernel (``choice.tables`` on it, the others on ``fused``).
         batches: the data, identical for every arm.
         warmup: leading steps left out of the timing statistics.
         device: training device.
@@ -89,8 +89,9 @@ def run_arm(
     """
     trainer = build_trainer(spec, choice, device, initial_state)
     result = ArmResult(choice.label, row_bytes=row_bytes(spec.optimizer, spec.tables[0].embedding_dim))
-    total_rows = sum(t.num_embeddings for t in spec.tables)
-    slots = int(choice.load_factor * total_rows) if choice.kernel != "fused" else total_rows
+    cached = [t.num_embeddings for t in spec.tables if choice.tables is None or t.name in choice.tables]
+    resident = sum(t.num_embeddings for t in spec.tables) - sum(cached)
+    slots = resident + (int(choice.load_factor * sum(cached)) if choice.kernel != "fused" else sum(cached))
     result.device_bytes = slots * result.row_bytes
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -10,6 +10,7 @@ from torchrec_scratchpipe import defaults
 from torchrec_scratchpipe.core.config import OPTIMIZERS_BY_NAME
 
 ARMS = ("fused", "fused_uvm_caching", "scratchpipe")
+MODELS = ("dlrm", "sequence")
 OPTIMIZERS = tuple(OPTIMIZERS_BY_NAME)
 
 
@@ -18,6 +19,10 @@ class ABConfig:
     """What to compare, on what data.
 
     Args:
+        model: ``"dlrm"`` (bag tables, the default) or ``"sequence"``: the next-item model of
+            ``torchrec_scratchpipe.sequence_model`` (an ``EmbeddingCollection``; its ``item``
+            table of ``tables x rows`` rows on the tested kernel, ``category`` on ``fused``),
+            on synthetic histories of 1..``max_len`` items.
         arms: kernels to run; ``scratchpipe`` runs once per entry of ``lookaheads``.
         lookaheads: ScratchPipe lookaheads L.
         horizon: ScratchPipe horizon H, the same for every arm (None: ``defaults.HORIZON``,
@@ -29,6 +34,7 @@ class ABConfig:
             ``"criteo:PATH[,PATH...]"`` (Criteo TSV).
         tables, rows, dim, pooling, distribution, alpha: synthetic data and model shape
             (``rows`` is per table; for traces the sizes come from the file).
+        max_len: longest history of the sequence model.
         batch_size: samples per step.
         steps, warmup: timed steps and untimed first steps per arm.
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
@@ -48,6 +54,7 @@ class ABConfig:
         ['fused', 'fused_uvm_caching', 'scratchpipe L=0 H=64', 'scratchpipe L=2 H=64']
     """
 
+    model: str = "dlrm"
     arms: List[str] = field(default_factory=lambda: list(ARMS))
     lookaheads: List[int] = field(default_factory=lambda: list(defaults.AB_LOOKAHEADS))
     horizon: Optional[int] = None
@@ -59,6 +66,7 @@ class ABConfig:
     pooling: int = defaults.POOLING
     distribution: str = "zipf"
     alpha: float = 1.05
+    max_len: int = 20
     batch_size: int = defaults.BATCH_SIZE
     steps: int = 150
     warmup: int = 10
@@ -71,6 +79,11 @@ class ABConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {list(MODELS)}, got {self.model!r}.")
+        if self.model == "sequence" and (self.data != "synthetic" or self.max_len < 1):
+            raise ValueError("--model sequence trains on its own synthetic histories: leave --data synthetic "
+                             f"and give --max-len >= 1 (got data={self.data!r}, max_len={self.max_len}).")
         bad = [a for a in self.arms if a not in ARMS]
         if bad:
             raise ValueError(f"unknown arms {bad}; choose from {list(ARMS)}.")
