@@ -2,7 +2,9 @@
 
 Rollback and resume with live checkpoint loads (in place through ``dcp.load``, and with
 fresh tensors; checkpoints saved under either kernel) while the pipeline has batches in
-flight, bad batches in the pipeline, and evaluation in the middle of training.
+flight, bad batches in the pipeline, and evaluation in the middle of training. The live
+loads and the evaluation run on a DLRM (bag tables) and on the sequence model of
+``torchrec_scratchpipe.sequence_model`` (an ``EmbeddingCollection``, item table on ScratchPipe).
 """
 
 from __future__ import annotations
@@ -21,30 +23,40 @@ ROWS = [2000, 250, 90]
 TOL = 1e-6
 
 
-def _spec():
+def _spec(model: str = "dlrm"):
+    from torchrec_scratchpipe.sequence_model import SequenceSpec
     from torchrec_scratchpipe.training import ModelSpec
 
+    if model == "sequence":
+        return SequenceSpec(items=ROWS[0], categories=16, dim=8, max_len=5, optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+                            learning_rate=0.1, batch_size=16)
     tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=n, feature_names=[f"f{i}"]) for i, n in enumerate(ROWS)]
     return ModelSpec(tables, dense_arch=[16], over_arch=[16, 1], optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
                      learning_rate=0.1, batch_size=16, pooling=2.0)
 
 
-def _batches(rank: int, n: int, seed: int = 0) -> List[Any]:
+def _batches(rank: int, n: int, seed: int = 0, model: str = "dlrm") -> List[Any]:
     from torchrec_scratchpipe.data.synthetic import SyntheticClickLog, SyntheticConfig
 
+    if model == "sequence":
+        return _spec(model).batches(n, seed, rank)
     log = SyntheticClickLog(SyntheticConfig(num_embeddings=ROWS, batch_size=16, pooling=2, min_pooling=0, seed=seed + rank))
     return [log.batch(i) for i in range(n)]
 
 
-def _trainers(world_size: int, sharding: str = "table_wise", lookahead: int = 2, horizon: int = 3) -> Tuple[Any, Any]:
+def _trainers(world_size: int, sharding: str = "table_wise", lookahead: int = 2, horizon: int = 3,
+              model: str = "dlrm") -> Tuple[Any, Any]:
+    """(fused, ScratchPipe) trainers from the same weights; the sequence model's small
+    category table stays on fused in both."""
     from torchrec_scratchpipe.training import KernelChoice, build_trainer
 
-    spec = _spec()
+    spec = _spec(model)
+    tables = ["item"] if model == "sequence" else None
     init = spec.initial_state(0)
     cpu = torch.device("cpu")
     ref = build_trainer(spec, KernelChoice("fused", sharding_type=sharding), cpu, init)
     sp = build_trainer(spec, KernelChoice("scratchpipe", 0.06 * world_size if sharding == "row_wise" else 0.06,
-                                          lookahead=lookahead, horizon=horizon, sharding_type=sharding), cpu, init)
+                                          lookahead=lookahead, horizon=horizon, sharding_type=sharding, tables=tables), cpu, init)
     return ref, sp
 
 
@@ -61,6 +73,12 @@ def _steps(trainer: Any, it: Any, n: int) -> List[torch.Tensor]:
         except StopIteration:
             break
     return out
+
+
+def _evictions(model: Any) -> int:
+    from torchrec_scratchpipe.distributed.stats import cache_stats
+
+    return sum(int(s["evictions"]) for s in cache_stats(model).values())
 
 
 def _diff(a: List[torch.Tensor], b: List[torch.Tensor]) -> float:
@@ -85,11 +103,11 @@ def _load_fresh(trainer: Any, ckpt: Dict[str, Any]) -> None:
     trainer.model.fused_optimizer.load_state_dict(copy.deepcopy(ckpt["optim"]))
 
 
-def _live_loads(rank: int, world_size: int, tmp: str) -> Dict[str, Any]:
+def _live_loads(rank: int, world_size: int, tmp: str, model: str) -> Dict[str, Any]:
     import torch.distributed.checkpoint as dcp
 
-    ref, sp = _trainers(world_size)
-    batches = _batches(rank, 22)
+    ref, sp = _trainers(world_size, model=model)
+    batches = _batches(rank, 22, model=model)
     its = {"ref": iter(batches), "sp": iter(batches)}
     out: Dict[str, Any] = {}
     logits: Dict[str, List[torch.Tensor]] = {"ref": [], "sp": []}
@@ -111,20 +129,23 @@ def _live_loads(rank: int, world_size: int, tmp: str) -> Dict[str, Any]:
     out["logit_diff"] = _diff(logits["ref"], logits["sp"])
     out["state_diff"] = max_diff(_state(ref.model), _state(sp.model))
     # Resume into a fresh model: bitwise.
-    _, fresh = _trainers(world_size)
+    _, fresh = _trainers(world_size, model=model)
     fresh.model.load_state_dict(copy.deepcopy(sp.model.state_dict()))
     fresh.model.fused_optimizer.load_state_dict(copy.deepcopy(sp.model.fused_optimizer.state_dict()))
     out["resume_diff"] = max_diff(_state(fresh.model), _state(sp.model))
+    out["evictions"] = _evictions(sp.model)
     return out
 
 
-def test_live_checkpoint_loads_match_fused(tmp_path: Any) -> None:
-    (res,) = spawn(_live_loads, 1, str(tmp_path))
+@pytest.mark.parametrize("model", ["dlrm", "sequence"])
+def test_live_checkpoint_loads_match_fused(tmp_path: Any, model: str) -> None:
+    (res,) = spawn(_live_loads, 1, str(tmp_path), model)
     assert res["n_steps"] == (22, 22), res
     assert res["saved_diff"] <= TOL, res
     assert res["logit_diff"] <= TOL, res
     assert res["state_diff"] <= TOL, res
     assert res["resume_diff"] == 0.0, res
+    assert res["evictions"] > 0, res  # the scratchpad was too small to hold every row
 
 
 # ---------------------------------------------------------------- bad batches
@@ -196,13 +217,13 @@ def test_bad_batch_on_one_rank_is_dropped_by_every_rank_row_wise() -> None:
 
 
 # ---------------------------------------------------------------- evaluation
-def _evaluation(rank: int, world_size: int) -> Dict[str, Any]:
+def _evaluation(rank: int, world_size: int, model: str) -> Dict[str, Any]:
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
     from torchrec_scratchpipe.distributed.pipeline import ScratchPipeTrainPipeline
 
-    ref, sp = _trainers(world_size)
-    train, val = _batches(rank, 16), _batches(rank, 4, seed=100)
+    ref, sp = _trainers(world_size, model=model)
+    train, val = _batches(rank, 16, model=model), _batches(rank, 4, seed=100, model=model)
     got: Dict[str, List[torch.Tensor]] = {"ref": [], "sp": []}
     for name, t in (("ref", ref), ("sp", sp)):
         it = iter(train)
@@ -226,11 +247,13 @@ def _evaluation(rank: int, world_size: int) -> Dict[str, Any]:
             sum(loss for loss, _ in outs).backward()
             t.optimizer.step()
             got[name] += [o[1][1].detach().clone() for o in outs]
-    return {"n": (len(got["ref"]), len(got["sp"])), "diff": _diff(got["ref"], got["sp"]),
+    return {"n": (len(got["ref"]), len(got["sp"])), "diff": _diff(got["ref"], got["sp"]), "evictions": _evictions(sp.model),
             "state_diff": max_diff(_state(ref.model), _state(sp.model))}
 
 
-def test_evaluation_mid_training_and_accumulation_match_fused() -> None:
-    (res,) = spawn(_evaluation, 1)
+@pytest.mark.parametrize("model", ["dlrm", "sequence"])
+def test_evaluation_mid_training_and_accumulation_match_fused(model: str) -> None:
+    (res,) = spawn(_evaluation, 1, model)
     assert res["n"] == (16 + 12 + 4, 16 + 12 + 4), res
     assert res["diff"] <= TOL and res["state_diff"] <= TOL, res
+    assert res["evictions"] > 0, res
