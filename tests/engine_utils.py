@@ -6,7 +6,7 @@ from typing import Dict, List, Sequence
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
     ComputeDevice,
     SplitTableBatchedEmbeddingBagsCodegen,
@@ -41,13 +41,18 @@ def power_law_stream(
 
 
 class FullTableReference:
-    """Plain FBGEMM TBE over the whole tables: the ground truth."""
+    """Plain FBGEMM TBE over the whole tables: the ground truth.
+
+    With ``pooling_mode=PoolingMode.NONE`` (unpooled, sequence tables) it returns one row
+    per id, tables stacked in feature order, as the engine's ``embeddings`` does.
+    """
 
     def __init__(
         self, tables: Sequence[EmbeddingBagConfig], optimizer: EmbOptimType, lr: float,
-        device: torch.device = torch.device("cpu"),
+        device: torch.device = torch.device("cpu"), pooling_mode: PoolingMode = PoolingMode.SUM,
     ) -> None:
         self.tables = list(tables)
+        self.unpooled = pooling_mode == PoolingMode.NONE
         self.tbes = []
         on_cuda = device.type == "cuda"
         place = (EmbeddingLocation.DEVICE, ComputeDevice.CUDA) if on_cuda else (EmbeddingLocation.HOST, ComputeDevice.CPU)
@@ -59,6 +64,7 @@ class FullTableReference:
                     optimizer=optimizer,
                     learning_rate=lr,
                     device=device,
+                    pooling_mode=pooling_mode,
                 )
             )
 
@@ -70,8 +76,8 @@ class FullTableReference:
         outs = []
         for t, tbe in zip(self.tables, self.tbes):
             jt = kjt[t.feature_names[0]]
-            outs.append(tbe(jt.values(), jt.offsets(), jt.weights_or_none()))
-        return torch.cat(outs, dim=1)
+            outs.append(tbe(jt.values(), jt.offsets(), None if self.unpooled else jt.weights_or_none()))
+        return torch.cat(outs, dim=0 if self.unpooled else 1)
 
     def weights(self) -> Dict[str, torch.Tensor]:
         """Weights per table (on the host)."""

@@ -3,20 +3,16 @@ full-table FBGEMM TBE with PoolingMode.NONE."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import pytest
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
-from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-    ComputeDevice,
-    SplitTableBatchedEmbeddingBagsCodegen,
-)
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from engine_utils import power_law_stream, window_capacity
+from engine_utils import FullTableReference, power_law_stream, window_capacity
 from torchrec_scratchpipe import ScratchPipeConfig, ScratchPipeEmbeddingBags
 from torchrec_scratchpipe.core.plan import CapacityError
 
@@ -33,39 +29,6 @@ def _tables(rows: Sequence[int] = ROWS, dim: int = DIM) -> List[EmbeddingConfig]
     ]
 
 
-class _SequenceReference:
-    """Full-table FBGEMM TBE with PoolingMode.NONE, one per table: the ground truth."""
-
-    def __init__(self, tables: Sequence[EmbeddingConfig], optimizer: EmbOptimType, lr: float) -> None:
-        self.tables = list(tables)
-        self.tbes = [
-            SplitTableBatchedEmbeddingBagsCodegen(
-                [(t.num_embeddings, t.embedding_dim, EmbeddingLocation.HOST, ComputeDevice.CPU)],
-                optimizer=optimizer,
-                learning_rate=lr,
-                pooling_mode=PoolingMode.NONE,
-            )
-            for t in tables
-        ]
-
-    def load(self, weights: Dict[str, torch.Tensor]) -> None:
-        for t, tbe in zip(self.tables, self.tbes):
-            tbe.split_embedding_weights()[0].copy_(weights[t.name])
-
-    def __call__(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        outs = []
-        for t, tbe in zip(self.tables, self.tbes):
-            jt = kjt[t.feature_names[0]]
-            outs.append(tbe(jt.values(), jt.offsets()))
-        return torch.cat(outs, dim=0)
-
-    def weights(self) -> Dict[str, torch.Tensor]:
-        return {t.name: tbe.split_embedding_weights()[0] for t, tbe in zip(self.tables, self.tbes)}
-
-    def states(self) -> Dict[str, List[torch.Tensor]]:
-        return {t.name: list(s[0]) if (s := tbe.split_optimizer_states()) else [] for t, tbe in zip(self.tables, self.tbes)}
-
-
 @pytest.mark.parametrize("optimizer", [EmbOptimType.EXACT_SGD, EmbOptimType.EXACT_ROWWISE_ADAGRAD], ids=lambda o: o.name)
 @pytest.mark.parametrize("lookahead,horizon,capacity", [(0, 0, "batch"), (2, 5, "window"), (3, 6, "batch")])
 def test_unpooled_matches_full_table_tbe(optimizer: EmbOptimType, lookahead: int, horizon: int, capacity: str) -> None:
@@ -75,7 +38,7 @@ def test_unpooled_matches_full_table_tbe(optimizer: EmbOptimType, lookahead: int
     cfg = ScratchPipeConfig(cache_rows=cache_rows, lookahead=lookahead, horizon=horizon, optimizer=optimizer, learning_rate=0.1)
     emb = ScratchPipeEmbeddingBags(tables, cfg)
     assert emb.unpooled and list(emb.groups) == ["dim8_none"]
-    ref = _SequenceReference(tables, optimizer, lr=0.1)
+    ref = FullTableReference(tables, optimizer, lr=0.1, pooling_mode=PoolingMode.NONE)
     ref.load(emb.table_weights())
     g = torch.Generator().manual_seed(1)
     for k in stream[: lookahead + 1]:
@@ -105,7 +68,7 @@ def test_unpooled_matches_full_table_tbe(optimizer: EmbOptimType, lookahead: int
 def test_forward_returns_jagged_tensors_per_feature() -> None:
     tables = _tables()
     emb = ScratchPipeEmbeddingBags(tables, ScratchPipeConfig(cache_rows=64, learning_rate=0.0))
-    ref = _SequenceReference(tables, EmbOptimType.EXACT_SGD, lr=0.0)
+    ref = FullTableReference(tables, EmbOptimType.EXACT_SGD, lr=0.0, pooling_mode=PoolingMode.NONE)
     ref.load(emb.table_weights())
     (k,) = power_law_stream(ROWS, 1, 4, max_len=5, seed=3)
     out = emb(k)
@@ -148,7 +111,7 @@ def test_two_forwards_then_one_backward_train_like_full_table_tbe(lookahead: int
     opt = EmbOptimType.EXACT_ROWWISE_ADAGRAD
     emb = ScratchPipeEmbeddingBags(tables, ScratchPipeConfig(cache_rows=cache_rows, lookahead=lookahead, optimizer=opt, learning_rate=0.1))
     assert emb.groups["dim8_none"].capacity < sum(ROWS) // 2
-    ref = _SequenceReference(tables, opt, lr=0.1)
+    ref = FullTableReference(tables, opt, lr=0.1, pooling_mode=PoolingMode.NONE)
     ref.load(emb.table_weights())
     g = torch.Generator().manual_seed(2)
     for k in stream[: lookahead + 1]:
