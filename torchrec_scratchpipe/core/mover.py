@@ -33,10 +33,9 @@ _Incoming = Tuple[torch.Tensor, Dict[str, torch.Tensor]]  # device slots, device
 
 def staging_ring(store: BackingStore, capacity: int, pin: bool = True, **kw: int) -> StagingRing:
     """The staging ring a mover of ``store`` with ``capacity`` slots uses (see ``StagingRing``)."""
-    shapes = {"weights": tuple(store.weights.shape[1:])}
-    dtypes = {"weights": store.weights.dtype}
-    for name, st in store.states.items():
-        shapes[name], dtypes[name] = tuple(st.shape[1:]), st.dtype
+    layout = store.row_layout()
+    shapes = {name: shape for name, (shape, _) in layout.items()}
+    dtypes = {name: dtype for name, (_, dtype) in layout.items()}
     return StagingRing(shapes, dtypes, capacity, pin=pin, **kw)
 
 

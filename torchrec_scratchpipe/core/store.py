@@ -8,7 +8,7 @@ moves rows element by element and is an order of magnitude slower there.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -128,13 +128,18 @@ class BackingStore:
         for name, st in self.states.items():
             scatter_rows(st, rows, values[name])
 
+    def row_layout(self) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
+        """Per-row shape and dtype of each value, keyed like ``gather``'s result."""
+        values = {"weights": self.weights, **self.states}
+        return {name: (tuple(t.shape[1:]), t.dtype) for name, t in values.items()}
+
     def buffers(self, rows: int, pin: bool = False) -> Dict[str, torch.Tensor]:
         """Empty buffers for ``rows`` rows of weights and states (``gather(out=...)``)."""
         pin = pin and torch.cuda.is_available()
-        out = {"weights": torch.empty((rows,) + tuple(self.weights.shape[1:]), pin_memory=pin)}
-        for name, st in self.states.items():
-            out[name] = torch.empty((rows,) + tuple(st.shape[1:]), dtype=st.dtype, pin_memory=pin)
-        return out
+        return {
+            name: torch.empty((rows,) + shape, dtype=dtype, pin_memory=pin)
+            for name, (shape, dtype) in self.row_layout().items()
+        }
 
     def nbytes_per_row(self) -> int:
         """Bytes one row moves (weights and state)."""
