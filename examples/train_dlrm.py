@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from torchrec_scratchpipe import cache_stats, defaults  # before torchrec: compat quiets FBGEMM 1.6's import notice
 from torchrec_scratchpipe.advise.stalls import stall_notes
-from torchrec_scratchpipe.core.config import OPTIMIZERS_BY_NAME
+from torchrec_scratchpipe.core.layout import OPTIMIZERS_BY_NAME
 from torchrec_scratchpipe.data.source import open_source
 from torchrec_scratchpipe.quiet import quiet_known_noise
 from torchrec_scratchpipe.training import KERNELS, KernelChoice, ModelSpec, Trainer, build_trainer

@@ -20,7 +20,8 @@ from torchrec.distributed.types import CacheParams, ParameterSharding
 import torchrec_scratchpipe.distributed as tsp
 from torchrec_scratchpipe import compat
 from torchrec_scratchpipe.core.plan import SlotPlanner
-from torchrec_scratchpipe.core.config import ScratchPipeConfig, state_shapes
+from torchrec_scratchpipe.core.config import ScratchPipeConfig
+from torchrec_scratchpipe.core.layout import RowLayout
 from torchrec_scratchpipe.core.mover import staging_ring
 from torchrec_scratchpipe.core.staging import StagingRing
 from torchrec_scratchpipe.core.store import BackingStore
@@ -101,7 +102,7 @@ def test_host_estimate_matches_allocations(lf: float) -> None:
     planner = _planner("cuda", constraints=_constraints(lf))
     planner.plan(_ebc(), tsp.get_sharders(fused_params=FP))
     for r, shard in zip(planner.scratchpipe_summary, _options(planner, "big_table")[0].shards):
-        store = BackingStore([r["rows"]], 64, state_shapes(FP["optimizer"], 64))
+        store = BackingStore([r["rows"]], RowLayout(FP["optimizer"], 64))
         slots = SlotPlanner(r["rows"], r["slots"])
         ring = staging_ring(store, r["slots"], pin=False)  # pinned on CUDA: same bytes (powers of two)
         allocated = _nbytes([store.weights, *store.states.values()]) + ring.nbytes() + _nbytes(

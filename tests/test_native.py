@@ -114,10 +114,11 @@ def test_switch_chooses_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("path", ["1", "0"])
 def test_store_gather_into_buffers_and_scatter(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Row copies (native memcpy per row, or index_select/index_copy_) move weights and state."""
+    from torchrec_scratchpipe.core.layout import EmbOptimType, RowLayout
     from torchrec_scratchpipe.core.store import BackingStore
 
     monkeypatch.setenv("SCRATCHPIPE_NATIVE", path)
-    store = BackingStore([5, 7], dim=4, state_shapes={"momentum1": ()})
+    store = BackingStore([5, 7], RowLayout(EmbOptimType.EXACT_ROWWISE_ADAGRAD, dim=4))
     g = torch.Generator().manual_seed(0)
     store.weights.copy_(torch.randn(12, 4, generator=g))
     store.states["momentum1"].copy_(torch.rand(12, generator=g))

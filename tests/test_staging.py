@@ -10,7 +10,7 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
 from engine_utils import FullTableReference, make_tables, power_law_stream, window_capacity
 from torchrec_scratchpipe import ScratchPipeConfig, ScratchPipeEmbeddingBags
-from torchrec_scratchpipe.core.config import row_bytes, state_shapes
+from torchrec_scratchpipe.core.layout import RowLayout
 from torchrec_scratchpipe.core.mover import Mover, staging_ring
 from torchrec_scratchpipe.core.staging import StagingRing
 from torchrec_scratchpipe.core.store import BackingStore
@@ -110,10 +110,10 @@ def test_victims_land_before_their_rows_are_collected_again() -> None:
 @pytest.mark.parametrize("capacity", [1, 100, 10_000, 1_000_000])
 def test_ring_allocates_what_host_bytes_counts(optimizer: EmbOptimType, capacity: int) -> None:
     dim = 64
-    store = BackingStore([10], dim, state_shapes(optimizer, dim))
+    store = BackingStore([10], RowLayout(optimizer, dim))
     ring = staging_ring(store, capacity, pin=False)
-    row = row_bytes(optimizer, dim)
-    assert store.nbytes_per_row() == row
+    row = store.layout.bytes_per_row
+    assert sum(t[0].nbytes for t in [store.weights, *store.states.values()]) == row
     assert ring.nbytes() == StagingRing.host_bytes(capacity, row)
     assert ring.rows == min(capacity, ring.rows) and ring.buffers[0].values["weights"].shape == (ring.rows, dim)
     for buf in ring.buffers:  # views of one flat buffer that do not overlap

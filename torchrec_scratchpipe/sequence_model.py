@@ -30,7 +30,7 @@ from torchrec import EmbeddingCollection, EmbeddingConfig, JaggedTensor, KeyedJa
 from torchrec.datasets.utils import Batch
 
 from torchrec_scratchpipe import defaults
-from torchrec_scratchpipe.core.config import OPTIMIZERS_BY_NAME
+from torchrec_scratchpipe.core.layout import OPTIMIZERS_BY_NAME
 
 KEYS = ["history", "history_category", "target"]
 #: Features of each table, in table order (``item`` is read by two features).

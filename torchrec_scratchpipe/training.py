@@ -29,7 +29,8 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from torchrec_scratchpipe import defaults
-from torchrec_scratchpipe.core.config import OPTIMIZERS_BY_NAME, ScratchPipeConfig
+from torchrec_scratchpipe.core.config import ScratchPipeConfig
+from torchrec_scratchpipe.core.layout import OPTIMIZERS_BY_NAME
 from torchrec_scratchpipe.distributed import SCRATCHPIPE, ShardingPlanner, get_sharders
 from torchrec_scratchpipe.distributed.pipeline import ScratchPipeTrainPipeline
 from torchrec_scratchpipe.distributed.plan_stats import format_scratchpipe_plan

@@ -26,7 +26,7 @@ from torchrec_scratchpipe.ab.config import ABConfig
 from torchrec_scratchpipe.ab.report import write_report
 from torchrec_scratchpipe.ab.simulated import simulate_uvm_arm
 from torchrec_scratchpipe.advise.stalls import stall_notes
-from torchrec_scratchpipe.core.config import OPTIMIZERS_BY_NAME
+from torchrec_scratchpipe.core.layout import OPTIMIZERS_BY_NAME
 from torchrec_scratchpipe.data.source import open_source
 from torchrec_scratchpipe.quiet import quiet_known_noise
 from torchrec_scratchpipe.sequence_model import SequenceSpec, table_view

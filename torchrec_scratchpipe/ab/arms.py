@@ -10,7 +10,7 @@ import torch
 from torchrec.datasets.utils import Batch
 from tqdm import tqdm
 
-from torchrec_scratchpipe.core.config import row_bytes
+from torchrec_scratchpipe.core.layout import RowLayout
 from torchrec_scratchpipe.distributed.stats import cache_stats, scratchpipe_kernels
 from torchrec_scratchpipe.training import AnySpec, KernelChoice, build_trainer, local_table_weights
 
@@ -88,7 +88,7 @@ def run_arm(
         progress: tqdm bar.
     """
     trainer = build_trainer(spec, choice, device, initial_state)
-    result = ArmResult(choice.label, row_bytes=row_bytes(spec.optimizer, spec.tables[0].embedding_dim))
+    result = ArmResult(choice.label, row_bytes=RowLayout.for_table(spec.optimizer, spec.tables[0]).bytes_per_row)
     cached = [t.num_embeddings for t in spec.tables if choice.tables is None or t.name in choice.tables]
     resident = sum(t.num_embeddings for t in spec.tables) - sum(cached)
     slots = resident + (int(choice.load_factor * sum(cached)) if choice.kernel != "fused" else sum(cached))

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from torchrec_scratchpipe import defaults
-from torchrec_scratchpipe.core.config import OPTIMIZERS_BY_NAME
+from torchrec_scratchpipe.core.layout import OPTIMIZERS_BY_NAME
 
 ARMS = ("fused", "fused_uvm_caching", "scratchpipe")
 MODELS = ("dlrm", "sequence")

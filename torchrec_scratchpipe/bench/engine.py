@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from torchrec_scratchpipe.compat import ComputeDevice, EmbeddingLocation, PoolingMode, SplitTableBatchedEmbeddingBagsCodegen
 from torchrec_scratchpipe import defaults
-from torchrec_scratchpipe.core.config import OPTIMIZERS_BY_NAME, ScratchPipeConfig
+from torchrec_scratchpipe.core.config import ScratchPipeConfig
+from torchrec_scratchpipe.core.layout import OPTIMIZERS_BY_NAME
 from torchrec_scratchpipe.core.engine import ScratchPipeEmbeddingBags
 from torchrec_scratchpipe.core.plan import SlotPlan
 from torchrec_scratchpipe.data.synthetic import SyntheticClickLog, SyntheticConfig
@@ -126,7 +127,7 @@ class _HostMoverProbe:
     def __init__(self, emb: ScratchPipeEmbeddingBags, capacity: int) -> None:
         self.store = next(iter(emb.groups.values())).store
         self.staging = self.store.buffers(capacity)
-        self.row_bytes = self.store.nbytes_per_row()
+        self.row_bytes = self.store.layout.bytes_per_row
         self.src = torch.empty(256 << 20, dtype=torch.uint8).fill_(1)
         self.dst = torch.empty(256 << 20, dtype=torch.uint8).fill_(2)
         self.offset = 0

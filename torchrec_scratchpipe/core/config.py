@@ -4,60 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
-#: Optimizers whose per-row update FBGEMM's TBE runs on each device type, with the names
-#: of their per-row state tensors (in ``split_optimizer_states()`` order).
-OPTIMIZER_STATE_NAMES: Dict[EmbOptimType, List[str]] = {
-    EmbOptimType.EXACT_SGD: [],
-    EmbOptimType.EXACT_ADAGRAD: ["momentum1"],
-    EmbOptimType.EXACT_ROWWISE_ADAGRAD: ["momentum1"],
-    EmbOptimType.ADAM: ["exp_avg", "exp_avg_sq"],
-}
-#: Command-line names of the exact optimizers (A/B tool, example trainer).
-OPTIMIZERS_BY_NAME: Dict[str, EmbOptimType] = {
-    "sgd": EmbOptimType.EXACT_SGD,
-    "adagrad": EmbOptimType.EXACT_ADAGRAD,
-    "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
-}
-CPU_OPTIMIZERS: Tuple[EmbOptimType, ...] = (
-    EmbOptimType.EXACT_SGD,
-    EmbOptimType.EXACT_ADAGRAD,
-    EmbOptimType.EXACT_ROWWISE_ADAGRAD,
-)
-CUDA_OPTIMIZERS: Tuple[EmbOptimType, ...] = CPU_OPTIMIZERS + (EmbOptimType.ADAM,)
 VICTIM_POLICIES: Tuple[str, ...] = ("future", "lru")
-
-
-def state_shapes(optimizer: EmbOptimType, dim: int) -> Dict[str, Tuple[int, ...]]:
-    """Per-row shape of each optimizer state: ``()`` for row-wise Adagrad, ``(dim,)`` otherwise."""
-    row_wise = optimizer == EmbOptimType.EXACT_ROWWISE_ADAGRAD
-    return {name: (() if row_wise else (dim,)) for name in OPTIMIZER_STATE_NAMES[optimizer]}
-
-
-def row_bytes(optimizer: EmbOptimType, dim: int) -> int:
-    """FP32 bytes one row moves: its weights and optimizer state."""
-    return 4 * (dim + sum(math.prod(shape) for shape in state_shapes(optimizer, dim).values()))
-
-
-def supported_optimizers(device: torch.device) -> Tuple[EmbOptimType, ...]:
-    """Optimizers the scratchpad can train with on ``device``."""
-    return CUDA_OPTIMIZERS if device.type == "cuda" else CPU_OPTIMIZERS
-
-
-def check_optimizer(optimizer: EmbOptimType, device: torch.device) -> None:
-    """Raise a ValueError naming the alternatives when ``optimizer`` cannot run on ``device``."""
-    allowed = supported_optimizers(device)
-    if optimizer not in allowed:
-        names = ", ".join(o.name for o in allowed)
-        raise ValueError(
-            f"ScratchPipe cannot train with optimizer {optimizer.name} on a {device.type} "
-            f"device: FBGEMM's TBE supports only {names} there. Pick one of those"
-            + (" (Adam needs CUDA)." if optimizer == EmbOptimType.ADAM else ".")
-        )
 
 
 #: Ids per batch (in one table group) from which a CPU engine plans in the background by

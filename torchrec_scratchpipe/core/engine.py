@@ -13,7 +13,8 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 import torch
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from torchrec_scratchpipe.core.config import OPTIMIZER_STATE_NAMES, ScratchPipeConfig, check_optimizer
+from torchrec_scratchpipe.core.config import ScratchPipeConfig
+from torchrec_scratchpipe.core.layout import check_optimizer, state_names
 from torchrec_scratchpipe.core.group import POOLING, GroupBatch, TableGroup, check_unpooled, pooling_of
 from torchrec_scratchpipe.core.plan import CapacityError
 from torchrec_scratchpipe.core.validate import HostIds, check_kjt, host_ids, split_groups
@@ -376,7 +377,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         return {t.name: {n: self._view(t.name, n) for n in self._state_names()} for t in self.tables}
 
     def _state_names(self) -> List[str]:
-        return OPTIMIZER_STATE_NAMES[self.config.optimizer]
+        return state_names(self.config.optimizer)
 
     def _view(self, table: str, what: str) -> torch.Tensor:
         g, i = self._locate(table)

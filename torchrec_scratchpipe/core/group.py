@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torchrec.modules.embedding_configs import PoolingType
 
 from torchrec_scratchpipe.compat import PoolingMode
-from torchrec_scratchpipe.core.config import ScratchPipeConfig, state_shapes
+from torchrec_scratchpipe.core.config import ScratchPipeConfig
+from torchrec_scratchpipe.core.layout import RowLayout
 from torchrec_scratchpipe.core.mover import Mover
 from torchrec_scratchpipe.core.plan import SlotPlanner
 from torchrec_scratchpipe.core.scratchpad import Scratchpad
@@ -57,10 +58,10 @@ class TableGroup:
         self.tables = tables
         self.features: List[str] = [f for t in tables for f in t.feature_names]
         self.feature_table = torch.tensor([i for i, t in enumerate(tables) for _ in t.feature_names])
-        dim = tables[0].embedding_dim
-        self.store = BackingStore([t.num_embeddings for t in tables], dim, state_shapes(config.optimizer, dim))
+        self.layout = RowLayout.for_table(config.optimizer, tables[0])
+        self.store = BackingStore([t.num_embeddings for t in tables], self.layout)
         self.capacity = config.slots_for(self.store.num_rows)
-        self.pad = Scratchpad(self.capacity, dim, len(self.features), POOLING[pooling_of(tables[0])], config, device)
+        self.pad = Scratchpad(self.capacity, self.layout, len(self.features), POOLING[pooling_of(tables[0])], config, device)
         self.stats = GroupStats()
         self.planner = SlotPlanner(self.store.num_rows, self.capacity, config.victim_policy)
         self.mover = Mover(self.store, self.pad, self.stats)

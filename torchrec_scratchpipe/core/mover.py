@@ -33,10 +33,8 @@ _Incoming = Tuple[torch.Tensor, Dict[str, torch.Tensor]]  # device slots, device
 
 def staging_ring(store: BackingStore, capacity: int, pin: bool = True, **kw: int) -> StagingRing:
     """The staging ring a mover of ``store`` with ``capacity`` slots uses (see ``StagingRing``)."""
-    layout = store.row_layout()
-    shapes = {name: shape for name, (shape, _) in layout.items()}
-    dtypes = {name: dtype for name, (_, dtype) in layout.items()}
-    return StagingRing(shapes, dtypes, capacity, pin=pin, **kw)
+    values = store.layout.values
+    return StagingRing({v.name: v.shape for v in values}, {v.name: v.dtype for v in values}, capacity, pin=pin, **kw)
 
 
 class Mover:
@@ -64,7 +62,7 @@ class Mover:
         self.stats = stats
         self.device = pad.weights.device
         self.cuda = self.device.type == "cuda"
-        self.row_bytes = store.nbytes_per_row()
+        self.row_bytes = store.layout.bytes_per_row
         self.stream: Optional["torch.cuda.Stream"] = torch.cuda.Stream(self.device) if self.cuda else None
         self.ring = ring if ring is not None or not self.cuda else staging_ring(store, pad.weights.shape[0])
         self._retired: Optional["torch.cuda.Event"] = None

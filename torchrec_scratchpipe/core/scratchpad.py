@@ -12,7 +12,8 @@ from torchrec_scratchpipe.compat import (
     PoolingMode,
     SplitTableBatchedEmbeddingBagsCodegen,
 )
-from torchrec_scratchpipe.core.config import OPTIMIZER_STATE_NAMES, ScratchPipeConfig, check_optimizer
+from torchrec_scratchpipe.core.config import ScratchPipeConfig
+from torchrec_scratchpipe.core.layout import RowLayout
 from torchrec_scratchpipe.core.store import gather_rows, scatter_rows
 
 
@@ -25,7 +26,8 @@ class Scratchpad(torch.nn.Module):
 
     Args:
         capacity: number of slots C.
-        dim: embedding dimension.
+        layout: what a row holds (dim, weight dtype, optimizer state); must match
+            ``config.optimizer``.
         num_features: features (bags per sample) the group pools.
         pooling: FBGEMM pooling mode (``NONE`` for unpooled tables: one row per id).
         config: optimizer and hyper-parameters.
@@ -33,8 +35,9 @@ class Scratchpad(torch.nn.Module):
 
     Example::
 
-        >>> pad = Scratchpad(4, 8, num_features=1, pooling=PoolingMode.SUM,
-        ...                  config=ScratchPipeConfig(), device=torch.device("cpu"))
+        >>> cfg = ScratchPipeConfig()
+        >>> pad = Scratchpad(4, RowLayout(cfg.optimizer, 8), num_features=1, pooling=PoolingMode.SUM,
+        ...                  config=cfg, device=torch.device("cpu"))
         >>> pad(torch.tensor([0, 1]), torch.tensor([0, 1, 2])).shape
         torch.Size([2, 8])
     """
@@ -42,18 +45,20 @@ class Scratchpad(torch.nn.Module):
     def __init__(
         self,
         capacity: int,
-        dim: int,
+        layout: RowLayout,
         num_features: int,
         pooling: PoolingMode,
         config: ScratchPipeConfig,
         device: torch.device,
     ) -> None:
         super().__init__()
-        check_optimizer(config.optimizer, device)
+        if layout.optimizer != config.optimizer:
+            raise ValueError(f"layout is for {layout.optimizer.name}, config trains with {config.optimizer.name}.")
+        layout.check_device(device)
         on_cuda = device.type == "cuda"
         spec = (
             capacity,
-            dim,
+            layout.dim,
             EmbeddingLocation.DEVICE if on_cuda else EmbeddingLocation.HOST,
             ComputeDevice.CUDA if on_cuda else ComputeDevice.CPU,
         )
@@ -63,9 +68,10 @@ class Scratchpad(torch.nn.Module):
             optimizer=config.optimizer,
             pooling_mode=pooling,
             device=device,
+            weights_precision=layout.weights_precision,
             **config.optimizer_kwargs(),
         )
-        self.state_names: List[str] = OPTIMIZER_STATE_NAMES[config.optimizer]
+        self.state_names: List[str] = layout.state_names
         self.weights: torch.Tensor = self.tbe.split_embedding_weights()[0]
         states = self.tbe.split_optimizer_states()
         self.states: Dict[str, torch.Tensor] = (

@@ -8,11 +8,12 @@ moves rows element by element and is an order of magnitude slower there.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from torchrec_scratchpipe.core import native as _native
+from torchrec_scratchpipe.core.layout import RowLayout
 
 
 def _native_rows(table: torch.Tensor, rows: torch.Tensor, buffer: torch.Tensor) -> bool:
@@ -76,29 +77,25 @@ class BackingStore:
 
     Args:
         table_rows: rows of each table, in group order.
-        dim: embedding dimension.
-        state_shapes: per optimizer state, its per-row shape (``()`` or ``(dim,)``).
+        layout: what one row holds (weights and optimizer state, their dtypes).
 
     Example::
 
-        >>> s = BackingStore([4, 6], dim=2, state_shapes={"momentum1": ()})
+        >>> from torchrec_scratchpipe.core.layout import EmbOptimType
+        >>> s = BackingStore([4, 6], RowLayout(EmbOptimType.EXACT_ROWWISE_ADAGRAD, dim=4))
         >>> s.weights.shape, s.states["momentum1"].shape, s.offsets.tolist()
-        (torch.Size([10, 2]), torch.Size([10]), [0, 4, 10])
+        (torch.Size([10, 4]), torch.Size([10]), [0, 4, 10])
     """
 
-    def __init__(
-        self,
-        table_rows: Sequence[int],
-        dim: int,
-        state_shapes: Dict[str, tuple],
-    ) -> None:
+    def __init__(self, table_rows: Sequence[int], layout: RowLayout) -> None:
         self.table_rows: List[int] = list(table_rows)
+        self.layout = layout
         self.offsets = torch.tensor([0] + self.table_rows).cumsum(0)
         total = int(self.offsets[-1])
-        self.weights = torch.zeros(total, dim)
+        weights, *states = layout.values
+        self.weights = torch.zeros((total,) + weights.shape, dtype=weights.dtype)
         self.states: Dict[str, torch.Tensor] = {
-            name: torch.zeros((total,) + tuple(shape))
-            for name, shape in state_shapes.items()
+            v.name: torch.zeros((total,) + v.shape, dtype=v.dtype) for v in states
         }
 
     @property
@@ -128,20 +125,7 @@ class BackingStore:
         for name, st in self.states.items():
             scatter_rows(st, rows, values[name])
 
-    def row_layout(self) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
-        """Per-row shape and dtype of each value, keyed like ``gather``'s result."""
-        values = {"weights": self.weights, **self.states}
-        return {name: (tuple(t.shape[1:]), t.dtype) for name, t in values.items()}
-
     def buffers(self, rows: int, pin: bool = False) -> Dict[str, torch.Tensor]:
         """Empty buffers for ``rows`` rows of weights and states (``gather(out=...)``)."""
         pin = pin and torch.cuda.is_available()
-        return {
-            name: torch.empty((rows,) + shape, dtype=dtype, pin_memory=pin)
-            for name, (shape, dtype) in self.row_layout().items()
-        }
-
-    def nbytes_per_row(self) -> int:
-        """Bytes one row moves (weights and state)."""
-        n = self.weights[0].nelement() * self.weights.element_size()
-        return n + sum(s[0].nelement() * s.element_size() for s in self.states.values())
+        return {v.name: torch.empty((rows,) + v.shape, dtype=v.dtype, pin_memory=pin) for v in self.layout.values}

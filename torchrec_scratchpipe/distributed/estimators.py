@@ -47,19 +47,15 @@ from torchrec_scratchpipe.compat import (
     get_num_poolings,
 )
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
+from torchrec_scratchpipe.core.layout import RowLayout
 from torchrec_scratchpipe.core.plan import SlotPlanner
 from torchrec_scratchpipe.core.staging import StagingRing
 from torchrec_scratchpipe.distributed.types import DEFAULT_LOAD_FACTOR, SCRATCHPIPE
 
 
-def state_bytes_per_row(optimizer: EmbOptimType, dim: int) -> int:
-    """Bytes of optimizer state one row carries (FP32 state, as FBGEMM keeps it)."""
-    return {
-        EmbOptimType.EXACT_SGD: 0,
-        EmbOptimType.EXACT_ROWWISE_ADAGRAD: 4,
-        EmbOptimType.EXACT_ADAGRAD: 4 * dim,
-        EmbOptimType.ADAM: 8 * dim,
-    }.get(optimizer, 8 * dim)
+def row_layout_of(so: ShardingOption, optimizer: EmbOptimType, cols: int) -> RowLayout:
+    """The row layout of a shard of ``cols`` columns of ``so`` (its dtype, the table's optimizer)."""
+    return RowLayout(optimizer, cols, so.tensor.dtype)
 
 
 def load_factor_of(so: ShardingOption) -> float:
@@ -148,7 +144,7 @@ class ScratchPipeStorageEstimator(ShardEstimator):
         parts = []
         for shard, in_size, out_sz in zip(so.shards, input_sizes, output_sizes):
             rows, cols = shard.size[0], shard.size[1]
-            row = cols * so.tensor.element_size() + state_bytes_per_row(optimizer, cols)
+            row = row_layout_of(so, optimizer, cols).bytes_per_row
             slots = slots_of(so, rows)
             staged = min(slots, math.ceil(ids_per_batch(so, rows, topo.world_size, self._constraints)))
             parts.append(
@@ -221,7 +217,7 @@ class ScratchPipePerfEstimator(ShardEstimator):
             optimizer = self.optimizers.get(so.name, EmbOptimType.EXACT_SGD)
             for shard in so.shards:
                 rows, cols = shard.size[0], shard.size[1]
-                row = cols * so.tensor.element_size() + state_bytes_per_row(optimizer, cols)
+                row = row_layout_of(so, optimizer, cols).bytes_per_row
                 moved = miss * min(rows, ids_per_batch(so, rows, topo.world_size, self._constraints))
                 if shard.perf is not None:
                     # in and out (victims), both ways over the host link

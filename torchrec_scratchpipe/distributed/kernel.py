@@ -31,7 +31,8 @@ from torchrec_scratchpipe.compat import (
     TableBatchedEmbeddingSlice,
     get_state_dict,
 )
-from torchrec_scratchpipe.core.config import OPTIMIZER_STATE_NAMES, ScratchPipeConfig
+from torchrec_scratchpipe.core.config import ScratchPipeConfig
+from torchrec_scratchpipe.core.layout import state_names
 from torchrec_scratchpipe.core.engine import PreparedBatch, ScratchPipeEmbeddingBags
 from torchrec_scratchpipe.core.plan import CapacityError
 from torchrec_scratchpipe.distributed.types import FUSED_PARAMS_KEY, ScratchPipeTableParams
@@ -215,7 +216,7 @@ class ScratchPipeEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
             self._engine = ScratchPipeEmbeddingBags(engine_tables, self._sp_config, self._device)
         except ValueError as e:
             raise ValueError(f"ScratchPipe tables {self._names}: {e}") from e
-        self._state_names: List[str] = OPTIMIZER_STATE_NAMES[self._sp_config.optimizer]
+        self._state_names: List[str] = state_names(self._sp_config.optimizer)
         # Stable views on the backing store (it is allocated once).
         weights = self._engine.table_weights()
         states = self._engine.optimizer_states()

@@ -38,7 +38,7 @@ from torchrec_scratchpipe.compat import (
     optimizer_type_to_emb_opt_type,
     sharder_name,
 )
-from torchrec_scratchpipe.core.config import check_optimizer
+from torchrec_scratchpipe.core.layout import check_optimizer
 from torchrec_scratchpipe.distributed.estimators import (
     ScratchPipePerfEstimator,
     ScratchPipeStorageEstimator,
