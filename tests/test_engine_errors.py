@@ -120,8 +120,9 @@ def test_background_planning_is_refused_on_cuda() -> None:
     [
         ({"cache_rows": 0}, "cache_rows must be positive"),
         ({"load_factor": 0.0}, "load_factor must be > 0"),
-        ({"lookahead": -1}, "lookahead must be >= 0"),
-        ({"lookahead": 3, "horizon": 2}, r"horizon \(2\) must be >= lookahead \(3\)"),
+        ({"lookahead": -1}, "invalid window lookahead=-1, horizon=None: need 0 <= lookahead"),
+        ({"lookahead": 3, "horizon": 2}, "invalid window lookahead=3, horizon=2: need 0 <= lookahead <= horizon"),
+        ({"lookahead": 1, "horizon": 2000}, "horizon <= 1024"),
         ({"victim_policy": "mru"}, "victim_policy must be one of"),
     ],
 )
@@ -148,3 +149,16 @@ def test_load_refreshes_resident_rows() -> None:
     torch.testing.assert_close(g.pad.weights[slots], torch.cat([new["t0"], new["t1"]])[rows])
     for name, w in emb.table_weights().items():
         torch.testing.assert_close(w, new[name])
+
+
+@pytest.mark.parametrize("lookahead,horizon", [(-1, None), (3, 2), (1, 5000)])
+def test_bad_window_changes_nothing(lookahead: int, horizon: Any) -> None:
+    """set_window validates (defaults.check_window) before it waits, clears or fences anything."""
+    emb = trained_engine()
+    before = snapshot(emb)
+    config = emb.config
+    with pytest.raises(ValueError, match=f"invalid window lookahead={lookahead}, horizon={horizon}"):
+        emb.set_window(lookahead, horizon)
+    assert_untouched(emb, before)
+    assert emb.config is config and (config.lookahead, config.horizon) == (1, None)
+    assert [(g.window.lookahead, g.window.horizon) for g in emb.groups.values()] == [(1, 1)]

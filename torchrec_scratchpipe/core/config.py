@@ -9,6 +9,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
+from torchrec_scratchpipe.defaults import LIBRARY_LOAD_FACTOR, LIBRARY_LOOKAHEAD, check_window
+
 #: Optimizers whose per-row update FBGEMM's TBE runs on each device type, with the names
 #: of their per-row state tensors (in ``split_optimizer_states()`` order).
 OPTIMIZER_STATE_NAMES: Dict[EmbOptimType, List[str]] = {
@@ -74,10 +76,13 @@ class ScratchPipeConfig:
         cache_rows: scratchpad slots per table group (tables sharing dim and pooling).
             When None, ``load_factor`` sizes it.
         load_factor: slots as a fraction of the group's rows (the knob TorchRec's
-            ``CacheParams.load_factor`` gives ``fused_uvm_caching``). Default 0.2.
-        lookahead: L, batches planned and moved in ahead of the training batch.
+            ``CacheParams.load_factor`` gives ``fused_uvm_caching``). None:
+            ``defaults.LIBRARY_LOAD_FACTOR`` (0.2, TorchRec's UVM default).
+        lookahead: L, batches planned and moved in ahead of the training batch
+            (``defaults.LIBRARY_LOOKAHEAD``: 1).
         horizon: H >= L, batches ahead of the training batch whose ids the victim policy
             may look at (ids only; nothing moves for them). Defaults to ``lookahead``.
+            ``defaults.check_window`` validates the pair.
         optimizer: fused optimizer applied in backward inside the scratchpad.
         learning_rate, eps, weight_decay, beta1, beta2: optimizer hyper-parameters,
             passed to FBGEMM's TBE.
@@ -100,7 +105,7 @@ class ScratchPipeConfig:
 
     cache_rows: Optional[int] = None
     load_factor: Optional[float] = None
-    lookahead: int = 0
+    lookahead: int = LIBRARY_LOOKAHEAD
     horizon: Optional[int] = None
     optimizer: EmbOptimType = EmbOptimType.EXACT_ROWWISE_ADAGRAD
     learning_rate: float = 0.01
@@ -118,13 +123,7 @@ class ScratchPipeConfig:
             raise ValueError(
                 f"load_factor must be > 0 (a fraction of the table's rows), got {self.load_factor}."
             )
-        if self.lookahead < 0:
-            raise ValueError(f"lookahead must be >= 0, got {self.lookahead}.")
-        if self.horizon is not None and self.horizon < self.lookahead:
-            raise ValueError(
-                f"horizon ({self.horizon}) must be >= lookahead ({self.lookahead}): the "
-                "planner must at least see the batches it moves rows in for."
-            )
+        check_window(self.lookahead, self.horizon)
         if self.victim_policy not in VICTIM_POLICIES:
             raise ValueError(
                 f"victim_policy must be one of {VICTIM_POLICIES}, got {self.victim_policy!r}."
@@ -147,7 +146,7 @@ class ScratchPipeConfig:
         """Scratchpad slots for a group of ``num_rows`` rows (never more than the rows)."""
         if self.cache_rows is not None:
             return min(self.cache_rows, num_rows)
-        factor = 0.2 if self.load_factor is None else self.load_factor
+        factor = LIBRARY_LOAD_FACTOR if self.load_factor is None else self.load_factor
         return max(1, min(num_rows, math.ceil(factor * num_rows)))
 
     def optimizer_kwargs(self) -> Dict[str, float]:

@@ -19,6 +19,7 @@ from torchrec_scratchpipe.core.plan import CapacityError
 from torchrec_scratchpipe.core.validate import HostIds, check_kjt, host_ids, split_groups
 from torchrec_scratchpipe.core.window import WindowEntry
 from torchrec_scratchpipe.core.worker import PlanWorker
+from torchrec_scratchpipe.defaults import check_window
 
 
 @dataclass
@@ -421,10 +422,8 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             lookahead: batches planned ahead of the training batch.
             horizon: batches ahead whose ids guide victim choice (default ``lookahead``).
         """
+        horizon = check_window(lookahead, horizon)
         self._sync()
-        horizon = lookahead if horizon is None else horizon
-        if lookahead < 0 or horizon < lookahead:
-            raise ValueError(f"need 0 <= lookahead <= horizon, got lookahead={lookahead}, horizon={horizon}.")
         if self._queue:
             raise RuntimeError(
                 f"set_window() with {len(self._queue)} batches in flight: call reset_window() "

@@ -19,6 +19,7 @@ import torch
 
 from torchrec_scratchpipe.core.next_use import Distance, NextUse, peek_steps
 from torchrec_scratchpipe.core.plan import SlotPlan, SlotPlanner
+from torchrec_scratchpipe.defaults import check_window
 
 
 @dataclass
@@ -73,7 +74,7 @@ class PlanWindow:
     ) -> None:
         self.planner = planner
         self.lookahead = lookahead
-        self.horizon = lookahead if horizon is None else horizon
+        self.horizon = check_window(lookahead, horizon)
         self.on_planned = on_planned
         self.trained: Deque[WindowEntry] = deque()  # taken for training, slots held until retired
         self.planned: Deque[WindowEntry] = deque()

@@ -20,6 +20,7 @@ from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.types import ParameterSharding
 
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
+from torchrec_scratchpipe.defaults import LIBRARY_LOAD_FACTOR
 
 #: The kernel name users put in ``ParameterConstraints(compute_kernels=[...])``.
 SCRATCHPIPE: str = "scratchpipe"
@@ -27,8 +28,8 @@ SCRATCHPIPE: str = "scratchpipe"
 CUSTOMIZED: str = EmbeddingComputeKernel.CUSTOMIZED_KERNEL.value
 #: Key of the :class:`ScratchPipeTableParams` in a table's fused params.
 FUSED_PARAMS_KEY: str = "__scratchpipe__"
-#: ``CacheParams.load_factor`` used when a ScratchPipe table has none (TorchRec's UVM default).
-DEFAULT_LOAD_FACTOR: float = 0.2
+#: ``CacheParams.load_factor`` used when a ScratchPipe table has none (``defaults.LIBRARY_LOAD_FACTOR``).
+DEFAULT_LOAD_FACTOR: float = LIBRARY_LOAD_FACTOR
 #: ``ScratchPipeConfig`` fields that are per table (from the plan), not sharder-wide.
 _PER_TABLE_FIELDS = ("cache_rows", "load_factor")
 
