@@ -162,3 +162,28 @@ def test_bad_window_changes_nothing(lookahead: int, horizon: Any) -> None:
     assert_untouched(emb, before)
     assert emb.config is config and (config.lookahead, config.horizon) == (1, None)
     assert [(g.window.lookahead, g.window.horizon) for g in emb.groups.values()] == [(1, 1)]
+
+
+def test_capacity_is_checked_once_per_batch_and_group() -> None:
+    """prepare() makes the one check per group; enqueue and planning do not repeat it."""
+    emb = ScratchPipeEmbeddingBags(make_tables(ROWS, [4, 4]), ScratchPipeConfig(cache_rows=12, lookahead=1))
+    window = emb.groups["dim4_sum"].window
+    calls = []
+    check = window.check_fits
+    window.check_fits = lambda rows: (calls.append(rows.numel()), check(rows))[1]  # type: ignore[method-assign]
+    stream = power_law_stream(ROWS, 4, 2, max_len=3, seed=1)
+    for k in stream:
+        emb.prefetch(k)
+    for k in stream:
+        emb(k).values().sum().backward()
+    assert len(calls) == len(stream)
+
+
+def test_window_alone_refuses_a_batch_larger_than_the_scratchpad() -> None:
+    from torchrec_scratchpipe.core.plan import SlotPlanner
+    from torchrec_scratchpipe.core.window import PlanWindow
+
+    w = PlanWindow(SlotPlanner(100, 4), lookahead=1, name="cache 'x'")
+    with pytest.raises(CapacityError, match="cache 'x': one batch needs 5 distinct rows but the scratchpad has 4 slots"):
+        w.push(torch.arange(5))
+    assert len(w) == 0 and w.next_step == 0

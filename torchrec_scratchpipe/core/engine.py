@@ -160,12 +160,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         t0 = time.perf_counter()
         per_group = self._rows(kjt, host)
         for g, (_, rows, _) in zip(self.groups.values(), per_group):
-            if rows.numel() > g.capacity:
-                raise CapacityError(
-                    f"table group {g.name!r} (tables {[t.name for t in g.tables]}): one batch needs "
-                    f"{rows.numel()} distinct rows but the scratchpad has {g.capacity} slots. "
-                    f"Raise cache_rows/load_factor to at least {rows.numel()} rows, or use smaller batches."
-                )
+            g.window.check_fits(rows)  # the batch's one capacity check, before any group queues it
         return PreparedBatch(kjt, per_group, time.perf_counter() - t0)
 
     def enqueue(self, batch: PreparedBatch) -> int:
@@ -178,7 +173,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             g.stats.lookups += ids.numel()
             g.stats.unique_rows += rows.numel()
             t1 = time.perf_counter()
-            g.window.push(rows, GroupBatch(ids, offsets, weights), fill=False)  # next-use links: planner time
+            g.window.push(rows, GroupBatch(ids, offsets, weights), fill=False, checked=True)  # next-use links: planner time
             g.stats.planner_s += time.perf_counter() - t1
         token = next(self._tokens)
         self._queue.append(_Queued(token, batch.kjt))

@@ -64,7 +64,10 @@ class TableGroup:
         self.stats = GroupStats()
         self.planner = SlotPlanner(self.store.num_rows, self.capacity, config.victim_policy)
         self.mover = Mover(self.store, self.pad, self.stats)
-        self.window = PlanWindow(self.planner, config.lookahead, config.effective_horizon, self._on_planned)
+        self.window = PlanWindow(
+            self.planner, config.lookahead, config.effective_horizon, self._on_planned,
+            name=f"table group {name!r} (tables {[t.name for t in tables]})",
+        )
         self.feature_base = self.store.offsets[:-1][self.feature_table]
 
     def _on_planned(self, entry: WindowEntry) -> None:
