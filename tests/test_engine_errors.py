@@ -187,3 +187,18 @@ def test_window_alone_refuses_a_batch_larger_than_the_scratchpad() -> None:
     with pytest.raises(CapacityError, match="cache 'x': one batch needs 5 distinct rows but the scratchpad has 4 slots"):
         w.push(torch.arange(5))
     assert len(w) == 0 and w.next_step == 0
+
+
+def test_set_window_leaves_the_users_config_alone() -> None:
+    import dataclasses
+
+    cfg = ScratchPipeConfig(cache_rows=12, lookahead=1)
+    emb = ScratchPipeEmbeddingBags(make_tables(ROWS, [4, 4]), cfg)
+    other = ScratchPipeEmbeddingBags(make_tables(ROWS, [4, 4]), cfg)  # one config, two engines
+    emb.set_window(2, 5)
+    assert (cfg.lookahead, cfg.horizon) == (1, None)
+    assert (emb.config.lookahead, emb.config.effective_horizon) == (2, 5) and emb.config.cache_rows == 12
+    assert (other.config.lookahead, other.config.effective_horizon) == (1, 1)
+    assert [(g.window.lookahead, g.window.horizon) for g in emb.groups.values()] == [(2, 5)]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lookahead = 3  # type: ignore[misc]

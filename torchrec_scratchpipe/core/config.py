@@ -68,9 +68,9 @@ def check_optimizer(optimizer: EmbOptimType, device: torch.device) -> None:
 BACKGROUND_MIN_IDS = 65536
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScratchPipeConfig:
-    """Settings of one ScratchPipe engine.
+    """Settings of one ScratchPipe engine (frozen: use ``dataclasses.replace`` for a variant).
 
     Args:
         cache_rows: scratchpad slots per table group (tables sharing dim and pooling).
@@ -117,6 +117,8 @@ class ScratchPipeConfig:
     background_planning: Optional[bool] = None
 
     def __post_init__(self) -> None:
+        # Validation only. A field normalized here (e.g. a string turned into an enum) must be
+        # set with object.__setattr__(self, name, value): the dataclass is frozen.
         if self.cache_rows is not None and self.cache_rows <= 0:
             raise ValueError(f"cache_rows must be positive, got {self.cache_rows}.")
         if self.load_factor is not None and not 0.0 < self.load_factor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import time
@@ -413,6 +414,9 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
     def set_window(self, lookahead: int, horizon: Optional[int] = None) -> None:
         """Change L and H (a pipeline does this); only while no batch is in flight.
 
+        ``config`` then becomes a copy with the new L and H: the ``ScratchPipeConfig``
+        the engine was built with is frozen, and may be shared, so it never changes.
+
         Args:
             lookahead: batches planned ahead of the training batch.
             horizon: batches ahead whose ids guide victim choice (default ``lookahead``).
@@ -424,7 +428,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
                 f"set_window() with {len(self._queue)} batches in flight: call reset_window() "
                 "or finish them first."
             )
-        self.config.lookahead, self.config.horizon = lookahead, horizon
+        self.config = dataclasses.replace(self.config, lookahead=lookahead, horizon=horizon)  # never the caller's
         for g in self.groups.values():
             g.window.clear()
             g.mover.fence()  # released slots may still be in use on the training stream
