@@ -116,7 +116,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         #: CUDA stream the batches' ids are produced on (a pipeline sets its data-distribution
         #: stream): ``prefetch`` copies ids to the host there, so it never waits for training.
         self.intake_stream: Optional[Any] = None
-        self._worker = PlanWorker()
+        self._worker = PlanWorker(self._blocked)
         self._background = False  # whether the latest batch is planned in the background
         self._dirty = False  # slots may hold updates the store has not seen (flush writes them back)
         self._stale = False  # the store was loaded: resident slots must be refreshed from it
@@ -187,11 +187,16 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
 
     def _fill(self, background: bool) -> None:
         for g in self.groups.values():
-            planned, moved = g.window.plan_seconds, g.stats.mover_s
+            planned, moved = g.stats.planner_s, g.stats.mover_s
             g.window.fill()
             if background:
-                g.stats.planner_background_s += g.window.plan_seconds - planned
+                g.stats.planner_background_s += g.stats.planner_s - planned
                 g.stats.mover_background_s += g.stats.mover_s - moved
+
+    def _blocked(self, seconds: float) -> None:
+        """The worker's report of time training waited for it: an equal share per group."""
+        for g in self.groups.values():
+            g.stats.blocked_s += seconds / len(self.groups)
 
     def peek(self, kjts: Sequence[KeyedJaggedTensor]) -> None:
         """Show the victim policy the ids of batches beyond those prefetched (nothing moves)."""
@@ -314,18 +319,15 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
 
     # ---------------------------------------------------------------- state
     def stats(self) -> Dict[str, Dict[str, float]]:
-        """Per-group counters (see ``GroupStats``), plus ``capacity``, ``window_stalls`` and
-        ``blocked_s`` (seconds training waited for the background planner)."""
+        """Per-group counters (``GroupStats``, their only owner), plus ``capacity``."""
         self._sync()
-        out = {}
-        for name, g in self.groups.items():
-            d = g.stats.as_dict()
-            d["blocked_s"] = self._worker.blocked_s / len(self.groups)
-            d["planner_s"] += g.window.plan_seconds
-            d["window_stalls"] = g.window.stalls
-            d["capacity"] = g.capacity
-            out[name] = d
-        return out
+        return {name: dict(g.stats.as_dict(), capacity=g.capacity) for name, g in self.groups.items()}
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """Copies (deepcopy, pickling) are taken once the background planner is idle, so
+        no group is copied halfway through a plan."""
+        self._worker.wait()
+        return super().__getstate__()
 
     def flush(self) -> None:
         """Write every resident row (weights and optimizer state) back to the backing store.

@@ -61,12 +61,12 @@ class TableGroup:
         self.store = BackingStore([t.num_embeddings for t in tables], dim, state_shapes(config.optimizer, dim))
         self.capacity = config.slots_for(self.store.num_rows)
         self.pad = Scratchpad(self.capacity, dim, len(self.features), POOLING[pooling_of(tables[0])], config, device)
-        self.stats = GroupStats()
+        self.stats = GroupStats()  # the group's only counters: window, mover, engine and worker write here
         self.planner = SlotPlanner(self.store.num_rows, self.capacity, config.victim_policy)
         self.mover = Mover(self.store, self.pad, self.stats)
         self.window = PlanWindow(
             self.planner, config.lookahead, config.effective_horizon, self._on_planned,
-            name=f"table group {name!r} (tables {[t.name for t in tables]})",
+            name=f"table group {name!r} (tables {[t.name for t in tables]})", stats=self.stats,
         )
         self.feature_base = self.store.offsets[:-1][self.feature_table]
 

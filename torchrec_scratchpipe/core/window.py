@@ -19,6 +19,7 @@ import torch
 
 from torchrec_scratchpipe.core.next_use import Distance, NextUse, peek_steps
 from torchrec_scratchpipe.core.plan import CapacityError, SlotPlan, SlotPlanner
+from torchrec_scratchpipe.core.stats import GroupStats
 from torchrec_scratchpipe.defaults import check_window
 
 
@@ -52,6 +53,8 @@ class PlanWindow:
         on_planned: called with each entry right after it is planned (moves its rows in).
         name: whose scratchpad this is, for messages (e.g. ``"table group 'dim8_sum'
             (tables ['t0'])"``).
+        stats: the counters it reports into (``window_stalls``, ``planner_s``): the table
+            group's. None: a ``GroupStats`` of its own.
 
     Example::
 
@@ -74,9 +77,11 @@ class PlanWindow:
         horizon: Optional[int] = None,
         on_planned: Optional[Callable[[WindowEntry], None]] = None,
         name: str = "scratchpad",
+        stats: Optional[GroupStats] = None,
     ) -> None:
         self.planner = planner
         self.name = name
+        self.stats = GroupStats() if stats is None else stats
         self.lookahead = lookahead
         self.horizon = check_window(lookahead, horizon)
         self.on_planned = on_planned
@@ -85,9 +90,12 @@ class PlanWindow:
         self.pending: Deque[WindowEntry] = deque()
         self.extra_peek: List[torch.Tensor] = []
         self.next_step = 0
-        self.stalls = 0  # times planning waited because the window did not fit
-        self.plan_seconds = 0.0  # time spent choosing slots
         self.next_use = NextUse(planner.num_rows, native=planner.native)
+
+    @property
+    def stalls(self) -> int:
+        """Times planning waited because the window did not fit (``stats.window_stalls``)."""
+        return self.stats.window_stalls
 
     def __len__(self) -> int:
         """Batches pushed and not yet popped."""
@@ -258,9 +266,9 @@ class PlanWindow:
         plan = self.planner.try_plan(entry.rows, entry.step, self._distance_fn(entry.step))
         if plan is not None and self._tracks_next_use:
             self.next_use.planned(entry.rows)
-        self.plan_seconds += time.perf_counter() - t0
+        self.stats.planner_s += time.perf_counter() - t0
         if plan is None:
-            self.stalls += 1
+            self.stats.window_stalls += 1
             return False
         entry.plan = plan
         self.pending.popleft()
