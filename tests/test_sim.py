@@ -13,7 +13,7 @@ from torchrec_scratchpipe.sim import (
     simulate, simulate_scratchpipe, simulate_set_assoc, synthetic_stream,
 )
 from torchrec_scratchpipe.sim.__main__ import main
-from torchrec_scratchpipe.sim.reference import (
+from sim_reference import (
     check_scratchpipe, fmix64_set, reference_lru, reference_opt, reference_set_assoc,
 )
 from torchrec_scratchpipe.sim.report import parse_capacity
