@@ -8,6 +8,7 @@ from typing import List, Optional
 
 from torchrec_scratchpipe import defaults
 from torchrec_scratchpipe.core.config import OPTIMIZERS_BY_NAME
+from torchrec_scratchpipe.data.synthetic import ALPHA, DISTRIBUTION
 
 ARMS = ("fused", "fused_uvm_caching", "scratchpipe")
 MODELS = ("dlrm", "sequence")
@@ -64,8 +65,8 @@ class ABConfig:
     rows: int = defaults.ROWS
     dim: int = defaults.DIM
     pooling: int = defaults.POOLING
-    distribution: str = "zipf"
-    alpha: float = 1.05
+    distribution: str = DISTRIBUTION
+    alpha: float = ALPHA
     max_len: int = 20
     batch_size: int = defaults.BATCH_SIZE
     steps: int = 150
