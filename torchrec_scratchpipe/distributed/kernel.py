@@ -222,6 +222,7 @@ class ScratchPipeEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
         self._weights: List[torch.Tensor] = [weights[n] for n in self._names]
         self._states: List[Dict[str, torch.Tensor]] = [states[n] for n in self._names]
         self._optim = ScratchPipeFusedOptimizer(config, self, pg)
+        self._params: Optional[Dict[str, TableBatchedEmbeddingSlice]] = None  # built once, on first use
         self._token: Optional[int] = None  # names the batch of the next forward (set by the lookup)
 
     # ------------------------------------------------------------------ compute
@@ -363,10 +364,16 @@ class ScratchPipeEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
         yield from ()
 
     def named_parameters_by_table(self) -> Iterator[Tuple[str, TableBatchedEmbeddingSlice]]:
-        """Per table, a parameter viewing its weights in the store (as ``fused`` yields)."""
-        for name, w in zip(self._names, self._weights):
-            param = TableBatchedEmbeddingSlice(w, 0, w.shape[0], -1, w.shape[1])
-            param._in_backward_optimizers = [  # type: ignore[attr-defined]
-                ScratchPipeFusedOptimizer(self._config, self, self._pg, create_for_table=name, param_weight_for_table=param)
-            ]
-            yield name, param
+        """Per table, a parameter viewing its weights in the store (as ``fused`` yields),
+        with its per-table fused optimizer. Built once: the store is allocated once and
+        loads copy into it, so the views stay valid."""
+        if self._params is None:
+            params: Dict[str, TableBatchedEmbeddingSlice] = {}
+            for name, w in zip(self._names, self._weights):
+                param = TableBatchedEmbeddingSlice(w, 0, w.shape[0], -1, w.shape[1])
+                param._in_backward_optimizers = [  # type: ignore[attr-defined]
+                    ScratchPipeFusedOptimizer(self._config, self, self._pg, create_for_table=name, param_weight_for_table=param)
+                ]
+                params[name] = param
+            self._params = params
+        yield from self._params.items()
