@@ -160,7 +160,7 @@ class ScratchPipeFusedOptimizer(EmbeddingFusedOptimizer):
 
     def post_load_state_dict(self) -> None:
         super().post_load_state_dict()
-        self._sp_kernel.refresh_optimizer_states()
+        self._sp_kernel.reload()
 
 
 class ScratchPipeEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
@@ -316,12 +316,9 @@ class ScratchPipeEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
         not yet written back are flushed first; nothing is written over a load)."""
         self._engine.purge()
 
-    def refresh_weights(self) -> None:
-        """Reload resident slots after the store views were loaded (weights or states)."""
-        self._engine.reload()
-
-    def refresh_optimizer_states(self) -> None:
-        """Reload resident slots after the optimizer-state views were loaded."""
+    def reload(self) -> None:
+        """Reload resident rows from the store, after its views (weights or optimizer
+        states) were written from outside (``engine.reload``: in place, nothing copied aside)."""
         self._engine.reload()
 
     def split_embedding_weights(self) -> List[torch.Tensor]:
