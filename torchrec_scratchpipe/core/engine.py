@@ -23,12 +23,16 @@ from torchrec_scratchpipe.core.worker import PlanWorker
 from torchrec_scratchpipe.defaults import check_window
 
 
+#: A group's bag offsets and per-sample weights, on the scratchpad's device.
+_Bags = Tuple[torch.Tensor, Optional[torch.Tensor]]
+
+
 @dataclass
 class PreparedBatch:
     """A validated batch, ready to queue (``ScratchPipeEmbeddingBags.prepare``)."""
 
     kjt: KeyedJaggedTensor
-    per_group: List[Tuple[Tuple, torch.Tensor, torch.Tensor]]  # ((offsets, weights), rows, ids) per group
+    per_group: List[Tuple[_Bags, torch.Tensor, torch.Tensor]]  # ((offsets, weights), rows, ids) per group
     seconds: float
 
 
@@ -125,7 +129,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             g.init_weights()
 
     # ---------------------------------------------------------------- batches in
-    def _rows(self, kjt: KeyedJaggedTensor, host: Optional[HostIds] = None) -> List[Tuple[Tuple, torch.Tensor, torch.Tensor]]:
+    def _rows(self, kjt: KeyedJaggedTensor, host: Optional[HostIds] = None) -> List[Tuple[_Bags, torch.Tensor, torch.Tensor]]:
         """Validate on the host copy; return, per group, ((offsets, weights) on the device,
         distinct rows, group row of each id)."""
         host = host if host is not None else host_ids(kjt, self.intake_stream)
@@ -327,7 +331,8 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         """Copies (deepcopy, pickling) are taken once the background planner is idle, so
         no group is copied halfway through a plan."""
         self._worker.wait()
-        return super().__getstate__()
+        state: Dict[str, Any] = super().__getstate__()  # type: ignore[no-untyped-call]
+        return state
 
     def flush(self) -> None:
         """Write every resident row (weights and optimizer state) back to the backing store.
@@ -357,7 +362,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         self._stale = True
         self._sync()
 
-    def _locate(self, name: str) -> tuple:
+    def _locate(self, name: str) -> Tuple[TableGroup, int]:
         for g in self.groups.values():
             for i, t in enumerate(g.tables):
                 if t.name == name:
@@ -380,7 +385,8 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
     def _view(self, table: str, what: str) -> torch.Tensor:
         g, i = self._locate(table)
         src = g.store.weights if what == "weights" else g.store.states[what]
-        return g.store.table_view(src, i)
+        view: torch.Tensor = g.store.table_view(src, i)
+        return view
 
     def load_table_weights(self, weights: Dict[str, torch.Tensor]) -> None:
         """Copy full table weights in (any subset of tables); resident slots are refreshed."""

@@ -94,7 +94,7 @@ class TableGroup:
                     bound = math.sqrt(1.0 / table.num_embeddings)
                     w.uniform_(-bound, bound)
 
-    def resident(self) -> tuple:
+    def resident(self) -> Tuple[torch.Tensor, torch.Tensor]:
         slots = self.planner.resident().nonzero().squeeze(1)
         return self.planner.slot_to_row[slots], slots
 

@@ -39,7 +39,7 @@ class PlanWorker:
     def __init__(self, on_blocked: Optional[Callable[[float], None]] = None) -> None:
         self.on_blocked = on_blocked
         self._pool: Optional[ThreadPoolExecutor] = None
-        self._job: Optional[Future] = None
+        self._job: Optional[Future[Any]] = None
 
     def submit(self, job: Callable[[], Any], background: bool) -> None:
         """Run ``job`` after the previous one has finished: in the thread, or now when not ``background``."""
