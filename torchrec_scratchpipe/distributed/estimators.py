@@ -52,7 +52,8 @@ from torchrec_scratchpipe.compat import (
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.core.plan import SlotPlanner
 from torchrec_scratchpipe.core.staging import StagingRing
-from torchrec_scratchpipe.distributed.types import DEFAULT_LOAD_FACTOR, SCRATCHPIPE
+from torchrec_scratchpipe.defaults import LIBRARY_LOAD_FACTOR
+from torchrec_scratchpipe.distributed.types import SCRATCHPIPE
 
 
 def state_bytes_per_row(optimizer: EmbOptimType, dim: int) -> int:
@@ -67,7 +68,7 @@ def state_bytes_per_row(optimizer: EmbOptimType, dim: int) -> int:
 
 def load_factor_of(so: ShardingOption) -> float:
     lf = so.cache_load_factor
-    return DEFAULT_LOAD_FACTOR if lf is None else min(float(lf), 1.0)
+    return LIBRARY_LOAD_FACTOR if lf is None else min(float(lf), 1.0)
 
 
 def batch_sizes_of(so: ShardingOption, constraints: Optional[Dict[str, ParameterConstraints]]) -> List[int]:
@@ -155,7 +156,7 @@ class ScratchPipeStorageEstimator(ShardEstimator):
         """Per shard of a ScratchPipe option: rows, slots and the bytes of each part."""
         topo = self._topology
         optimizer = self.optimizers.get(so.name, EmbOptimType.EXACT_SGD)
-        lookahead = self.config.lookahead if self.config is not None else 0
+        lookahead = (self.config if self.config is not None else ScratchPipeConfig()).lookahead  # the kernel's L
         out_size = DATA_TYPE_NUM_BITS[so.output_dtype] / 8 if so.output_dtype else so.tensor.element_size()
         input_sizes, output_sizes = calculate_shard_io_sizes(
             sharding_type=so.sharding_type,

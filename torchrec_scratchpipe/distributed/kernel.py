@@ -34,7 +34,8 @@ from torchrec_scratchpipe.compat import (
 from torchrec_scratchpipe.core.config import OPTIMIZER_STATE_NAMES, ScratchPipeConfig
 from torchrec_scratchpipe.core.engine import PreparedBatch, ScratchPipeEmbeddingBags
 from torchrec_scratchpipe.core.plan import CapacityError
-from torchrec_scratchpipe.distributed.types import DEFAULT_LOAD_FACTOR, FUSED_PARAMS_KEY, ScratchPipeTableParams
+from torchrec_scratchpipe.defaults import LIBRARY_LOAD_FACTOR
+from torchrec_scratchpipe.distributed.types import FUSED_PARAMS_KEY, ScratchPipeTableParams
 
 logger: logging.Logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def engine_config(fused_params: Optional[Mapping[str, Any]], tables: str = "") -
         tables: table names for messages.
     """
     fp = dict(fused_params or {})
-    params: ScratchPipeTableParams = fp.get(FUSED_PARAMS_KEY) or ScratchPipeTableParams(DEFAULT_LOAD_FACTOR)
+    params: ScratchPipeTableParams = fp.get(FUSED_PARAMS_KEY) or ScratchPipeTableParams(LIBRARY_LOAD_FACTOR)
     kwargs: Dict[str, Any] = dict(TBE_DEFAULTS)
     kwargs.update(dict(params.options))
     kwargs.update({k: fp[k] for k in TBE_DEFAULTS if k in fp})

@@ -28,8 +28,6 @@ SCRATCHPIPE: str = "scratchpipe"
 CUSTOMIZED: str = EmbeddingComputeKernel.CUSTOMIZED_KERNEL.value
 #: Key of the :class:`ScratchPipeTableParams` in a table's fused params.
 FUSED_PARAMS_KEY: str = "__scratchpipe__"
-#: ``CacheParams.load_factor`` used when a ScratchPipe table has none (``defaults.LIBRARY_LOAD_FACTOR``).
-DEFAULT_LOAD_FACTOR: float = LIBRARY_LOAD_FACTOR
 #: ``ScratchPipeConfig`` fields that are per table (from the plan), not sharder-wide.
 _PER_TABLE_FIELDS = ("cache_rows", "load_factor")
 
@@ -58,8 +56,8 @@ class ScratchPipeTableParams:
 
     @staticmethod
     def build(load_factor: Optional[float], config: Optional[ScratchPipeConfig]) -> "ScratchPipeTableParams":
-        """Params for a table with ``load_factor`` (None: the default) under ``config``."""
-        lf = DEFAULT_LOAD_FACTOR if load_factor is None else float(load_factor)
+        """Params for a table with ``load_factor`` (None: ``defaults.LIBRARY_LOAD_FACTOR``) under ``config``."""
+        lf = LIBRARY_LOAD_FACTOR if load_factor is None else float(load_factor)
         check_load_factor(lf, "")
         options: Tuple[Tuple[str, Any], ...] = ()
         if config is not None:
