@@ -61,7 +61,7 @@ class TableGroup:
         self.store = BackingStore([t.num_embeddings for t in tables], dim, state_shapes(config.optimizer, dim))
         self.capacity = config.slots_for(self.store.num_rows)
         self.pad = Scratchpad(self.capacity, dim, len(self.features), POOLING[pooling_of(tables[0])], config, device)
-        self.stats = GroupStats()  # the group's only counters: window, mover, engine and worker write here
+        self.stats = GroupStats()
         self.planner = SlotPlanner(self.store.num_rows, self.capacity, config.victim_policy)
         self.mover = Mover(self.store, self.pad, self.stats)
         self.window = PlanWindow(
