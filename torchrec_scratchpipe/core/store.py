@@ -90,7 +90,7 @@ class BackingStore:
         self,
         table_rows: Sequence[int],
         dim: int,
-        state_shapes: Dict[str, tuple],
+        state_shapes: Dict[str, Tuple[int, ...]],
     ) -> None:
         self.table_rows: List[int] = list(table_rows)
         self.offsets = torch.tensor([0] + self.table_rows).cumsum(0)
