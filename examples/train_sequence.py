@@ -35,6 +35,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 import torchrec_scratchpipe.distributed as tsp
+from torchrec_scratchpipe import defaults
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.distributed.pipeline import ScratchPipeTrainPipeline
 from torchrec_scratchpipe.sequence_model import NextItemModel, sequence_batches
@@ -98,9 +99,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kernel", default=tsp.SCRATCHPIPE, choices=[tsp.SCRATCHPIPE, "fused"], help="kernel of the item table")
     p.add_argument("--sharding-type", default="table_wise", choices=["table_wise", "row_wise", "column_wise"])
-    p.add_argument("--load-factor", type=float, default=0.1)
-    p.add_argument("--lookahead", type=int, default=2)
-    p.add_argument("--horizon", type=int, default=6)
+    p.add_argument("--load-factor", type=float, default=defaults.LOAD_FACTOR)
+    p.add_argument("--lookahead", type=int, default=defaults.LOOKAHEAD)
+    p.add_argument("--horizon", type=int, default=None, help=f"default {defaults.HORIZON} (at least L)")
     p.add_argument("--items", type=int, default=64_000)
     p.add_argument("--categories", type=int, default=256)
     p.add_argument("--dim", type=int, default=32)
@@ -109,7 +110,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--learning-rate", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.horizon = defaults.horizon_for(args.lookahead, args.horizon)
+    return args
 
 
 def main() -> None:

@@ -61,7 +61,7 @@ if [ ! -f "$STAMP" ]; then
   touch "$STAMP"
 fi
 "${PIP[@]}" --no-deps -e .
-"${PIP[@]}" pytest hypothesis ninja
+"${PIP[@]}" pytest hypothesis mypy==2.4.1 ninja  # the test tools (pyproject's "test" extra) and the op's build tool
 # The planner's C++ operator, cached per torch version (falls back to PyTorch if no compiler).
 PATH="$VENV/bin:$PATH" "$VENV/bin/python" -c "from torchrec_scratchpipe.core import native; native.main()"
 echo "scratchpipe: $STACK stack ready in $VENV"

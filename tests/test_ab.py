@@ -68,8 +68,9 @@ def test_ab_sequence_model_scratchpipe_arms_match_fused(tmp_path: Path) -> None:
     [
         ({"arms": ["fused", "lru"]}, "unknown arms"),
         ({"load_factor": 0.0}, "load_factor must be in"),
-        ({"lookaheads": [-1]}, "lookaheads must be non-negative"),
-        ({"lookaheads": [4], "horizon": 2}, "below the largest lookahead"),
+        ({"lookaheads": []}, "at least one ScratchPipe lookahead"),
+        ({"lookaheads": [-1]}, "invalid window lookahead=-1"),
+        ({"lookaheads": [4], "horizon": 2}, "invalid window lookahead=4, horizon=2"),
         ({"data": "parquet:x"}, "data must be"),
         ({"dim": 6}, "multiple of 4"),
         ({"model": "hstu"}, "model must be one of"),

@@ -241,3 +241,25 @@ def test_runtime_sharding_and_params() -> None:
     assert got.optimizer == cfg.optimizer
     plain = engine_config({FUSED_PARAMS_KEY: ScratchPipeTableParams.build(None, None)})
     assert plain.optimizer == EmbOptimType.EXACT_SGD and plain.learning_rate == 0.01 and plain.load_factor == 0.2
+
+
+def test_perf_prefetch_follows_cache_params_stats() -> None:
+    """With CacheParams.stats the moved rows are stats.expected_miss_rate(lf) x expected_lookups
+    (a row-wise shard's share), as TorchRec prices fused_uvm_caching; without, (1 - lf) x ids."""
+    from torchrec_scratchpipe.advise.stats import MeasuredCacheStatistics
+
+    def prefetch(stats: Any) -> List[float]:
+        c = _constraints(lf=0.05)
+        c["big_table"].cache_params = CacheParams(load_factor=0.05, stats=stats)
+        planner = _planner("cuda", constraints=c)
+        planner.plan(_ebc(), tsp.get_sharders(fused_params=FP))
+        return [s.perf.prefetch_compute for s in _options(planner, "big_table")[0].shards]
+
+    topo = Topology(world_size=2, compute_device="cuda")
+    row = 64 * 4 + 4  # FP32 weights + row-wise Adagrad state
+    lookups = 3000.0  # distinct rows per global batch: 1500 per row-wise shard
+    plain = prefetch(None)
+    for miss in (0.5, 0.1):
+        got = prefetch(MeasuredCacheStatistics([0.05], [miss], expected_lookups=lookups))
+        assert got == pytest.approx([2 * miss * lookups / 2 * row / topo.hbm_to_ddr_mem_bw] * 2)
+    assert plain[0] > 0 and plain[0] != pytest.approx(got[0])

@@ -120,8 +120,9 @@ def test_background_planning_is_refused_on_cuda() -> None:
     [
         ({"cache_rows": 0}, "cache_rows must be positive"),
         ({"load_factor": 0.0}, "load_factor must be > 0"),
-        ({"lookahead": -1}, "lookahead must be >= 0"),
-        ({"lookahead": 3, "horizon": 2}, r"horizon \(2\) must be >= lookahead \(3\)"),
+        ({"lookahead": -1}, "invalid window lookahead=-1, horizon=None: need 0 <= lookahead"),
+        ({"lookahead": 3, "horizon": 2}, "invalid window lookahead=3, horizon=2: need 0 <= lookahead <= horizon"),
+        ({"lookahead": 1, "horizon": 2000}, "horizon <= 1024"),
         ({"victim_policy": "mru"}, "victim_policy must be one of"),
     ],
 )
@@ -148,3 +149,56 @@ def test_load_refreshes_resident_rows() -> None:
     torch.testing.assert_close(g.pad.weights[slots], torch.cat([new["t0"], new["t1"]])[rows])
     for name, w in emb.table_weights().items():
         torch.testing.assert_close(w, new[name])
+
+
+@pytest.mark.parametrize("lookahead,horizon", [(-1, None), (3, 2), (1, 5000)])
+def test_bad_window_changes_nothing(lookahead: int, horizon: Any) -> None:
+    """set_window validates (defaults.check_window) before it waits, clears or fences anything."""
+    emb = trained_engine()
+    before = snapshot(emb)
+    config = emb.config
+    with pytest.raises(ValueError, match=f"invalid window lookahead={lookahead}, horizon={horizon}"):
+        emb.set_window(lookahead, horizon)
+    assert_untouched(emb, before)
+    assert emb.config is config and (config.lookahead, config.horizon) == (1, None)
+    assert [(g.window.lookahead, g.window.horizon) for g in emb.groups.values()] == [(1, 1)]
+
+
+def test_capacity_is_checked_once_per_batch_and_group() -> None:
+    """prepare() makes the one check per group; enqueue and planning do not repeat it."""
+    emb = ScratchPipeEmbeddingBags(make_tables(ROWS, [4, 4]), ScratchPipeConfig(cache_rows=12, lookahead=1))
+    window = emb.groups["dim4_sum"].window
+    calls = []
+    check = window.check_fits
+    window.check_fits = lambda rows: (calls.append(rows.numel()), check(rows))[1]  # type: ignore[method-assign]
+    stream = power_law_stream(ROWS, 4, 2, max_len=3, seed=1)
+    for k in stream:
+        emb.prefetch(k)
+    for k in stream:
+        emb(k).values().sum().backward()
+    assert len(calls) == len(stream)
+
+
+def test_window_alone_refuses_a_batch_larger_than_the_scratchpad() -> None:
+    from torchrec_scratchpipe.core.plan import SlotPlanner
+    from torchrec_scratchpipe.core.window import PlanWindow
+
+    w = PlanWindow(SlotPlanner(100, 4), lookahead=1, name="cache 'x'")
+    with pytest.raises(CapacityError, match="cache 'x': one batch needs 5 distinct rows but the scratchpad has 4 slots"):
+        w.push(torch.arange(5))
+    assert len(w) == 0 and w.next_step == 0
+
+
+def test_set_window_leaves_the_users_config_alone() -> None:
+    import dataclasses
+
+    cfg = ScratchPipeConfig(cache_rows=12, lookahead=1)
+    emb = ScratchPipeEmbeddingBags(make_tables(ROWS, [4, 4]), cfg)
+    other = ScratchPipeEmbeddingBags(make_tables(ROWS, [4, 4]), cfg)  # one config, two engines
+    emb.set_window(2, 5)
+    assert (cfg.lookahead, cfg.horizon) == (1, None)
+    assert (emb.config.lookahead, emb.config.effective_horizon) == (2, 5) and emb.config.cache_rows == 12
+    assert (other.config.lookahead, other.config.effective_horizon) == (1, 1)
+    assert [(g.window.lookahead, g.window.horizon) for g in emb.groups.values()] == [(2, 5)]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lookahead = 3  # type: ignore[misc]

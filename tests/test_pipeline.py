@@ -169,8 +169,8 @@ def test_eval_mode_and_bad_arguments() -> None:
     (res,) = spawn(_eval_and_errors, 1)
     assert res["eval_diff"] <= 1e-6
     e = res["errors"]
-    assert "lookahead must be >= 0" in e["negative"]
-    assert "horizon must be between lookahead (2)" in e["horizon"]
+    assert "invalid window lookahead=-1" in e["negative"]
+    assert "invalid window lookahead=2, horizon=1" in e["horizon"] and "<= 1024" in e["horizon"]
     assert "too large for the scratchpad" in e["too_large"]
     assert "empty data iterator" in e["empty"]
     bad = res["bad_batch"]

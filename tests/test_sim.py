@@ -13,7 +13,7 @@ from torchrec_scratchpipe.sim import (
     simulate, simulate_scratchpipe, simulate_set_assoc, synthetic_stream,
 )
 from torchrec_scratchpipe.sim.__main__ import main
-from torchrec_scratchpipe.sim.reference import (
+from sim_reference import (
     check_scratchpipe, fmix64_set, reference_lru, reference_opt, reference_set_assoc,
 )
 from torchrec_scratchpipe.sim.report import parse_capacity
@@ -273,3 +273,22 @@ def test_goals_report_progress_per_simulation() -> None:
     rows = run_goals(cfg, log)
     assert len(rows) == 2 and set(rows[0]["misses"]) == run_keys(cfg)
     assert "goals" in log.getvalue() and "zipf(1.05)" in log.getvalue()
+
+
+def test_synthetic_spec_is_a_synthetic_config() -> None:
+    """One declaration: the simulator's spec takes every data default from SyntheticConfig."""
+    import dataclasses
+
+    from torchrec_scratchpipe.data import SyntheticClickLog, SyntheticConfig
+
+    spec = SyntheticSpec("drift", table_sizes=[300, 200], batch_size=16, steps=4, seed=2)
+    plain = SyntheticConfig([300, 200], 16, distribution="drift", seed=2, num_dense=0)
+    assert isinstance(spec, SyntheticConfig)
+    for f in dataclasses.fields(SyntheticConfig):
+        assert getattr(spec, f.name) == getattr(plain, f.name), f.name
+    stream = synthetic_stream(spec)
+    ids = list(SyntheticClickLog(plain).id_stream(0, 4))
+    for step, per_table in enumerate(ids):
+        assert torch.equal(stream.rows[step], torch.unique(torch.cat([per_table[0], per_table[1] + 300])))
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        SyntheticSpec(steps=0)

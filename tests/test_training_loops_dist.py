@@ -103,6 +103,13 @@ def _load_fresh(trainer: Any, ckpt: Dict[str, Any]) -> None:
     trainer.model.fused_optimizer.load_state_dict(copy.deepcopy(ckpt["optim"]))
 
 
+def _params(model: Any) -> Dict[str, Any]:
+    """Every ScratchPipe kernel's per-table parameters (``named_parameters_by_table``)."""
+    from torchrec_scratchpipe.distributed import scratchpipe_kernels
+
+    return {name: p for k in scratchpipe_kernels(model) for name, p in k.named_parameters_by_table()}
+
+
 def _live_loads(rank: int, world_size: int, tmp: str, model: str) -> Dict[str, Any]:
     import torch.distributed.checkpoint as dcp
 
@@ -120,11 +127,21 @@ def _live_loads(rank: int, world_size: int, tmp: str, model: str) -> Dict[str, A
     out["saved_diff"] = max_diff(_state(ref.model), _state(sp.model))
     # Rollbacks while batches are in flight. Each arm loads the other kernel's checkpoint
     # first (fused -> ScratchPipe and back), in place, then its own with fresh tensors.
+    params = _params(sp.model)
     for name, t, other in (("ref", ref, "sp"), ("sp", sp, "ref")):
         _load_in_place(t, f"{tmp}/{other}")
         logits[name] += _steps(t, its[name], 4)
         _load_fresh(t, ckpt[name])
+        if name == "sp":  # the cached per-table parameters see the loaded weights
+            loaded = local_tensors(ckpt["sp"]["model"])
+            out["params_loaded"] = all(
+                any(k.endswith(f".{table}.weight/0") and torch.equal(v, p.detach()) for k, v in loaded.items())
+                for table, p in params.items()
+            )
         logits[name] += _steps(t, its[name], 20)
+    out["params_cached"] = _params(sp.model).keys() == params.keys() and all(
+        p is params[k] for k, p in _params(sp.model).items()
+    )
     out["n_steps"] = (len(logits["ref"]), len(logits["sp"]))
     out["logit_diff"] = _diff(logits["ref"], logits["sp"])
     out["state_diff"] = max_diff(_state(ref.model), _state(sp.model))
@@ -145,6 +162,7 @@ def test_live_checkpoint_loads_match_fused(tmp_path: Any, model: str) -> None:
     assert res["logit_diff"] <= TOL, res
     assert res["state_diff"] <= TOL, res
     assert res["resume_diff"] == 0.0, res
+    assert res["params_cached"] and res["params_loaded"], res
     assert res["evictions"] > 0, res  # the scratchpad was too small to hold every row
 
 

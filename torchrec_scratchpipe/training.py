@@ -74,10 +74,7 @@ class KernelChoice:
                 raise ValueError(f"kernel must be one of {KERNELS}, got {k!r}.")
         if self.load_factor <= 0:
             raise ValueError(f"load_factor must be > 0, got {self.load_factor}.")
-        if self.lookahead < 0 or (self.horizon is not None and self.horizon < self.lookahead):
-            raise ValueError(
-                f"need 0 <= lookahead <= horizon, got lookahead={self.lookahead}, horizon={self.horizon}."
-            )
+        defaults.check_window(self.lookahead, self.horizon)
 
     @property
     def label(self) -> str:

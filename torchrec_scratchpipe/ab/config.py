@@ -8,6 +8,7 @@ from typing import List, Optional
 
 from torchrec_scratchpipe import defaults
 from torchrec_scratchpipe.core.layout import OPTIMIZERS_BY_NAME
+from torchrec_scratchpipe.data.synthetic import ALPHA, DISTRIBUTION
 
 ARMS = ("fused", "fused_uvm_caching", "scratchpipe")
 MODELS = ("dlrm", "sequence")
@@ -64,8 +65,8 @@ class ABConfig:
     rows: int = defaults.ROWS
     dim: int = defaults.DIM
     pooling: int = defaults.POOLING
-    distribution: str = "zipf"
-    alpha: float = 1.05
+    distribution: str = DISTRIBUTION
+    alpha: float = ALPHA
     max_len: int = 20
     batch_size: int = defaults.BATCH_SIZE
     steps: int = 150
@@ -91,10 +92,10 @@ class ABConfig:
             raise ValueError("name at least one arm.")
         if self.load_factor <= 0 or self.load_factor > 1:
             raise ValueError(f"load_factor must be in (0, 1], got {self.load_factor}.")
-        if any(L < 0 for L in self.lookaheads) or not self.lookaheads:
-            raise ValueError(f"lookaheads must be non-negative and non-empty, got {self.lookaheads}.")
-        if self.horizon is not None and self.horizon < max(self.lookaheads):
-            raise ValueError(f"horizon {self.horizon} is below the largest lookahead {max(self.lookaheads)}.")
+        if not self.lookaheads:
+            raise ValueError("lookaheads must name at least one ScratchPipe lookahead.")
+        for L in self.lookaheads:
+            defaults.check_window(L, self.horizon_for(L))
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
         if self.threads < 0:

@@ -78,6 +78,9 @@ class EngineBenchConfig:
     background_planning: Optional[bool] = None
     unpooled: bool = False
 
+    def __post_init__(self) -> None:
+        defaults.check_window(self.lookahead, self.horizon)
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":

@@ -1,4 +1,4 @@
-"""Configuration of a ScratchPipe engine and the optimizers it supports."""
+"""Configuration of a ScratchPipe engine."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
+from torchrec_scratchpipe.defaults import LIBRARY_LOAD_FACTOR, LIBRARY_LOOKAHEAD, check_window
+
 VICTIM_POLICIES: Tuple[str, ...] = ("future", "lru")
 
 
@@ -18,18 +20,21 @@ VICTIM_POLICIES: Tuple[str, ...] = ("future", "lru")
 BACKGROUND_MIN_IDS = 65536
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScratchPipeConfig:
-    """Settings of one ScratchPipe engine.
+    """Settings of one ScratchPipe engine (frozen: use ``dataclasses.replace`` for a variant).
 
     Args:
         cache_rows: scratchpad slots per table group (tables sharing dim and pooling).
             When None, ``load_factor`` sizes it.
         load_factor: slots as a fraction of the group's rows (the knob TorchRec's
-            ``CacheParams.load_factor`` gives ``fused_uvm_caching``). Default 0.2.
-        lookahead: L, batches planned and moved in ahead of the training batch.
+            ``CacheParams.load_factor`` gives ``fused_uvm_caching``). None:
+            ``defaults.LIBRARY_LOAD_FACTOR`` (0.2, TorchRec's UVM default).
+        lookahead: L, batches planned and moved in ahead of the training batch
+            (``defaults.LIBRARY_LOOKAHEAD``: 1).
         horizon: H >= L, batches ahead of the training batch whose ids the victim policy
             may look at (ids only; nothing moves for them). Defaults to ``lookahead``.
+            ``defaults.check_window`` validates the pair.
         optimizer: fused optimizer applied in backward inside the scratchpad.
         learning_rate, eps, weight_decay, beta1, beta2: optimizer hyper-parameters,
             passed to FBGEMM's TBE.
@@ -52,7 +57,7 @@ class ScratchPipeConfig:
 
     cache_rows: Optional[int] = None
     load_factor: Optional[float] = None
-    lookahead: int = 0
+    lookahead: int = LIBRARY_LOOKAHEAD
     horizon: Optional[int] = None
     optimizer: EmbOptimType = EmbOptimType.EXACT_ROWWISE_ADAGRAD
     learning_rate: float = 0.01
@@ -64,19 +69,15 @@ class ScratchPipeConfig:
     background_planning: Optional[bool] = None
 
     def __post_init__(self) -> None:
+        # Validation only. A field normalized here (e.g. a string turned into an enum) must be
+        # set with object.__setattr__(self, name, value): the dataclass is frozen.
         if self.cache_rows is not None and self.cache_rows <= 0:
             raise ValueError(f"cache_rows must be positive, got {self.cache_rows}.")
         if self.load_factor is not None and not 0.0 < self.load_factor:
             raise ValueError(
                 f"load_factor must be > 0 (a fraction of the table's rows), got {self.load_factor}."
             )
-        if self.lookahead < 0:
-            raise ValueError(f"lookahead must be >= 0, got {self.lookahead}.")
-        if self.horizon is not None and self.horizon < self.lookahead:
-            raise ValueError(
-                f"horizon ({self.horizon}) must be >= lookahead ({self.lookahead}): the "
-                "planner must at least see the batches it moves rows in for."
-            )
+        check_window(self.lookahead, self.horizon)
         if self.victim_policy not in VICTIM_POLICIES:
             raise ValueError(
                 f"victim_policy must be one of {VICTIM_POLICIES}, got {self.victim_policy!r}."
@@ -99,7 +100,7 @@ class ScratchPipeConfig:
         """Scratchpad slots for a group of ``num_rows`` rows (never more than the rows)."""
         if self.cache_rows is not None:
             return min(self.cache_rows, num_rows)
-        factor = 0.2 if self.load_factor is None else self.load_factor
+        factor = LIBRARY_LOAD_FACTOR if self.load_factor is None else self.load_factor
         return max(1, min(num_rows, math.ceil(factor * num_rows)))
 
     def optimizer_kwargs(self) -> Dict[str, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import time
@@ -20,6 +21,11 @@ from torchrec_scratchpipe.core.plan import CapacityError
 from torchrec_scratchpipe.core.validate import HostIds, check_kjt, host_ids, split_groups
 from torchrec_scratchpipe.core.window import WindowEntry
 from torchrec_scratchpipe.core.worker import PlanWorker
+from torchrec_scratchpipe.defaults import check_window
+
+
+#: A group's bag offsets and per-sample weights, on the scratchpad's device.
+_Bags = Tuple[torch.Tensor, Optional[torch.Tensor]]
 
 
 @dataclass
@@ -27,7 +33,7 @@ class PreparedBatch:
     """A validated batch, ready to queue (``ScratchPipeEmbeddingBags.prepare``)."""
 
     kjt: KeyedJaggedTensor
-    per_group: List[Tuple[Tuple, torch.Tensor, torch.Tensor]]  # ((offsets, weights), rows, ids) per group
+    per_group: List[Tuple[_Bags, torch.Tensor, torch.Tensor]]  # ((offsets, weights), rows, ids) per group
     seconds: float
 
 
@@ -115,7 +121,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         #: CUDA stream the batches' ids are produced on (a pipeline sets its data-distribution
         #: stream): ``prefetch`` copies ids to the host there, so it never waits for training.
         self.intake_stream: Optional[Any] = None
-        self._worker = PlanWorker()
+        self._worker = PlanWorker(self._blocked)
         self._background = False  # whether the latest batch is planned in the background
         self._dirty = False  # slots may hold updates the store has not seen (flush writes them back)
         self._stale = False  # the store was loaded: resident slots must be refreshed from it
@@ -124,7 +130,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             g.init_weights()
 
     # ---------------------------------------------------------------- batches in
-    def _rows(self, kjt: KeyedJaggedTensor, host: Optional[HostIds] = None) -> List[Tuple[Tuple, torch.Tensor, torch.Tensor]]:
+    def _rows(self, kjt: KeyedJaggedTensor, host: Optional[HostIds] = None) -> List[Tuple[_Bags, torch.Tensor, torch.Tensor]]:
         """Validate on the host copy; return, per group, ((offsets, weights) on the device,
         distinct rows, group row of each id)."""
         host = host if host is not None else host_ids(kjt, self.intake_stream)
@@ -160,12 +166,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         t0 = time.perf_counter()
         per_group = self._rows(kjt, host)
         for g, (_, rows, _) in zip(self.groups.values(), per_group):
-            if rows.numel() > g.capacity:
-                raise CapacityError(
-                    f"table group {g.name!r} (tables {[t.name for t in g.tables]}): one batch needs "
-                    f"{rows.numel()} distinct rows but the scratchpad has {g.capacity} slots. "
-                    f"Raise cache_rows/load_factor to at least {rows.numel()} rows, or use smaller batches."
-                )
+            g.window.check_fits(rows)  # the batch's one capacity check, before any group queues it
         return PreparedBatch(kjt, per_group, time.perf_counter() - t0)
 
     def enqueue(self, batch: PreparedBatch) -> int:
@@ -178,7 +179,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             g.stats.lookups += ids.numel()
             g.stats.unique_rows += rows.numel()
             t1 = time.perf_counter()
-            g.window.push(rows, GroupBatch(ids, offsets, weights), fill=False)  # next-use links: planner time
+            g.window.push(rows, GroupBatch(ids, offsets, weights), fill=False, checked=True)  # next-use links: planner time
             g.stats.planner_s += time.perf_counter() - t1
         token = next(self._tokens)
         self._queue.append(_Queued(token, batch.kjt))
@@ -191,11 +192,16 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
 
     def _fill(self, background: bool) -> None:
         for g in self.groups.values():
-            planned, moved = g.window.plan_seconds, g.stats.mover_s
+            planned, moved = g.stats.planner_s, g.stats.mover_s
             g.window.fill()
             if background:
-                g.stats.planner_background_s += g.window.plan_seconds - planned
+                g.stats.planner_background_s += g.stats.planner_s - planned
                 g.stats.mover_background_s += g.stats.mover_s - moved
+
+    def _blocked(self, seconds: float) -> None:
+        """The worker's report of time training waited for it: an equal share per group."""
+        for g in self.groups.values():
+            g.stats.blocked_s += seconds / len(self.groups)
 
     def peek(self, kjts: Sequence[KeyedJaggedTensor]) -> None:
         """Show the victim policy the ids of batches beyond those prefetched (nothing moves)."""
@@ -318,18 +324,16 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
 
     # ---------------------------------------------------------------- state
     def stats(self) -> Dict[str, Dict[str, float]]:
-        """Per-group counters (see ``GroupStats``), plus ``capacity``, ``window_stalls`` and
-        ``blocked_s`` (seconds training waited for the background planner)."""
+        """Per-group counters (``GroupStats``, their only owner), plus ``capacity``."""
         self._sync()
-        out = {}
-        for name, g in self.groups.items():
-            d = g.stats.as_dict()
-            d["blocked_s"] = self._worker.blocked_s / len(self.groups)
-            d["planner_s"] += g.window.plan_seconds
-            d["window_stalls"] = g.window.stalls
-            d["capacity"] = g.capacity
-            out[name] = d
-        return out
+        return {name: dict(g.stats.as_dict(), capacity=g.capacity) for name, g in self.groups.items()}
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """Copies (deepcopy, pickling) are taken once the background planner is idle, so
+        no group is copied halfway through a plan."""
+        self._worker.wait()
+        state: Dict[str, Any] = super().__getstate__()  # type: ignore[no-untyped-call]
+        return state
 
     def flush(self) -> None:
         """Write every resident row (weights and optimizer state) back to the backing store.
@@ -359,7 +363,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         self._stale = True
         self._sync()
 
-    def _locate(self, name: str) -> tuple:
+    def _locate(self, name: str) -> Tuple[TableGroup, int]:
         for g in self.groups.values():
             for i, t in enumerate(g.tables):
                 if t.name == name:
@@ -382,7 +386,8 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
     def _view(self, table: str, what: str) -> torch.Tensor:
         g, i = self._locate(table)
         src = g.store.weights if what == "weights" else g.store.states[what]
-        return g.store.table_view(src, i)
+        view: torch.Tensor = g.store.table_view(src, i)
+        return view
 
     def load_table_weights(self, weights: Dict[str, torch.Tensor]) -> None:
         """Copy full table weights in (any subset of tables); resident slots are refreshed."""
@@ -418,20 +423,21 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
     def set_window(self, lookahead: int, horizon: Optional[int] = None) -> None:
         """Change L and H (a pipeline does this); only while no batch is in flight.
 
+        ``config`` then becomes a copy with the new L and H: the ``ScratchPipeConfig``
+        the engine was built with is frozen, and may be shared, so it never changes.
+
         Args:
             lookahead: batches planned ahead of the training batch.
             horizon: batches ahead whose ids guide victim choice (default ``lookahead``).
         """
+        horizon = check_window(lookahead, horizon)
         self._sync()
-        horizon = lookahead if horizon is None else horizon
-        if lookahead < 0 or horizon < lookahead:
-            raise ValueError(f"need 0 <= lookahead <= horizon, got lookahead={lookahead}, horizon={horizon}.")
         if self._queue:
             raise RuntimeError(
                 f"set_window() with {len(self._queue)} batches in flight: call reset_window() "
                 "or finish them first."
             )
-        self.config.lookahead, self.config.horizon = lookahead, horizon
+        self.config = dataclasses.replace(self.config, lookahead=lookahead, horizon=horizon)  # never the caller's
         for g in self.groups.values():
             g.window.clear()
             g.mover.fence()  # released slots may still be in use on the training stream

@@ -65,7 +65,10 @@ class TableGroup:
         self.stats = GroupStats()
         self.planner = SlotPlanner(self.store.num_rows, self.capacity, config.victim_policy)
         self.mover = Mover(self.store, self.pad, self.stats)
-        self.window = PlanWindow(self.planner, config.lookahead, config.effective_horizon, self._on_planned)
+        self.window = PlanWindow(
+            self.planner, config.lookahead, config.effective_horizon, self._on_planned,
+            name=f"table group {name!r} (tables {[t.name for t in tables]})", stats=self.stats,
+        )
         self.feature_base = self.store.offsets[:-1][self.feature_table]
 
     def _on_planned(self, entry: WindowEntry) -> None:
@@ -92,7 +95,7 @@ class TableGroup:
                     bound = math.sqrt(1.0 / table.num_embeddings)
                     w.uniform_(-bound, bound)
 
-    def resident(self) -> tuple:
+    def resident(self) -> Tuple[torch.Tensor, torch.Tensor]:
         slots = self.planner.resident().nonzero().squeeze(1)
         return self.planner.slot_to_row[slots], slots
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from typing import Deque, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Deque, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -160,7 +160,7 @@ class Mover:
             self._land_through(self._pending[-1])
 
     # ------------------------------------------------------------------ ordering
-    def _side(self) -> "contextlib.AbstractContextManager":
+    def _side(self) -> "contextlib.AbstractContextManager[Any]":
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
     def _record(self) -> Optional["torch.cuda.Event"]:

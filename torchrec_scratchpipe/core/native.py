@@ -25,12 +25,12 @@ import hashlib
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "planner.cpp"
-_state: dict = {}
+_state: Dict[str, Any] = {}
 
 
 def build_dir() -> Path:

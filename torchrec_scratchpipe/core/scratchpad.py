@@ -88,7 +88,8 @@ class Scratchpad(torch.nn.Module):
     ) -> torch.Tensor:
         """Pooled embeddings [B, num_features * dim] for slot-remapped bags
         (``[len(slot_indices), dim]`` with ``PoolingMode.NONE``)."""
-        return self.tbe(slot_indices, offsets, per_sample_weights)
+        out: torch.Tensor = self.tbe(slot_indices, offsets, per_sample_weights)
+        return out
 
     def read(self, slots: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Weights and states of ``slots`` (on the scratchpad's device)."""

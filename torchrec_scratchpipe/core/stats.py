@@ -1,4 +1,10 @@
-"""Per-group counters of a ScratchPipe engine."""
+"""Per-group counters of a ScratchPipe engine: the one place they are kept.
+
+Every part of a table group writes its counters here as it works: the window (stalls,
+planning time), the mover (traffic, moving time), the engine (lookups, steps) and the
+background worker (the time training waited for it). ``as_dict`` is what
+``ScratchPipeEmbeddingBags.stats()`` reports, plus the group's ``capacity``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from typing import Dict
 
 @dataclass
 class GroupStats:
-    """Counters of one table group, accumulated over all steps.
+    """Counters of one table group, accumulated over all steps (the only copy of each).
 
     Args:
         steps: batches trained.
@@ -25,6 +31,14 @@ class GroupStats:
         planner_background_s, mover_background_s: the parts of ``planner_s`` and
             ``mover_s`` run by the background worker, next to training (see
             ``ScratchPipeConfig.background_planning``).
+        blocked_s: seconds training waited for the background worker (the engine's
+            worker serves every group: each gets an equal share).
+
+    Example::
+
+        >>> s = GroupStats(unique_rows=10, plan_misses=4)
+        >>> s.as_dict()["hit_rate"]
+        0.6
     """
 
     steps: int = 0
@@ -43,6 +57,7 @@ class GroupStats:
     mover_s: float = 0.0
     planner_background_s: float = 0.0
     mover_background_s: float = 0.0
+    blocked_s: float = 0.0
 
     def as_dict(self) -> Dict[str, float]:
         """Counters plus the derived plan-time hit rate."""

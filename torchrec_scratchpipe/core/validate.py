@@ -74,9 +74,9 @@ def host_ids(kjt: KeyedJaggedTensor, stream: Optional["torch.cuda.Stream"] = Non
     on_cuda = values.device.type == "cuda"
     with torch.cuda.stream(stream) if on_cuda and stream is not None else contextlib.nullcontext():
         host = HostIds(
-            list(kjt.keys()), _to_host(values), _to_host(kjt.lengths_or_none()), _to_host(kjt.offsets_or_none()),
+            list(kjt.keys()), _to_host(values), _to_host(kjt.lengths_or_none()), _to_host(kjt.offsets_or_none()),  # type: ignore[arg-type]
             None if weights is None else weights.numel(),
-        )  # type: ignore[arg-type]
+        )
         if on_cuda:
             host.ready = torch.cuda.Event()
             host.ready.record(torch.cuda.current_stream(values.device))

@@ -18,7 +18,9 @@ from typing import Any, Callable, Deque, List, Optional, Sequence
 import torch
 
 from torchrec_scratchpipe.core.next_use import Distance, NextUse, peek_steps
-from torchrec_scratchpipe.core.plan import SlotPlan, SlotPlanner
+from torchrec_scratchpipe.core.plan import CapacityError, SlotPlan, SlotPlanner
+from torchrec_scratchpipe.core.stats import GroupStats
+from torchrec_scratchpipe.defaults import check_window
 
 
 @dataclass
@@ -49,6 +51,10 @@ class PlanWindow:
         horizon: H >= L; the victim policy sees the ids of batches up to H ahead of the
             training batch.
         on_planned: called with each entry right after it is planned (moves its rows in).
+        name: whose scratchpad this is, for messages (e.g. ``"table group 'dim8_sum'
+            (tables ['t0'])"``).
+        stats: the counters it reports into (``window_stalls``, ``planner_s``): the table
+            group's. None: a ``GroupStats`` of its own.
 
     Example::
 
@@ -70,19 +76,26 @@ class PlanWindow:
         lookahead: int,
         horizon: Optional[int] = None,
         on_planned: Optional[Callable[[WindowEntry], None]] = None,
+        name: str = "scratchpad",
+        stats: Optional[GroupStats] = None,
     ) -> None:
         self.planner = planner
+        self.name = name
+        self.stats = GroupStats() if stats is None else stats
         self.lookahead = lookahead
-        self.horizon = lookahead if horizon is None else horizon
+        self.horizon = check_window(lookahead, horizon)
         self.on_planned = on_planned
         self.trained: Deque[WindowEntry] = deque()  # taken for training, slots held until retired
         self.planned: Deque[WindowEntry] = deque()
         self.pending: Deque[WindowEntry] = deque()
         self.extra_peek: List[torch.Tensor] = []
         self.next_step = 0
-        self.stalls = 0  # times planning waited because the window did not fit
-        self.plan_seconds = 0.0  # time spent choosing slots
         self.next_use = NextUse(planner.num_rows, native=planner.native)
+
+    @property
+    def stalls(self) -> int:
+        """Times planning waited because the window did not fit (``stats.window_stalls``)."""
+        return self.stats.window_stalls
 
     def __len__(self) -> int:
         """Batches pushed and not yet popped."""
@@ -97,11 +110,35 @@ class PlanWindow:
         """Steps holding slots now, oldest first (batches taken for training first)."""
         return [e.step for e in self.trained] + [e.step for e in self.planned]
 
-    def push(self, rows: torch.Tensor, payload: Any = None, fill: bool = True) -> WindowEntry:
-        """Enqueue a future batch; plan it now if the window has room (and ``fill``)."""
-        if rows.numel() > self.planner.capacity:
-            # Same check the planner makes, made before anything is queued.
-            self.planner.try_plan(rows, self.next_step)
+    def check_fits(self, rows: torch.Tensor) -> None:
+        """The capacity check of a batch, made once, before it is queued.
+
+        Raises:
+            CapacityError: the batch alone has more distinct ``rows`` than the scratchpad
+                has slots (names the scratchpad, the rows needed and the slots).
+        """
+        n, c = rows.numel(), self.planner.capacity
+        if n > c:
+            raise CapacityError(
+                f"{self.name}: one batch needs {n} distinct rows but the scratchpad has {c} slots. "
+                f"Raise cache_rows/load_factor to at least {n} rows, or use smaller batches."
+            )
+
+    def push(self, rows: torch.Tensor, payload: Any = None, fill: bool = True, checked: bool = False) -> WindowEntry:
+        """Enqueue a future batch; plan it now if the window has room (and ``fill``).
+
+        Args:
+            rows: the batch's distinct rows.
+            payload: kept in the entry for the owner.
+            fill: plan ahead now.
+            checked: the caller already ran ``check_fits(rows)`` (the engine does, for every
+                group, before it queues anything), so it is not repeated here.
+
+        Raises:
+            CapacityError: as ``check_fits``; nothing is queued then.
+        """
+        if not checked:
+            self.check_fits(rows)
         entry = WindowEntry(self.next_step, rows, payload)
         if self._tracks_next_use:
             self.next_use.push(entry.step, rows)
@@ -229,9 +266,9 @@ class PlanWindow:
         plan = self.planner.try_plan(entry.rows, entry.step, self._distance_fn(entry.step))
         if plan is not None and self._tracks_next_use:
             self.next_use.planned(entry.rows)
-        self.plan_seconds += time.perf_counter() - t0
+        self.stats.planner_s += time.perf_counter() - t0
         if plan is None:
-            self.stalls += 1
+            self.stats.window_stalls += 1
             return False
         entry.plan = plan
         self.pending.popleft()

@@ -22,19 +22,24 @@ from typing import Any, Callable, Dict, Optional
 class PlanWorker:
     """Runs one job at a time, each either in a background thread or inline.
 
+    Args:
+        on_blocked: called with the seconds a caller waited for a background job (the
+            engine adds them to its groups' ``GroupStats.blocked_s``); the worker keeps no
+            counter of its own.
+
     Example::
 
-        >>> done = []
-        >>> w = PlanWorker()
+        >>> done, waited = [], []
+        >>> w = PlanWorker(waited.append)
         >>> w.submit(lambda: done.append(1), background=True)
-        >>> w.wait(); done
-        [1]
+        >>> w.wait(); done, len(waited)
+        ([1], 1)
     """
 
-    def __init__(self) -> None:
-        self.blocked_s = 0.0  # time callers spent waiting for a background job
+    def __init__(self, on_blocked: Optional[Callable[[float], None]] = None) -> None:
+        self.on_blocked = on_blocked
         self._pool: Optional[ThreadPoolExecutor] = None
-        self._job: Optional[Future] = None
+        self._job: Optional[Future[Any]] = None
 
     def submit(self, job: Callable[[], Any], background: bool) -> None:
         """Run ``job`` after the previous one has finished: in the thread, or now when not ``background``."""
@@ -56,13 +61,13 @@ class PlanWorker:
         try:
             job.result()
         finally:
-            self.blocked_s += time.perf_counter() - t0
+            if self.on_blocked is not None:
+                self.on_blocked(time.perf_counter() - t0)
 
     def __getstate__(self) -> Dict[str, Any]:
         """Copies (deepcopy, pickling) start idle, with no thread of their own yet."""
         self.wait()
-        return {"blocked_s": self.blocked_s}
+        return {"on_blocked": self.on_blocked}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
-        self.__init__()  # type: ignore[misc]
-        self.blocked_s = state["blocked_s"]
+        self.__init__(state["on_blocked"])  # type: ignore[misc]

@@ -19,8 +19,9 @@ from typing import Iterator, List, Optional
 import torch
 from torchrec.datasets.utils import Batch
 
+from torchrec_scratchpipe import defaults
 from torchrec_scratchpipe.data.criteo import CriteoTsvReader
-from torchrec_scratchpipe.data.synthetic import SyntheticClickLog, SyntheticConfig
+from torchrec_scratchpipe.data.synthetic import ALPHA, DISTRIBUTION, SyntheticClickLog, SyntheticConfig
 from torchrec_scratchpipe.data.trace import RequestTrace, read_request_trace
 
 
@@ -64,12 +65,12 @@ def _trace_batches(trace: RequestTrace, batch_size: int, names: List[str], num_d
 def open_source(
     spec: str,
     batch_size: int,
-    tables: int = 8,
-    rows: int = 50_000,
-    pooling: int = 2,
-    distribution: str = "zipf",
-    alpha: float = 1.05,
-    seed: int = 0,
+    tables: int = defaults.TABLES,
+    rows: int = defaults.ROWS,
+    pooling: int = defaults.POOLING,
+    distribution: str = DISTRIBUTION,
+    alpha: float = ALPHA,
+    seed: int = defaults.SEED,
     num_dense: int = 13,
     max_batches: Optional[int] = None,
     rank: int = 0,
@@ -83,7 +84,7 @@ def open_source(
             per table).
         batch_size: samples per batch.
         tables, rows, pooling, distribution, alpha: synthetic shape (``rows`` also sizes
-            Criteo's hashed tables).
+            Criteo's hashed tables); defaults: the tools' (``defaults``) and ``SyntheticConfig``'s.
         seed: data seed (synthetic data on rank r > 0 of several uses ``seed * 1000 + r``).
         num_dense: dense features (synthetic and trace).
         max_batches: stop after this many batches (per rank).

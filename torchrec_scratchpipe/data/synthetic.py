@@ -35,6 +35,9 @@ from torchrec_scratchpipe.data._sampling import (
 from torchrec_scratchpipe.data.trace import PathLike, RequestTrace
 
 DISTRIBUTIONS = ("zipf", "uniform", "drift")
+#: Default id distribution and Zipf exponent of synthetic data (every tool reads these).
+DISTRIBUTION: str = "zipf"
+ALPHA: float = 1.05
 POOLING_DISTRIBUTIONS = ("poisson", "uniform", "fixed")
 
 # Purpose words mixed into derived seeds (kept stable: changing them changes all data).
@@ -80,8 +83,8 @@ class SyntheticConfig:
     max_pooling: Optional[int] = None
     pooling_dist: str = "poisson"
     num_dense: int = 13
-    distribution: str = "zipf"
-    alpha: float = 1.05
+    distribution: str = DISTRIBUTION
+    alpha: float = ALPHA
     seed: int = 0
     drift_period: int = 100
     drift_fraction: float = 0.05

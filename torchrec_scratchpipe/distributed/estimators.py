@@ -16,7 +16,10 @@ Storage of one ScratchPipe shard (``r`` rows, ``d`` columns, ``C = ceil(lf * r)`
 On a CPU topology both live in DDR. Perf: the scratchpad trains at device-memory
 bandwidth, so forward/backward/comms are TorchRec's estimate for ``fused`` (as TorchRec
 does for ``fused_uvm_caching`` with a prefetch pipeline); moving missed rows in is a
-``prefetch_compute`` term at host-to-device bandwidth.
+``prefetch_compute`` term at host-to-device bandwidth. The rows moved per batch are, as
+TorchRec prices ``fused_uvm_caching``, ``stats.expected_miss_rate(load_factor) x
+stats.expected_lookups`` when the table's ``CacheParams.stats`` is given (e.g. measured by
+``torchrec_scratchpipe.advise``), else ``(1 - load_factor)`` x the batch's ids.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.core.layout import RowLayout
 from torchrec_scratchpipe.core.plan import SlotPlanner
 from torchrec_scratchpipe.core.staging import StagingRing
-from torchrec_scratchpipe.distributed.types import DEFAULT_LOAD_FACTOR, SCRATCHPIPE
+from torchrec_scratchpipe.defaults import LIBRARY_LOAD_FACTOR
+from torchrec_scratchpipe.distributed.types import SCRATCHPIPE
 
 
 def row_layout_of(so: ShardingOption, optimizer: EmbOptimType, cols: int) -> RowLayout:
@@ -60,7 +64,7 @@ def row_layout_of(so: ShardingOption, optimizer: EmbOptimType, cols: int) -> Row
 
 def load_factor_of(so: ShardingOption) -> float:
     lf = so.cache_load_factor
-    return DEFAULT_LOAD_FACTOR if lf is None else min(float(lf), 1.0)
+    return LIBRARY_LOAD_FACTOR if lf is None else min(float(lf), 1.0)
 
 
 def batch_sizes_of(so: ShardingOption, constraints: Optional[Dict[str, ParameterConstraints]]) -> List[int]:
@@ -80,6 +84,29 @@ def ids_per_batch(
     if so.sharding_type == ShardingType.ROW_WISE.value:
         ids *= shard_rows / max(1, so.tensor.shape[0])
     return ids
+
+
+def rows_moved_per_batch(
+    so: ShardingOption,
+    shard_rows: int,
+    world_size: int,
+    constraints: Optional[Dict[str, ParameterConstraints]] = None,
+) -> float:
+    """Expected rows one global batch moves into a shard of ``shard_rows`` rows.
+
+    With ``CacheParams.stats`` (TorchRec's ``CacheStatistics``): its miss rate at the
+    table's load factor times its distinct rows per global batch (``expected_lookups``;
+    a row-wise shard gets its share of them), as TorchRec's estimator prices
+    ``fused_uvm_caching``. Without: ``1 - load_factor`` of the batch's ids.
+    """
+    lf = load_factor_of(so)
+    stats = so.cache_params.stats if so.cache_params is not None else None
+    if stats is not None:
+        lookups = float(stats.expected_lookups)
+        if so.sharding_type == ShardingType.ROW_WISE.value:
+            lookups *= shard_rows / max(1, so.tensor.shape[0])
+        return float(stats.expected_miss_rate(lf)) * min(shard_rows, lookups)
+    return (1.0 - lf) * min(shard_rows, ids_per_batch(so, shard_rows, world_size, constraints))
 
 
 def slots_of(so: ShardingOption, shard_rows: int) -> int:
@@ -125,7 +152,7 @@ class ScratchPipeStorageEstimator(ShardEstimator):
         """Per shard of a ScratchPipe option: rows, slots and the bytes of each part."""
         topo = self._topology
         optimizer = self.optimizers.get(so.name, EmbOptimType.EXACT_SGD)
-        lookahead = self.config.lookahead if self.config is not None else 0
+        lookahead = (self.config if self.config is not None else ScratchPipeConfig()).lookahead  # the kernel's L
         out_size = DATA_TYPE_NUM_BITS[so.output_dtype] / 8 if so.output_dtype else so.tensor.element_size()
         input_sizes, output_sizes = calculate_shard_io_sizes(
             sharding_type=so.sharding_type,
@@ -213,12 +240,11 @@ class ScratchPipePerfEstimator(ShardEstimator):
         topo = self._topology
         bw = topo.hbm_to_ddr_mem_bw if topo.compute_device in {"cuda", "mtia"} else topo.ddr_mem_bw
         for so in sp:
-            miss = 1.0 - load_factor_of(so)
             optimizer = self.optimizers.get(so.name, EmbOptimType.EXACT_SGD)
             for shard in so.shards:
                 rows, cols = shard.size[0], shard.size[1]
                 row = row_layout_of(so, optimizer, cols).bytes_per_row
-                moved = miss * min(rows, ids_per_batch(so, rows, topo.world_size, self._constraints))
+                moved = rows_moved_per_batch(so, rows, topo.world_size, self._constraints)
                 if shard.perf is not None:
                     # in and out (victims), both ways over the host link
                     shard.perf = replace(shard.perf, prefetch_compute=2 * moved * row / bw)

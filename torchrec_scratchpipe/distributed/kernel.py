@@ -35,6 +35,7 @@ from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.core.layout import state_names
 from torchrec_scratchpipe.core.engine import PreparedBatch, ScratchPipeEmbeddingBags
 from torchrec_scratchpipe.core.plan import CapacityError
+from torchrec_scratchpipe.defaults import LIBRARY_LOAD_FACTOR
 from torchrec_scratchpipe.distributed.types import FUSED_PARAMS_KEY, ScratchPipeTableParams
 
 logger: logging.Logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def engine_config(fused_params: Optional[Mapping[str, Any]], tables: str = "") -
         tables: table names for messages.
     """
     fp = dict(fused_params or {})
-    params: ScratchPipeTableParams = fp.get(FUSED_PARAMS_KEY) or ScratchPipeTableParams(0.2)
+    params: ScratchPipeTableParams = fp.get(FUSED_PARAMS_KEY) or ScratchPipeTableParams(LIBRARY_LOAD_FACTOR)
     kwargs: Dict[str, Any] = dict(TBE_DEFAULTS)
     kwargs.update(dict(params.options))
     kwargs.update({k: fp[k] for k in TBE_DEFAULTS if k in fp})
@@ -161,7 +162,7 @@ class ScratchPipeFusedOptimizer(EmbeddingFusedOptimizer):
 
     def post_load_state_dict(self) -> None:
         super().post_load_state_dict()
-        self._sp_kernel.refresh_optimizer_states()
+        self._sp_kernel.reload()
 
 
 class ScratchPipeEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
@@ -223,6 +224,7 @@ class ScratchPipeEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
         self._weights: List[torch.Tensor] = [weights[n] for n in self._names]
         self._states: List[Dict[str, torch.Tensor]] = [states[n] for n in self._names]
         self._optim = ScratchPipeFusedOptimizer(config, self, pg)
+        self._params: Optional[Dict[str, TableBatchedEmbeddingSlice]] = None  # built once, on first use
         self._token: Optional[int] = None  # names the batch of the next forward (set by the lookup)
 
     # ------------------------------------------------------------------ compute
@@ -316,12 +318,9 @@ class ScratchPipeEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
         not yet written back are flushed first; nothing is written over a load)."""
         self._engine.purge()
 
-    def refresh_weights(self) -> None:
-        """Reload resident slots after the store views were loaded (weights or states)."""
-        self._engine.reload()
-
-    def refresh_optimizer_states(self) -> None:
-        """Reload resident slots after the optimizer-state views were loaded."""
+    def reload(self) -> None:
+        """Reload resident rows from the store, after its views (weights or optimizer
+        states) were written from outside (``engine.reload``: in place, nothing copied aside)."""
         self._engine.reload()
 
     def split_embedding_weights(self) -> List[torch.Tensor]:
@@ -364,10 +363,16 @@ class ScratchPipeEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
         yield from ()
 
     def named_parameters_by_table(self) -> Iterator[Tuple[str, TableBatchedEmbeddingSlice]]:
-        """Per table, a parameter viewing its weights in the store (as ``fused`` yields)."""
-        for name, w in zip(self._names, self._weights):
-            param = TableBatchedEmbeddingSlice(w, 0, w.shape[0], -1, w.shape[1])
-            param._in_backward_optimizers = [  # type: ignore[attr-defined]
-                ScratchPipeFusedOptimizer(self._config, self, self._pg, create_for_table=name, param_weight_for_table=param)
-            ]
-            yield name, param
+        """Per table, a parameter viewing its weights in the store (as ``fused`` yields),
+        with its per-table fused optimizer. Built once: the store is allocated once and
+        loads copy into it, so the views stay valid."""
+        if self._params is None:
+            params: Dict[str, TableBatchedEmbeddingSlice] = {}
+            for name, w in zip(self._names, self._weights):
+                param = TableBatchedEmbeddingSlice(w, 0, w.shape[0], -1, w.shape[1])
+                param._in_backward_optimizers = [  # type: ignore[attr-defined]
+                    ScratchPipeFusedOptimizer(self._config, self, self._pg, create_for_table=name, param_weight_for_table=param)
+                ]
+                params[name] = param
+            self._params = params
+        yield from self._params.items()

@@ -24,13 +24,12 @@ from torchrec_scratchpipe.compat import (
     module_process_group,
     wait_for_batch,
 )
+from torchrec_scratchpipe.defaults import LIBRARY_LOOKAHEAD, check_window
 from torchrec_scratchpipe.distributed.batch_check import BatchAgreement, out_of_range
 from torchrec_scratchpipe.distributed.kernel import ScratchPipeEmbeddingBag
 from torchrec_scratchpipe.distributed.stats import scratchpipe_kernels
 
 logger = logging.getLogger(__name__)
-#: Largest horizon accepted: each in-flight batch keeps its distributed ids alive.
-MAX_HORIZON = 1024
 
 
 class ScratchPipeTrainPipeline(TrainPipelineSparseDist):
@@ -47,8 +46,10 @@ class ScratchPipeTrainPipeline(TrainPipelineSparseDist):
         optimizer: the optimizer stepped after backward (e.g. a ``CombinedOptimizer``
             over ``model.fused_optimizer`` and the dense parameters).
         device: the training device.
-        lookahead: L, batches planned ahead of the training batch.
-        horizon: H >= L, batches ahead whose ids guide victim choice (default L).
+        lookahead: L, batches planned ahead of the training batch (default
+            ``defaults.LIBRARY_LOOKAHEAD``: 1).
+        horizon: H >= L, batches ahead whose ids guide victim choice (default L; at most
+            ``defaults.MAX_HORIZON``, see ``defaults.check_window``).
         execute_all_batches: train the batches still in flight when the iterator ends.
         apply_jit: as in TorchRec's pipelines.
         custom_model_fwd: as in TorchRec's pipelines.
@@ -71,19 +72,13 @@ class ScratchPipeTrainPipeline(TrainPipelineSparseDist):
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         device: torch.device,
-        lookahead: int = 1,
+        lookahead: int = LIBRARY_LOOKAHEAD,
         horizon: Optional[int] = None,
         execute_all_batches: bool = True,
         apply_jit: bool = False,
         custom_model_fwd: Optional[Callable[[Any], Tuple[torch.Tensor, Any]]] = None,
     ) -> None:
-        horizon = lookahead if horizon is None else horizon
-        if lookahead < 0:
-            raise ValueError(f"lookahead must be >= 0, got {lookahead}.")
-        if horizon < lookahead or horizon > MAX_HORIZON:
-            raise ValueError(
-                f"horizon must be between lookahead ({lookahead}) and {MAX_HORIZON}, got {horizon}."
-            )
+        horizon = check_window(lookahead, horizon)
         self._kernels = scratchpipe_kernels(model)
         for kernel in self._kernels:
             for name, g in kernel.engine.groups.items():

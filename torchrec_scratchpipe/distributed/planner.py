@@ -246,6 +246,8 @@ class ShardingPlanner(EmbeddingShardingPlanner):
 
     Example::
 
+        >>> from torchrec.distributed.types import CacheParams
+        >>> from torchrec_scratchpipe.quiet import make_topology
         >>> constraints = {"big": ParameterConstraints(compute_kernels=[SCRATCHPIPE],
         ...     sharding_types=["row_wise"], cache_params=CacheParams(load_factor=0.05))}
         >>> planner = ShardingPlanner(topology=make_topology(world_size=2, compute_device="cpu"),

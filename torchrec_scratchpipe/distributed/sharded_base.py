@@ -91,7 +91,7 @@ class ScratchPipeShardedMixin:
     def refresh_scratchpads(self) -> None:
         """Reload resident slots from the store views (after a state dict was loaded)."""
         for kernel in self.scratchpipe_kernels():
-            kernel.refresh_weights()
+            kernel.reload()
 
     def prepare_prefetch(self, dist_input: KJTList) -> List[Any]:
         """Validate a batch's input-dist output for every ScratchPipe kernel; nothing changes.

@@ -20,6 +20,7 @@ from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.types import ParameterSharding
 
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
+from torchrec_scratchpipe.defaults import LIBRARY_LOAD_FACTOR
 
 #: The kernel name users put in ``ParameterConstraints(compute_kernels=[...])``.
 SCRATCHPIPE: str = "scratchpipe"
@@ -27,8 +28,6 @@ SCRATCHPIPE: str = "scratchpipe"
 CUSTOMIZED: str = EmbeddingComputeKernel.CUSTOMIZED_KERNEL.value
 #: Key of the :class:`ScratchPipeTableParams` in a table's fused params.
 FUSED_PARAMS_KEY: str = "__scratchpipe__"
-#: ``CacheParams.load_factor`` used when a ScratchPipe table has none (TorchRec's UVM default).
-DEFAULT_LOAD_FACTOR: float = 0.2
 #: ``ScratchPipeConfig`` fields that are per table (from the plan), not sharder-wide.
 _PER_TABLE_FIELDS = ("cache_rows", "load_factor")
 
@@ -57,8 +56,8 @@ class ScratchPipeTableParams:
 
     @staticmethod
     def build(load_factor: Optional[float], config: Optional[ScratchPipeConfig]) -> "ScratchPipeTableParams":
-        """Params for a table with ``load_factor`` (None: the default) under ``config``."""
-        lf = DEFAULT_LOAD_FACTOR if load_factor is None else float(load_factor)
+        """Params for a table with ``load_factor`` (None: ``defaults.LIBRARY_LOAD_FACTOR``) under ``config``."""
+        lf = LIBRARY_LOAD_FACTOR if load_factor is None else float(load_factor)
         check_load_factor(lf, "")
         options: Tuple[Tuple[str, Any], ...] = ()
         if config is not None:

@@ -7,7 +7,9 @@ import argparse
 import torch
 
 from torchrec_scratchpipe.quiet import quiet_known_noise
-from torchrec_scratchpipe.sim.sources import criteo_stream, load_traces, parse_synthetic, parse_tables, synthetic_stream
+from torchrec_scratchpipe.sim.sources import (
+    SIM_BATCH_SIZE, criteo_stream, load_traces, parse_synthetic, parse_tables, synthetic_stream,
+)
 from torchrec_scratchpipe.sim.stream import BatchStream
 
 
@@ -46,7 +48,7 @@ def _load_stream(args: argparse.Namespace) -> BatchStream:
         if not args.batch_size or sizes is None:
             raise SystemExit("--criteo needs --batch-size and --tables (hash sizes, 26 tables)")
         return criteo_stream(args.criteo, args.batch_size, sizes, args.max_samples)
-    spec = parse_synthetic(args.synthetic, steps=args.steps, seed=args.seed, batch_size=args.batch_size or 4096)
+    kw = {"steps": args.steps, "seed": args.seed, "batch_size": args.batch_size or SIM_BATCH_SIZE}
     if sizes is not None:
-        spec.table_sizes = sizes
-    return synthetic_stream(spec)
+        kw["table_sizes"] = sizes
+    return synthetic_stream(parse_synthetic(args.synthetic, **kw))

@@ -3,7 +3,7 @@
 All distinct rows of a batch are looked up together and must be resident together.
 Misses evict the least recently used rows not used by the current batch; rows last used
 by the same batch are evicted in ascending row order (a fixed tie-break, so the result is
-exactly reproducible by :func:`torchrec_scratchpipe.sim.reference.reference_lru`).
+exactly reproducible by ``reference_lru`` in ``tests/sim_reference.py``).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import torch
 
 from torchrec_scratchpipe.core.plan import SlotPlanner
 from torchrec_scratchpipe.core.window import PlanWindow, WindowEntry
+from torchrec_scratchpipe.defaults import check_window
 from torchrec_scratchpipe.sim._progress import steps
 from torchrec_scratchpipe.sim.result import SimResult
 from torchrec_scratchpipe.sim.stream import BatchStream
@@ -51,8 +52,7 @@ def simulate_scratchpipe(
         >>> simulate_scratchpipe(s, 2, lookahead=0, horizon=2).total_misses  # keeps row 0
         3
     """
-    if horizon < lookahead:
-        raise ValueError(f"horizon ({horizon}) must be >= lookahead ({lookahead})")
+    check_window(lookahead, horizon)
     t0 = time.perf_counter()
     n = stream.num_steps
     misses = torch.zeros(n, dtype=torch.int64)

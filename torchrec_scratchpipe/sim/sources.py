@@ -7,12 +7,11 @@ output into steps and flattens tables into one row space.
 from __future__ import annotations
 
 import sys
-
-from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence
 
 import torch
 
+from torchrec_scratchpipe.data.synthetic import SyntheticClickLog, SyntheticConfig
 from torchrec_scratchpipe.data.trace import PathLike, RequestTrace, read_request_trace
 from torchrec_scratchpipe.sim.stream import BatchStream, _offsets
 
@@ -111,31 +110,59 @@ def parse_tables(spec: str) -> List[int]:
     return [int(s) for s in spec.split(",") if s]
 
 
-@dataclass
-class SyntheticSpec:
-    """What ``--synthetic`` asks for (see :func:`parse_synthetic`).
+#: Tables of a synthetic simulator stream unless ``table_sizes`` says otherwise: the scale of
+#: the Criteo/DLRM workloads the simulator's figures use (26 tables of 100,000 rows).
+SIM_TABLE_SIZES: Sequence[int] = (100_000,) * 26
+#: Samples per step of a synthetic simulator stream (``--batch-size``'s default).
+SIM_BATCH_SIZE: int = 4096
+
+
+class SyntheticSpec(SyntheticConfig):
+    """A :class:`~torchrec_scratchpipe.data.SyntheticConfig` plus a number of ``steps``:
+    what ``--synthetic`` asks for (see :func:`parse_synthetic`).
+
+    Every field of the data (distribution, alpha, pooling, seed, drift period and fraction,
+    ...) is ``SyntheticConfig``'s, with its defaults; only the argument order (the
+    simulator's), the table sizes and batch size defaults and ``steps`` are added here.
+    Dense features are off (``num_dense=0``): the simulator reads ids only.
 
     Args:
         distribution: ``"zipf"``, ``"uniform"`` or ``"drift"`` (moving hot set).
-        alpha: Zipf exponent.
-        table_sizes: rows per table.
-        batch_size: samples per step.
+        alpha: Zipf exponent (None: ``SyntheticConfig``'s).
+        table_sizes: rows per table (``num_embeddings``; default ``SIM_TABLE_SIZES``).
+        batch_size: samples per step (default ``SIM_BATCH_SIZE``).
         steps: number of steps.
-        pooling: mean ids per bag.
-        seed: generator seed.
-        drift_period: steps between hot-set moves (``drift``).
-        drift_fraction: fraction of rows the ranking rotates by per period (``drift``).
+        **config: any other ``SyntheticConfig`` field (``pooling``, ``seed``,
+            ``drift_period``, ``drift_fraction``, ...).
+
+    Example::
+
+        >>> s = SyntheticSpec("drift", 0.9, [50, 50], batch_size=8, steps=3, drift_period=5)
+        >>> s.table_sizes, s.steps, s.drift_period, s.label()
+        ([50, 50], 3, 5, 'drift(0.9)/p5/f0.05 2x50 B=8')
     """
 
-    distribution: str = "zipf"
-    alpha: float = 1.05
-    table_sizes: Sequence[int] = (100_000,) * 26
-    batch_size: int = 4096
-    steps: int = 100
-    pooling: float = 1.0
-    seed: int = 0
-    drift_period: int = 10
-    drift_fraction: float = 0.01
+    def __init__(
+        self,
+        distribution: str = "zipf",
+        alpha: Optional[float] = None,
+        table_sizes: Sequence[int] = SIM_TABLE_SIZES,
+        batch_size: int = SIM_BATCH_SIZE,
+        steps: int = 100,
+        **config: Any,
+    ) -> None:
+        if alpha is not None:
+            config["alpha"] = alpha
+        config.setdefault("num_dense", 0)
+        super().__init__(num_embeddings=list(table_sizes), batch_size=batch_size, distribution=distribution, **config)
+        if steps < 1:
+            raise ValueError(f"SyntheticSpec: steps must be >= 1, got {steps}")
+        self.steps = steps
+
+    @property
+    def table_sizes(self) -> List[int]:
+        """Rows per table (``num_embeddings``)."""
+        return self.num_embeddings
 
     def label(self) -> str:
         """Short description for reports."""
@@ -145,10 +172,11 @@ class SyntheticSpec:
         return f"{base} {len(self.table_sizes)}x{max(self.table_sizes)} B={self.batch_size}"
 
 
-def parse_synthetic(text: str, **kw: object) -> SyntheticSpec:
+def parse_synthetic(text: str, **kw: Any) -> SyntheticSpec:
     """Parse ``kind[:alpha][,key=value...]``, e.g. ``zipf:1.05`` or ``drift:1.05,period=20``.
 
-    Keys: ``period``, ``fraction``, ``pooling``, ``seed``. Other fields come from ``kw``.
+    Keys: ``period``, ``fraction``, ``pooling``, ``seed``. Other fields come from ``kw``
+    (``SyntheticSpec`` arguments); the text wins over ``kw``.
 
     Example::
 
@@ -158,9 +186,8 @@ def parse_synthetic(text: str, **kw: object) -> SyntheticSpec:
     """
     head, *opts = text.split(",")
     kind, _, alpha = head.partition(":")
-    spec = SyntheticSpec(distribution=kind.strip(), **kw)  # type: ignore[arg-type]
     if alpha:
-        spec.alpha = float(alpha)
+        kw["alpha"] = float(alpha)
     names = {"period": ("drift_period", int), "fraction": ("drift_fraction", float),
              "pooling": ("pooling", float), "seed": ("seed", int)}
     for opt in opts:
@@ -168,8 +195,8 @@ def parse_synthetic(text: str, **kw: object) -> SyntheticSpec:
         if key.strip() not in names:
             raise ValueError(f"unknown synthetic option {key!r}; known: {sorted(names)}")
         attr, cast = names[key.strip()]
-        setattr(spec, attr, cast(value))
-    return spec
+        kw[attr] = cast(value)
+    return SyntheticSpec(distribution=kind.strip(), **kw)
 
 
 def synthetic_stream(spec: SyntheticSpec) -> BatchStream:
@@ -181,17 +208,9 @@ def synthetic_stream(spec: SyntheticSpec) -> BatchStream:
         >>> s.num_steps, s.num_rows
         (3, 100)
     """
-    from torchrec_scratchpipe.data.synthetic import SyntheticClickLog, SyntheticConfig
-
-    cfg = SyntheticConfig(
-        num_embeddings=list(spec.table_sizes), batch_size=spec.batch_size, pooling=spec.pooling,
-        distribution=spec.distribution, alpha=spec.alpha, seed=spec.seed, num_dense=0,
-        drift_period=spec.drift_period, drift_fraction=spec.drift_fraction,
-    )
-    log = SyntheticClickLog(cfg)
-    stream = BatchStream.from_table_ids(log.id_stream(0, spec.steps), cfg.num_embeddings,
-                                        cfg.feature_names, spec.label())
-    return stream
+    log = SyntheticClickLog(spec)
+    return BatchStream.from_table_ids(log.id_stream(0, spec.steps), spec.num_embeddings,
+                                      spec.feature_names, spec.label())
 
 
 def criteo_stream(
