@@ -124,11 +124,41 @@ def _planner_rows(rank: int, ws: int) -> List[Dict[str, Any]]:
     return planner.scratchpipe_summary
 
 
+def _sequence(rank: int, ws: int) -> Dict[str, Any]:
+    """FP16 sequence tables (EmbeddingCollection) against ``fused`` FP16, table-wise."""
+    from torchrec import EmbeddingCollection
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+    from torchrec.modules.embedding_configs import DataType
+
+    import test_sequence_distributed as seq
+    import torchrec_scratchpipe.distributed as tsp
+    from seq_utils import BATCH, DIM, MAX_LEN, load_factors, seq_tables
+
+    tables = seq_tables()
+    for t in tables:
+        t.data_type = DataType.FP16
+    torch.manual_seed(0)
+    ec = EmbeddingCollection(tables=tables, device=torch.device("cpu"))
+    full = {k: v.detach().clone() for k, v in ec.state_dict().items()}
+    fp = _fused_params(False)
+    sp = build_dmp(ec, constraints_for(tables, "table_wise", load_factors(ws)), tsp.get_sharders(fused_params=fp), ws)
+    ref = build_dmp(ec, constraints_for(tables, "table_wise", {}), [EmbeddingCollectionSharder(fused_params=fp)], ws,
+                    plan_sharders=tsp.get_sharders(fused_params=fp))
+    load_full(sp, full)
+    load_full(ref, full)
+    weight = torch.randn(4 * BATCH * MAX_LEN, DIM, generator=torch.Generator().manual_seed(rank))
+    out = seq._train_pair(sp, ref, rank, range(20), weight)
+    evictions = sum(s["evictions"] for s in tsp.cache_stats(sp).values())
+    return {"out": out, "final": max_diff(_states(sp), _states(ref)), "dtypes": _dtypes(sp), "ref_dtypes": _dtypes(ref),
+            "evictions": evictions}
+
+
 def _all(rank: int, ws: int) -> Dict[str, Any]:
     out: Dict[str, Any] = {s: _pair(rank, ws, s, 30) for s in ("table_wise", "row_wise")}
     if ws == 1:
         out["stochastic"] = _pair(rank, ws, "table_wise", 30, stochastic=True)
         out["planner"] = _planner_rows(rank, ws)
+        out["sequence"] = _sequence(rank, ws)
     return out
 
 
@@ -150,6 +180,9 @@ def _check(results: List[Dict[str, Any]], ws: int) -> None:
         s = results[0]["stochastic"]
         assert s["engine_rounding"] == {True} and not s["nan"] and s["trained"] > 1e-3, s
         assert s["out"] <= 1e-2 and s["final"] <= 1e-2, s
+        q = results[0]["sequence"]
+        assert q["out"] <= TOL and q["final"] <= TOL and q["evictions"] > 0, q
+        assert q["dtypes"] == q["ref_dtypes"] and torch.float16 in q["dtypes"].values(), q
         for row in results[0]["planner"]:
             dim = {"t_big": 16, "t_mid": 8, "t_odd": 12}[row["table"]]
             layout = RowLayout(EmbOptimType.EXACT_ROWWISE_ADAGRAD, dim, torch.float16)
@@ -163,3 +196,24 @@ def test_fp16_matches_fused_fp16_world_size_1() -> None:
 @pytest.mark.slow
 def test_fp16_matches_fused_fp16_world_size_2() -> None:
     _check(spawn(_all, 2), 2)
+
+
+def test_planner_refuses_data_types_scratchpipe_does_not_hold() -> None:
+    """An INT8 table asked for ScratchPipe fails at plan() naming the table and the dtypes
+    it can hold; the same table on ``fused`` plans."""
+    from torchrec import EmbeddingBagCollection
+    from torchrec.distributed.planner import Topology
+    from torchrec.modules.embedding_configs import DataType
+
+    import torchrec_scratchpipe.distributed as tsp
+
+    tables = _tables()
+    tables[1].data_type = DataType.INT8  # t_mid
+    ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+    topology = Topology(world_size=1, compute_device="cpu")
+    planner = tsp.ShardingPlanner(topology=topology, constraints=constraints_for(tables, "table_wise", {"t_mid": 0.1}))
+    with pytest.raises(ValueError, match="^table .t_mid.: data_type INT8 is not supported by ScratchPipe; supported: FP32, FP16"):
+        planner.plan(ebc, tsp.get_sharders())
+    planner = tsp.ShardingPlanner(topology=topology, constraints=constraints_for(tables, "table_wise", {"t_big": 0.1}))
+    plan = planner.plan(ebc, tsp.get_sharders())
+    assert plan.plan[""]["t_big"].compute_kernel == tsp.SCRATCHPIPE  # type: ignore[index]

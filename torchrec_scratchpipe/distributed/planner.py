@@ -174,8 +174,9 @@ class ScratchPipeEnumerator(EmbeddingEnumerator):
                 c = self._constraints[name]  # type: ignore[index]
                 check_load_factor(c.cache_params.load_factor if c.cache_params else None, name)
                 optimizers[name] = table_optimizer(param, sharder)
+                layout = RowLayout.for_table(optimizers[name], table_config(m, name))  # names the table
                 try:
-                    RowLayout.for_table(optimizers[name], table_config(m, name)).check_device(device)
+                    layout.check_device(device)
                 except ValueError as e:
                     raise ValueError(f"table {name!r}: {e}") from e
                 config = sharder.config
