@@ -146,7 +146,7 @@ class RowLayout:
         """Weights, then the states, each at an offset aligned to its element size."""
         out: List[RowValue] = []
         at = 0
-        specs = [("weights", (self.dim,), self.weight_dtype)]
+        specs: List[Tuple[str, Tuple[int, ...], torch.dtype]] = [("weights", (self.dim,), self.weight_dtype)]
         specs += [(name, shape, STATE_DTYPE) for name, shape in self.state_shapes.items()]
         for name, shape, dtype in specs:
             at = _align(at, dtype.itemsize)
