@@ -19,6 +19,11 @@ from torchrec_scratchpipe.core.layout import RowLayout
 TOL = 1e-3
 ROWS = (300, 200, 250)
 OPTIMIZERS = (EmbOptimType.EXACT_SGD, EmbOptimType.EXACT_ADAGRAD, EmbOptimType.EXACT_ROWWISE_ADAGRAD)
+#: The scratchpad's device: CPU here, and CUDA where there is one (FBGEMM rounds stochastically only there).
+DEVICES = [
+    torch.device("cpu"),
+    pytest.param(torch.device("cuda"), marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+]
 
 
 def _tables(dtypes: Tuple[DataType, ...]) -> List[EmbeddingBagConfig]:
@@ -35,19 +40,20 @@ def _initial() -> Dict[str, torch.Tensor]:
 
 
 def _train(
-    tables: List[EmbeddingBagConfig], optimizer: EmbOptimType, stochastic: bool, steps: int = 30, lookahead: int = 2
+    tables: List[EmbeddingBagConfig], optimizer: EmbOptimType, stochastic: bool, steps: int = 30, lookahead: int = 2,
+    device: torch.device = torch.device("cpu"),
 ) -> Tuple[ScratchPipeEmbeddingBags, FullTableReference, float]:
     """Train the engine (constant eviction) and the full-table reference on one stream,
     from ``_initial()`` (rounded to each table's dtype); return both and the largest
     output difference."""
-    stream = power_law_stream(ROWS, steps, batch=8, seed=3)
+    stream = [k.to(device) for k in power_law_stream(ROWS, steps, batch=8, seed=3)]
     cfg = ScratchPipeConfig(cache_rows=120, lookahead=lookahead, optimizer=optimizer, learning_rate=0.05,
                             stochastic_rounding=stochastic)
-    emb = ScratchPipeEmbeddingBags(tables, cfg)
+    emb = ScratchPipeEmbeddingBags(tables, cfg, device)
     emb.load_table_weights(_initial())
-    ref = FullTableReference(tables, optimizer, 0.05, stochastic_rounding=stochastic)
+    ref = FullTableReference(tables, optimizer, 0.05, device, stochastic_rounding=stochastic)
     ref.load(emb.table_weights())
-    grad = torch.randn(8, 8 * len(tables), generator=torch.Generator().manual_seed(0))
+    grad = torch.randn(8, 8 * len(tables), generator=torch.Generator().manual_seed(0)).to(device)
     worst = 0.0
     for i, kjt in enumerate(stream):
         while emb.queued() < min(lookahead + 1, steps - i):
@@ -65,12 +71,13 @@ def _weight_diff(emb: ScratchPipeEmbeddingBags, ref: FullTableReference) -> floa
     return max(float((got[k].float() - want[k].float()).abs().max()) for k in want)
 
 
+@pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=lambda o: o.name)
-def test_fp16_tables_train_like_a_full_fp16_tbe(optimizer: EmbOptimType) -> None:
+def test_fp16_tables_train_like_a_full_fp16_tbe(optimizer: EmbOptimType, device: torch.device) -> None:
     """FP16 and FP32 tables of one dim land in separate groups; each trains like FBGEMM's
     full-table TBE of its dtype (deterministic rounding), outputs, weights and state."""
     tables = _tables((DataType.FP16, DataType.FP32, DataType.FP16))
-    emb, ref, out_diff = _train(tables, optimizer, stochastic=False)
+    emb, ref, out_diff = _train(tables, optimizer, stochastic=False, device=device)
     assert sorted(emb.groups) == ["dim8_sum", "dim8_sum_fp16"]
     assert [t.name for t in emb.groups["dim8_sum_fp16"].tables] == ["t0", "t2"]
     assert emb.groups["dim8_sum_fp16"].pad.weights.dtype == torch.float16
@@ -81,7 +88,7 @@ def test_fp16_tables_train_like_a_full_fp16_tbe(optimizer: EmbOptimType) -> None
     for name, states in emb.optimizer_states().items():  # FBGEMM keeps FP32 state for FP16 weights
         for got, want in zip(states.values(), ref.states()[name]):
             assert got.dtype == want.dtype == torch.float32
-            assert float((got - want).abs().max()) <= TOL * max(1.0, float(want.abs().max()))
+            assert float((got.cpu() - want).abs().max()) <= TOL * max(1.0, float(want.abs().max()))
     stats = emb.stats()["dim8_sum_fp16"]
     assert stats["evictions"] > 0 and stats["train_misses"] == 0, stats
 
@@ -124,14 +131,15 @@ def test_a_moved_fp16_row_moves_half_the_fp32_weight_bytes() -> None:
             assert 2 * half["h2d_bytes"] == full["h2d_bytes"]
 
 
-def test_stochastic_rounding_trains_fp16_tables() -> None:
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_stochastic_rounding_trains_fp16_tables(device: torch.device) -> None:
     """With stochastic rounding (the default, as in FBGEMM) FP16 tables train: weights
     move, nothing is NaN, and they stay near FP32 training and the full FP16 TBE with
     stochastic rounding (on CPU FBGEMM's kernel rounds both ways alike)."""
     optimizer = EmbOptimType.EXACT_ROWWISE_ADAGRAD
-    emb, ref, out_diff = _train(_tables((DataType.FP16,) * 3), optimizer, stochastic=True)
+    emb, ref, out_diff = _train(_tables((DataType.FP16,) * 3), optimizer, stochastic=True, device=device)
     assert emb.config.stochastic_rounding and all(g.pad.tbe.stochastic_rounding for g in emb.groups.values())
-    fp32, _, _ = _train(_tables((DataType.FP32,) * 3), optimizer, stochastic=True)
+    fp32, _, _ = _train(_tables((DataType.FP32,) * 3), optimizer, stochastic=True, device=device)
     start = _initial()
     got, want32 = emb.table_weights(), fp32.table_weights()
     for name, w in got.items():
