@@ -29,11 +29,12 @@ from tqdm import tqdm
 
 from torchrec_scratchpipe import cache_stats, defaults  # before torchrec: compat quiets FBGEMM 1.6's import notice
 from torchrec_scratchpipe.advise.stalls import stall_notes
-from torchrec_scratchpipe.core.layout import OPTIMIZERS_BY_NAME
+from torchrec_scratchpipe.core.layout import OPTIMIZERS_BY_NAME, WEIGHT_DTYPES
 from torchrec_scratchpipe.data.source import open_source
 from torchrec_scratchpipe.quiet import quiet_known_noise
 from torchrec_scratchpipe.training import KERNELS, KernelChoice, ModelSpec, Trainer, build_trainer
 from torchrec import EmbeddingBagConfig  # noqa: E402  (after the package, see above)
+from torchrec.modules.embedding_configs import DataType  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -51,6 +52,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--tables", type=int, default=defaults.TABLES)
     p.add_argument("--rows", type=int, default=defaults.ROWS)
     p.add_argument("--dim", type=int, default=defaults.DIM)
+    p.add_argument("--data-type", default="fp32", choices=[n.lower() for n in WEIGHT_DTYPES],
+                   help="weight dtype of every table (FP16 halves the weight bytes each moved row carries)")
     p.add_argument("--pooling", type=int, default=defaults.POOLING)
     p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE, help="samples per rank and step")
     p.add_argument("--steps", type=int, default=100)
@@ -141,7 +144,8 @@ def run(args: argparse.Namespace) -> Tuple[Dict[str, float], Trainer]:
     rank, world = dist.get_rank(), dist.get_world_size()
     data = open_source(args.data, args.batch_size, args.tables, args.rows, args.pooling, seed=args.seed,
                        rank=rank, world_size=world)
-    tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=args.dim, num_embeddings=n, feature_names=[f])
+    tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=args.dim, num_embeddings=n, feature_names=[f],
+                                 data_type=DataType[args.data_type.upper()])
               for f, n in zip(data.feature_names, data.table_sizes)]
     big = [t.name for t in tables if t.num_embeddings >= args.big_table_rows]
     overrides = dict(item.split("=", 1) for item in args.table_kernel)

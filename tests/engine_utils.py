@@ -14,6 +14,8 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_scratchpipe.core.layout import RowLayout
+
 
 def make_tables(rows: Sequence[int], dims: Sequence[int]) -> List[EmbeddingBagConfig]:
     return [
@@ -50,6 +52,7 @@ class FullTableReference:
     def __init__(
         self, tables: Sequence[EmbeddingBagConfig], optimizer: EmbOptimType, lr: float,
         device: torch.device = torch.device("cpu"), pooling_mode: PoolingMode = PoolingMode.SUM,
+        stochastic_rounding: bool = True,
     ) -> None:
         self.tables = list(tables)
         self.unpooled = pooling_mode == PoolingMode.NONE
@@ -65,6 +68,8 @@ class FullTableReference:
                     learning_rate=lr,
                     device=device,
                     pooling_mode=pooling_mode,
+                    weights_precision=RowLayout.for_table(optimizer, t).weights_precision,  # the table's dtype
+                    stochastic_rounding=stochastic_rounding,
                 )
             )
 

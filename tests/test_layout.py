@@ -66,3 +66,20 @@ def test_bad_layouts_are_refused_with_the_alternatives() -> None:
         RowLayout(EmbOptimType.EXACT_SGD, 0)
     with pytest.raises(ValueError, match="Adam needs CUDA"):
         RowLayout(EmbOptimType.ADAM, 8).check_device(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype_name", list(WEIGHT_DTYPES))
+def test_for_table_reads_each_weight_dtype(dtype_name: str) -> None:
+    """A table declaring a dtype gets it in its rows; optimizer state keeps its own precision."""
+    dtype, precision = WEIGHT_DTYPES[dtype_name]
+    table = EmbeddingBagConfig(name="t0", embedding_dim=16, num_embeddings=10, feature_names=["f0"],
+                               data_type=DataType[dtype_name])
+    layout = RowLayout.for_table(EmbOptimType.EXACT_ROWWISE_ADAGRAD, table)
+    assert (layout.weight_dtype, layout.weights_precision, layout.dtype_name) == (dtype, precision, dtype_name)
+    assert layout.weight_bytes == 16 * dtype.itemsize
+    assert layout.state_bytes == RowLayout(EmbOptimType.EXACT_ROWWISE_ADAGRAD, 16).state_bytes
+
+
+def test_group_tags_keep_weight_dtypes_apart() -> None:
+    tags = [RowLayout(EmbOptimType.EXACT_SGD, 8, dtype).group_tag for dtype, _ in WEIGHT_DTYPES.values()]
+    assert tags[0] == "" and len(set(tags)) == len(tags)  # the default dtype keeps the plain group names

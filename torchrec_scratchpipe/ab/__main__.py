@@ -19,14 +19,15 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torchrec import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import DataType
 
 from torchrec_scratchpipe import defaults
 from torchrec_scratchpipe.ab.arms import ArmResult, run_arm
-from torchrec_scratchpipe.ab.config import ABConfig
+from torchrec_scratchpipe.ab.config import DATA_TYPES, ABConfig
 from torchrec_scratchpipe.ab.report import write_report
 from torchrec_scratchpipe.ab.simulated import simulate_uvm_arm
 from torchrec_scratchpipe.advise.stalls import stall_notes
-from torchrec_scratchpipe.core.layout import OPTIMIZERS_BY_NAME
+from torchrec_scratchpipe.core.layout import OPTIMIZERS_BY_NAME, RowLayout
 from torchrec_scratchpipe.data.source import open_source
 from torchrec_scratchpipe.quiet import quiet_known_noise
 from torchrec_scratchpipe.sequence_model import SequenceSpec, table_view
@@ -71,7 +72,8 @@ def dlrm_workload(cfg: ABConfig) -> Workload:
     if len(batches) <= cfg.warmup:
         raise ValueError(f"{data.description} gave {len(batches)} batches; need more than warmup={cfg.warmup}.")
     tables = [
-        EmbeddingBagConfig(name=f"t_{f}", embedding_dim=cfg.dim, num_embeddings=n, feature_names=[f])
+        EmbeddingBagConfig(name=f"t_{f}", embedding_dim=cfg.dim, num_embeddings=n, feature_names=[f],
+                           data_type=DataType[cfg.data_type.upper()])
         for f, n in zip(data.feature_names, data.table_sizes)
     ]
     spec = ModelSpec(tables, dense_in_features=data.num_dense, optimizer=OPTIMIZERS_BY_NAME[cfg.optimizer],
@@ -79,7 +81,7 @@ def dlrm_workload(cfg: ABConfig) -> Workload:
     if len(batches) < cfg.steps + cfg.warmup:
         print(f"note: {data.description} gave {len(batches)} batches of {cfg.batch_size}, fewer than the "
               f"{cfg.steps + cfg.warmup} asked for; the report covers those.", file=sys.stderr)
-    header = (f"# A/B: {data.description}, {len(tables)} tables ({sum(data.table_sizes):,} rows, dim {cfg.dim}), "
+    header = (f"# A/B: {data.description}, {len(tables)} tables ({sum(data.table_sizes):,} rows, dim {cfg.dim}, {cfg.data_type.upper()}), "
               f"batch {cfg.batch_size}")
     return Workload(spec, batches, None, batches, list(data.feature_names), [t.name for t in tables],
                     list(data.table_sizes), header)
@@ -118,12 +120,13 @@ def run_ab(cfg: ABConfig) -> Dict[str, Any]:
                 for note in arms[-1].notes:
                     print(f"note: {note}", file=sys.stderr)
         elif arm == "fused_uvm_caching":
-            sim = simulate_uvm_arm(work.id_batches, work.table_sizes, work.feature_names, cfg.load_factor,
-                                   row_bytes=4 * cfg.dim, resident_bytes=4 * sum(work.table_sizes))
+            layout = RowLayout.for_table(spec.optimizer, next(t for t in spec.tables if t.name in work.table_names))
+            sim = simulate_uvm_arm(work.id_batches, work.table_sizes, work.feature_names, cfg.load_factor, layout)
             if device.type == "cuda":
                 uvm = KernelChoice("fused_uvm_caching", cfg.load_factor, tables=work.cached)
                 real = run_arm(spec, uvm, batches, cfg.warmup, device, initial, cfg.progress)
                 real.h2d_rows, real.d2h_rows, real.misses = sim.h2d_rows, sim.d2h_rows, sim.misses
+                real.h2d_bytes, real.d2h_bytes = sim.h2d_bytes, sim.d2h_bytes
                 real.lookups, real.unique_rows, real.device_bytes = sim.lookups, sim.unique_rows, sim.device_bytes
                 real.label = "fused_uvm_caching (traffic simulated)"
                 arms.append(real)
@@ -158,6 +161,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> ABConfig:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     p.add_argument("--distribution", default=d.distribution, choices=["zipf", "uniform", "drift"])
     p.add_argument("--alpha", type=float, default=d.alpha)
+    p.add_argument("--data-type", default=d.data_type, choices=list(DATA_TYPES),
+                   help="weight dtype of the DLRM's tables (every arm); rows move in this dtype")
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
     p.add_argument("--optimizer", default=d.optimizer, choices=list(OPTIMIZERS_BY_NAME))
     p.add_argument("--learning-rate", type=float, default=d.learning_rate)
@@ -167,7 +172,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> ABConfig:
     return ABConfig(
         model=a.model, max_len=a.max_len, arms=[x for x in a.arms.split(",") if x], lookaheads=[int(x) for x in a.lookaheads.split(",") if x],
         horizon=a.horizon, load_factor=a.load_factor, data=a.data, tables=a.tables, rows=a.rows, dim=a.dim,
-        pooling=a.pooling, distribution=a.distribution, alpha=a.alpha, batch_size=a.batch_size, steps=a.steps,
+        pooling=a.pooling, distribution=a.distribution, alpha=a.alpha, data_type=a.data_type, batch_size=a.batch_size, steps=a.steps,
         warmup=a.warmup, device=a.device, optimizer=a.optimizer, learning_rate=a.learning_rate, seed=a.seed, out=a.out, threads=a.threads, progress=not a.no_progress,
     )
 

@@ -28,8 +28,11 @@ class ArmResult:
             background planner) and ``rest`` on the training thread, and ``background`` (planning
             and moving done next to training).
         h2d_rows, d2h_rows: rows moved per step (all steps).
+        h2d_bytes, d2h_bytes: bytes moved per step (all steps): what the engines counted,
+            each row priced by its table's ``RowLayout`` (weights in the table's dtype, plus
+            the optimizer state where the kernel moves it).
         lookups, unique_rows, misses, train_misses: totals.
-        row_bytes: bytes one row moves (weights + optimizer state).
+        row_bytes: bytes one row takes in device memory (weights + optimizer state).
         device_bytes: bytes of embedding state resident on the device.
         peak_device_bytes: measured peak device memory (CUDA only).
         cache: ``cache_stats`` of the trained model (ScratchPipe arms; not serialized).
@@ -44,6 +47,8 @@ class ArmResult:
     breakdown_s: Dict[str, List[float]] = field(default_factory=dict)
     h2d_rows: List[int] = field(default_factory=list)
     d2h_rows: List[int] = field(default_factory=list)
+    h2d_bytes: List[int] = field(default_factory=list)
+    d2h_bytes: List[int] = field(default_factory=list)
     lookups: int = 0
     unique_rows: int = 0
     misses: int = 0
@@ -118,6 +123,8 @@ def run_arm(
         result.losses.append(loss)
         result.h2d_rows.append(int(d.get("h2d_rows", 0)))
         result.d2h_rows.append(int(d.get("d2h_rows", 0)))
+        result.h2d_bytes.append(int(d.get("h2d_bytes", 0)))
+        result.d2h_bytes.append(int(d.get("d2h_bytes", 0)))
         if step >= warmup:
             result.step_s.append(elapsed)
             # on the training thread; the background planner's share overlaps training

@@ -7,12 +7,14 @@ from pathlib import Path
 from typing import List, Optional
 
 from torchrec_scratchpipe import defaults
-from torchrec_scratchpipe.core.layout import OPTIMIZERS_BY_NAME
+from torchrec_scratchpipe.core.layout import OPTIMIZERS_BY_NAME, WEIGHT_DTYPES
 from torchrec_scratchpipe.data.synthetic import ALPHA, DISTRIBUTION
 
 ARMS = ("fused", "fused_uvm_caching", "scratchpipe")
 MODELS = ("dlrm", "sequence")
 OPTIMIZERS = tuple(OPTIMIZERS_BY_NAME)
+#: ``--data-type`` values: the weight dtypes a row can hold, lower case.
+DATA_TYPES = tuple(name.lower() for name in WEIGHT_DTYPES)
 
 
 @dataclass
@@ -35,6 +37,7 @@ class ABConfig:
             ``"criteo:PATH[,PATH...]"`` (Criteo TSV).
         tables, rows, dim, pooling, distribution, alpha: synthetic data and model shape
             (``rows`` is per table; for traces the sizes come from the file).
+        data_type: weight dtype of the DLRM's tables (``"fp32"`` or ``"fp16"``), for every arm.
         max_len: longest history of the sequence model.
         batch_size: samples per step.
         steps, warmup: timed steps and untimed first steps per arm.
@@ -67,6 +70,7 @@ class ABConfig:
     pooling: int = defaults.POOLING
     distribution: str = DISTRIBUTION
     alpha: float = ALPHA
+    data_type: str = DATA_TYPES[0]
     max_len: int = 20
     batch_size: int = defaults.BATCH_SIZE
     steps: int = 150
@@ -85,6 +89,11 @@ class ABConfig:
         if self.model == "sequence" and (self.data != "synthetic" or self.max_len < 1):
             raise ValueError("--model sequence trains on its own synthetic histories: leave --data synthetic "
                              f"and give --max-len >= 1 (got data={self.data!r}, max_len={self.max_len}).")
+        if self.data_type not in DATA_TYPES:
+            raise ValueError(f"data_type must be one of {list(DATA_TYPES)}, got {self.data_type!r}.")
+        if self.model == "sequence" and self.data_type != DATA_TYPES[0]:
+            raise ValueError(f"--data-type {self.data_type} is for the DLRM tables; the sequence model trains in "
+                             f"{DATA_TYPES[0]}: leave --data-type out with --model sequence.")
         bad = [a for a in self.arms if a not in ARMS]
         if bad:
             raise ValueError(f"unknown arms {bad}; choose from {list(ARMS)}.")

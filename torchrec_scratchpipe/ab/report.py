@@ -40,8 +40,9 @@ def summarize(arm: ArmResult, batch_size: int, baseline: Optional[ArmResult]) ->
         train_misses=arm.train_misses,
         h2d_rows=sum(arm.h2d_rows),
         d2h_rows=sum(arm.d2h_rows),
-        h2d_mb=sum(arm.h2d_rows) * arm.row_bytes / 2**20,
-        d2h_mb=sum(arm.d2h_rows) * arm.row_bytes / 2**20,
+        h2d_mb=sum(arm.h2d_bytes) / 2**20,
+        d2h_mb=sum(arm.d2h_bytes) / 2**20,
+        moved_mb=(sum(arm.h2d_bytes) + sum(arm.d2h_bytes)) / 2**20,
         device_embedding_mb=arm.device_bytes / 2**20,
         peak_device_mb=None if arm.peak_device_bytes is None else arm.peak_device_bytes / 2**20,
     )
@@ -68,7 +69,7 @@ def _fmt(v: Any, digits: int = 1) -> str:
 COLUMNS = [
     ("arm", "arm"), ("samples_per_s", "samples/s"), ("step_ms", "step ms"), ("planner_ms", "planner ms"),
     ("mover_ms", "mover ms"), ("wait_ms", "wait ms"), ("rest_ms", "rest ms"), ("background_ms", "background ms"), ("misses", "rows in (misses)"), ("hit_rate", "hit rate"),
-    ("train_misses", "train misses"), ("h2d_mb", "H2D MB"), ("d2h_mb", "D2H MB"),
+    ("train_misses", "train misses"), ("moved_mb", "bytes moved MB (H2D+D2H)"), ("h2d_mb", "H2D MB"), ("d2h_mb", "D2H MB"),
     ("device_embedding_mb", "device emb. MB"), ("peak_device_mb", "peak device MB"),
     ("max_loss_diff_vs_fused", "max |Δloss| vs fused"), ("max_weight_diff_vs_fused", "max |Δw| vs fused"),
 ]
@@ -79,10 +80,6 @@ COLUMNS = [
 EXACT_TOLERANCE = 1e-5
 
 
-def _moved_mb(r: Dict[str, Any]) -> float:
-    return r["h2d_mb"] + r["d2h_mb"]
-
-
 def headline(rows: List[Dict[str, Any]], on_cpu: bool) -> List[str]:
     """The report's opening: rows and bytes against the UVM arm, exactness, what timings mean."""
     uvm = next((r for r in rows if r["arm"].startswith("fused_uvm_caching")), None)
@@ -91,12 +88,12 @@ def headline(rows: List[Dict[str, Any]], on_cpu: bool) -> List[str]:
     if uvm is not None and sp and uvm["h2d_rows"]:
         best = min(sp, key=lambda r: r["h2d_rows"])
         fewer = 1 - best["h2d_rows"] / uvm["h2d_rows"]
-        bytes_fewer = 1 - _moved_mb(best) / _moved_mb(uvm) if _moved_mb(uvm) else 0.0
+        bytes_fewer = 1 - best["moved_mb"] / uvm["moved_mb"] if uvm["moved_mb"] else 0.0
         lines.append(
             f"**{best['arm']} moved {100 * fewer:.1f}% {'fewer' if fewer >= 0 else 'MORE'} rows into the device "
             f"than {uvm['arm']} ({best['h2d_rows']:,} vs {uvm['h2d_rows']:,}) and "
             f"{100 * abs(bytes_fewer):.1f}% {'fewer' if bytes_fewer >= 0 else 'more'} bytes both ways "
-            f"({_moved_mb(best):,.1f} vs {_moved_mb(uvm):,.1f} MB, ScratchPipe rows carry their optimizer state), "
+            f"({best['moved_mb']:,.1f} vs {uvm['moved_mb']:,.1f} MB, ScratchPipe rows carry their optimizer state), "
             f"at the same device budget.**"
         )
     checked = [r for r in sp if r.get("max_weight_diff_vs_fused") is not None]
@@ -138,7 +135,9 @@ def markdown(rows: List[Dict[str, Any]], header: str, opening: Sequence[str] = (
     lines += ["", "samples/s: median after warm-up, (p10–p90). planner, mover, wait and rest ms split the "
               "step on the training thread (wait: for the background planner); rest = dense + embedding "
               "compute + input dist. background ms: planning and moving done next to training (CPU). "
-              "device emb. MB: embedding state resident on the device (analytic)."]
+              "device emb. MB: embedding state resident on the device (analytic). bytes moved: host<->device "
+              "traffic of the embedding rows, each row priced by its table's row layout (weights in the table's "
+              "dtype; ScratchPipe rows also carry their optimizer state, FBGEMM's UVM cache moves weights only)."]
     if notes:
         lines += ["", "Problems found:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
@@ -186,7 +185,7 @@ def write_report(arms: List[ArmResult], batch_size: int, out: Path, header: str,
     opening = headline(rows, meta.get("device_name") == "cpu")
     notes = [n for a in arms for n in a.notes]
     (out / "report.md").write_text(markdown(rows, header, opening, notes))
-    data = {"meta": meta, "headline": opening, "notes": notes, "arms": rows, "per_step": {a.label: {"h2d_rows": a.h2d_rows, "d2h_rows": a.d2h_rows, "loss": a.losses, "step_s": a.step_s} for a in arms}}
+    data = {"meta": meta, "headline": opening, "notes": notes, "arms": rows, "per_step": {a.label: {"h2d_rows": a.h2d_rows, "d2h_rows": a.d2h_rows, "h2d_bytes": a.h2d_bytes, "d2h_bytes": a.d2h_bytes, "loss": a.losses, "step_s": a.step_s} for a in arms}}
     (out / "report.json").write_text(json.dumps(data, indent=2, default=str))
     data["plots"] = [str(p) for p in plots(arms, rows, out, meta.get("device_name") == "cpu")]
     return data

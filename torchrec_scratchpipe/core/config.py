@@ -38,6 +38,9 @@ class ScratchPipeConfig:
         optimizer: fused optimizer applied in backward inside the scratchpad.
         learning_rate, eps, weight_decay, beta1, beta2: optimizer hyper-parameters,
             passed to FBGEMM's TBE.
+        stochastic_rounding: round FP16 weight updates stochastically (FBGEMM TBE's
+            ``stochastic_rounding``, default True as there); False rounds to nearest, so
+            training matches ``fused`` FP16 with the same setting. FP32 tables ignore it.
         victim_policy: ``"future"`` (farthest next use within the horizon, ties by least
             recent use) or ``"lru"`` (least recent use only).
         background_planning: plan and move the batches behind the training batch in a
@@ -65,6 +68,7 @@ class ScratchPipeConfig:
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
+    stochastic_rounding: bool = True
     victim_policy: str = "future"
     background_planning: Optional[bool] = None
 
@@ -111,4 +115,5 @@ class ScratchPipeConfig:
             "weight_decay": self.weight_decay,
             "beta1": self.beta1,
             "beta2": self.beta2,
+            "stochastic_rounding": self.stochastic_rounding,
         }

@@ -15,7 +15,7 @@ import torch
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
-from torchrec_scratchpipe.core.layout import check_optimizer, state_names
+from torchrec_scratchpipe.core.layout import RowLayout, check_optimizer, state_names
 from torchrec_scratchpipe.core.group import POOLING, GroupBatch, TableGroup, check_unpooled, pooling_of
 from torchrec_scratchpipe.core.plan import CapacityError
 from torchrec_scratchpipe.core.validate import HostIds, check_kjt, host_ids, split_groups
@@ -100,7 +100,8 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
                 raise ValueError(f"table {t.name!r}: pooling {pooling_of(t)} is not supported (use SUM, MEAN or NONE).")
             if t.embedding_dim % 4:
                 raise ValueError(f"table {t.name!r}: embedding_dim {t.embedding_dim} must be a multiple of 4 (FBGEMM TBE).")
-            by_key.setdefault(f"dim{t.embedding_dim}_{pooling_of(t).name.lower()}", []).append(t)
+            tag = RowLayout.for_table(config.optimizer, t).group_tag  # weight dtypes train apart
+            by_key.setdefault(f"dim{t.embedding_dim}_{pooling_of(t).name.lower()}{tag}", []).append(t)
         self.groups: Dict[str, TableGroup] = {k: TableGroup(k, v, config, self.device) for k, v in by_key.items()}
         for i, g in enumerate(self.groups.values()):
             self.add_module(f"scratchpad_{i}", g.pad)

@@ -13,7 +13,7 @@ from torchrec.modules.embedding_configs import PoolingType
 
 from torchrec_scratchpipe.compat import PoolingMode
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
-from torchrec_scratchpipe.core.layout import RowLayout
+from torchrec_scratchpipe.core.layout import OUTPUT_DTYPE, RowLayout, weight_dtype_of
 from torchrec_scratchpipe.core.mover import Mover
 from torchrec_scratchpipe.core.plan import SlotPlanner
 from torchrec_scratchpipe.core.scratchpad import Scratchpad
@@ -36,12 +36,12 @@ class GroupBatch:
 
 
 class TableGroup:
-    """Tables that share dim and pooling: one store, one scratchpad, one planner, one
-    window, one mover and the group's statistics.
+    """Tables that share dim, pooling and weight dtype: one store, one scratchpad, one
+    planner, one window, one mover and the group's statistics.
 
     Args:
         name: the group's key (e.g. ``"dim64_sum"``), used in messages and statistics.
-        tables: its table configs (same ``embedding_dim`` and pooling).
+        tables: its table configs (same ``embedding_dim``, pooling and ``data_type``).
         config: the engine's settings.
         device: where the scratchpad lives.
 
@@ -119,6 +119,7 @@ class TableGroup:
         for entry in self.window.planned:  # rows moved in for planned batches have arrived
             self.mover.wait_ready(entry.payload.ready)
         table.index_copy_(0, resident.to(device), self.pad.weights.index_select(0, slots[resident].to(device)))
+        table = table.to(OUTPUT_DTYPE)  # as the TBE: weights of any dtype, output (and sums) in FP32
         self.mover.mark_retired()  # later inserts into these slots wait for the reads above
         inverse = inverse.to(device)
         if self.pad.tbe.pooling_mode == PoolingMode.NONE:
@@ -148,7 +149,8 @@ def pooling_of(table: Any) -> PoolingType:
 
 
 def check_unpooled(tables: Sequence[Any]) -> bool:
-    """True when every table is unpooled (``PoolingType.NONE``); they must then share a dim."""
+    """True when every table is unpooled (``PoolingType.NONE``); they must then share a dim
+    and a weight dtype (one scratchpad returns every id's row in id order)."""
     none = [pooling_of(t) == PoolingType.NONE for t in tables]
     if not any(none):
         return False
@@ -162,5 +164,11 @@ def check_unpooled(tables: Sequence[Any]) -> bool:
         raise ValueError(
             f"unpooled tables {[t.name for t in tables]} have dims {dims}: unpooled tables of one "
             "ScratchPipeEmbeddingBags must share embedding_dim (one scratchpad, one TBE)."
+        )
+    dtypes = sorted({str(weight_dtype_of(t)) for t in tables})
+    if len(dtypes) > 1:
+        raise ValueError(
+            f"unpooled tables {[t.name for t in tables]} have weight dtypes {dtypes}: unpooled tables of one "
+            "ScratchPipeEmbeddingBags must share data_type (one scratchpad, one TBE)."
         )
     return True

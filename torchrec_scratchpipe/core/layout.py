@@ -41,12 +41,16 @@ OPTIMIZERS_BY_NAME: Dict[str, EmbOptimType] = {
 }
 #: Weight dtypes a row can hold, keyed by TorchRec's ``DataType`` name, with FBGEMM's
 #: matching ``weights_precision``. Optimizer state stays FP32 whatever the weights are
-#: (FBGEMM's default state precision).
+#: (FBGEMM's default state precision), and so does the TBE's output (its default
+#: ``output_dtype``). The first entry is the default (tables without ``data_type``).
 WEIGHT_DTYPES: Dict[str, Tuple[torch.dtype, SparseType]] = {
     "FP32": (torch.float32, SparseType.FP32),
+    "FP16": (torch.float16, SparseType.FP16),
 }
 #: dtype of every optimizer state.
 STATE_DTYPE = torch.float32
+#: dtype of the pooled (or per-id) embeddings the scratchpad returns, whatever the weights.
+OUTPUT_DTYPE = torch.float32
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,9 @@ class RowLayout:
         [('weights', (64,), 0), ('momentum1', (), 256)]
         >>> layout.bytes_per_row, layout.weight_bytes
         (260, 256)
+        >>> half = RowLayout(EmbOptimType.EXACT_ROWWISE_ADAGRAD, dim=64, weight_dtype=torch.float16)
+        >>> half.bytes_per_row, half.weight_bytes, half.state_bytes, half.group_tag
+        (132, 128, 4, '_fp16')
     """
 
     optimizer: EmbOptimType
@@ -111,14 +118,18 @@ class RowLayout:
         Raises:
             ValueError: the table's data type is not one of ``WEIGHT_DTYPES``.
         """
-        data_type = getattr(table, "data_type", None)
-        name = "FP32" if data_type is None else data_type.name
-        if name not in WEIGHT_DTYPES:
-            raise ValueError(
-                f"table {getattr(table, 'name', '?')!r}: data_type {name} is not supported by ScratchPipe; "
-                f"supported: {', '.join(WEIGHT_DTYPES)}. Use one of those, or another compute kernel for this table."
-            )
-        return RowLayout(optimizer, table.embedding_dim, WEIGHT_DTYPES[name][0])
+        return RowLayout(optimizer, table.embedding_dim, weight_dtype_of(table))
+
+    @property
+    def dtype_name(self) -> str:
+        """The weights' TorchRec ``DataType`` name (``"FP32"``, ``"FP16"``)."""
+        return next(n for n, (d, _) in WEIGHT_DTYPES.items() if d == self.weight_dtype)
+
+    @property
+    def group_tag(self) -> str:
+        """Suffix that keeps tables of different weight dtypes in separate table groups:
+        empty for the default dtype, else ``"_fp16"`` etc."""
+        return "" if self.dtype_name == DEFAULT_DTYPE_NAME else f"_{self.dtype_name.lower()}"
 
     @property
     def state_names(self) -> List[str]:
@@ -135,7 +146,7 @@ class RowLayout:
         """Weights, then the states, each at an offset aligned to its element size."""
         out: List[RowValue] = []
         at = 0
-        specs = [("weights", (self.dim,), self.weight_dtype)]
+        specs: List[Tuple[str, Tuple[int, ...], torch.dtype]] = [("weights", (self.dim,), self.weight_dtype)]
         specs += [(name, shape, STATE_DTYPE) for name, shape in self.state_shapes.items()]
         for name, shape, dtype in specs:
             at = _align(at, dtype.itemsize)
@@ -169,6 +180,34 @@ class RowLayout:
     def check_device(self, device: torch.device) -> None:
         """Raise a ValueError naming the alternatives when FBGEMM cannot train this row on ``device``."""
         check_optimizer(self.optimizer, device)
+
+
+#: ``DataType`` name of tables that declare none.
+DEFAULT_DTYPE_NAME = next(iter(WEIGHT_DTYPES))
+
+
+def weight_dtype_of(table: Any) -> torch.dtype:
+    """The torch dtype of a table config's weights (its ``data_type``; the default when it has none).
+
+    Raises:
+        ValueError: the table's data type is not one of ``WEIGHT_DTYPES`` (names the table
+            and the alternatives).
+
+    Example::
+
+        >>> from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+        >>> weight_dtype_of(EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=4,
+        ...                                    feature_names=["f"], data_type=DataType.FP16))
+        torch.float16
+    """
+    data_type = getattr(table, "data_type", None)
+    name = DEFAULT_DTYPE_NAME if data_type is None else data_type.name
+    if name not in WEIGHT_DTYPES:
+        raise ValueError(
+            f"table {getattr(table, 'name', '?')!r}: data_type {name} is not supported by ScratchPipe; "
+            f"supported: {', '.join(WEIGHT_DTYPES)}. Use one of those, or another compute kernel for this table."
+        )
+    return WEIGHT_DTYPES[name][0]
 
 
 def state_names(optimizer: EmbOptimType) -> List[str]:

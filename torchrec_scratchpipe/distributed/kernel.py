@@ -48,12 +48,13 @@ TBE_DEFAULTS: Dict[str, Any] = {
     "weight_decay": 0.0,
     "beta1": 0.9,
     "beta2": 0.999,
+    "stochastic_rounding": True,
 }
 #: Fused params that only concern other kernels (UVM cache, SSD, output types...).
 _IGNORED_FUSED_PARAMS = {
     FUSED_PARAMS_KEY, "cache_load_factor", "cache_algorithm", "cache_reserved_memory",
     "cache_precision", "prefetch_pipeline", "enforce_hbm", "bounds_check_mode",
-    "stochastic_rounding", "momentum", "output_dtype", "enable_raw_embedding_streaming",
+    "momentum", "output_dtype", "enable_raw_embedding_streaming",
 }
 
 
@@ -92,6 +93,7 @@ class _EngineTable:
     embedding_dim: int
     feature_names: List[str]
     pooling: PoolingType
+    data_type: DataType = DataType.FP32
     init_fn: Optional[Callable[[torch.Tensor], Any]] = field(default=None, repr=False)
 
 
@@ -201,14 +203,12 @@ class ScratchPipeEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
                 "this happens with column-wise plans that put two column shards of a table on the "
                 "same rank. Use table_wise/row_wise, or a column-wise plan with one shard per rank."
             )
-        if config.data_type != DataType.FP32:
-            raise ValueError(f"ScratchPipe tables {self._names}: only FP32 weights are supported, got {config.data_type}.")
         mode = pooling_type_to_pooling_mode(config.pooling, sharding_type)
         pooling = {PoolingMode.SUM: PoolingType.SUM, PoolingMode.MEAN: PoolingType.MEAN}.get(mode, PoolingType.NONE)
         # Engine feature keys are made unique per table (a feature may feed two tables).
         self._keys: List[str] = [f"{t.name}/{f}" for t in tables for f in t.feature_names]
         engine_tables = [
-            _EngineTable(t.name, t.local_rows, t.local_cols, [f"{t.name}/{f}" for f in t.feature_names], pooling)
+            _EngineTable(t.name, t.local_rows, t.local_cols, [f"{t.name}/{f}" for f in t.feature_names], pooling, t.data_type)
             for t in tables
         ]
         self._sp_config = engine_config(config.fused_params, str(self._names))

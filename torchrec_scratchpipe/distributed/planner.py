@@ -6,8 +6,9 @@ What it adds to TorchRec's planner:
   (TorchRec's enumerator already keeps constrained kernels the sharder offers), costed by
   :mod:`~torchrec_scratchpipe.distributed.estimators`, and shown in the plan and stats;
 - clear errors before planning: ``load_factor <= 0``, an optimizer the compute device
-  cannot run, ScratchPipe asked for a module it does not support, and a scratchpad
-  smaller than one batch's rows (the size needed is in the message);
+  cannot run, a table ``data_type`` ScratchPipe does not hold (``RowLayout``), ScratchPipe
+  asked for a module it does not support, and a scratchpad smaller than one batch's rows
+  (the size needed is in the message);
 - row-wise is offered on CPU only to tables whose constraints ask for it, so tables
   without ScratchPipe constraints plan exactly as in plain TorchRec.
 
@@ -38,7 +39,7 @@ from torchrec_scratchpipe.compat import (
     optimizer_type_to_emb_opt_type,
     sharder_name,
 )
-from torchrec_scratchpipe.core.layout import check_optimizer
+from torchrec_scratchpipe.core.layout import RowLayout
 from torchrec_scratchpipe.distributed.estimators import (
     ScratchPipePerfEstimator,
     ScratchPipeStorageEstimator,
@@ -93,6 +94,12 @@ def table_optimizer(param: torch.Tensor, sharder: Any) -> EmbOptimType:
         return fused["optimizer"]
     config = getattr(sharder, "config", None)
     return config.optimizer if config is not None else TBE_DEFAULTS["optimizer"]
+
+
+def table_config(module: nn.Module, name: str) -> Any:
+    """The config of table ``name`` in an EmbeddingBagCollection or EmbeddingCollection."""
+    get = getattr(module, "embedding_bag_configs", None) or getattr(module, "embedding_configs")
+    return next(t for t in get() if t.name == name)
 
 
 class ScratchPipeEnumerator(EmbeddingEnumerator):
@@ -167,8 +174,9 @@ class ScratchPipeEnumerator(EmbeddingEnumerator):
                 c = self._constraints[name]  # type: ignore[index]
                 check_load_factor(c.cache_params.load_factor if c.cache_params else None, name)
                 optimizers[name] = table_optimizer(param, sharder)
+                layout = RowLayout.for_table(optimizers[name], table_config(m, name))  # names the table
                 try:
-                    check_optimizer(optimizers[name], device)
+                    layout.check_device(device)
                 except ValueError as e:
                     raise ValueError(f"table {name!r}: {e}") from e
                 config = sharder.config
