@@ -113,13 +113,13 @@ def test_ring_allocates_what_host_bytes_counts(optimizer: EmbOptimType, capacity
     store = BackingStore([10], RowLayout(optimizer, dim))
     ring = staging_ring(store, capacity, pin=False)
     row = store.layout.bytes_per_row
-    assert sum(t[0].nbytes for t in [store.weights, *store.states.values()]) == row
+    assert store.packed.untyped_storage().nbytes() == 10 * row
     assert ring.nbytes() == StagingRing.host_bytes(capacity, row)
-    assert ring.rows == min(capacity, ring.rows) and ring.buffers[0].values["weights"].shape == (ring.rows, dim)
+    assert ring.rows == min(capacity, ring.rows) and ring.buffers[0].packed.shape == (ring.rows, row)
     for buf in ring.buffers:  # views of one flat buffer that do not overlap
         spans: List[Any] = sorted(
             (t.storage_offset() * t.element_size(), (t.storage_offset() + t.numel()) * t.element_size())
-            for t in [buf.index, *buf.values.values()]
+            for t in [buf.index, buf.packed]
         )
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
         assert spans[-1][1] <= ring.nbytes() // len(ring.buffers)

@@ -126,7 +126,7 @@ class _HostMoverProbe:
 
     def __init__(self, emb: ScratchPipeEmbeddingBags, capacity: int) -> None:
         self.store = next(iter(emb.groups.values())).store
-        self.staging = self.store.buffers(capacity)
+        self.staging = self.store.buffer(capacity)  # packed rows: weights and state together
         self.row_bytes = self.store.layout.bytes_per_row
         self.src = torch.empty(256 << 20, dtype=torch.uint8).fill_(1)
         self.dst = torch.empty(256 << 20, dtype=torch.uint8).fill_(2)
