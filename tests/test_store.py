@@ -16,7 +16,7 @@ from fbgemm_gpu.split_embedding_configs import SparseType
 from torchrec_scratchpipe.core import layout as layout_mod
 from torchrec_scratchpipe.core import native
 from torchrec_scratchpipe.core.layout import OPTIMIZER_STATES, EmbOptimType, RowLayout
-from torchrec_scratchpipe.core.store import BackingStore, pack_rows, row_views
+from torchrec_scratchpipe.core.store import BackingStore, empty_rows, gather_rows, row_views, scatter_rows
 
 PATHS = [
     pytest.param("0", id="pytorch"),
@@ -89,18 +89,40 @@ def test_values_sit_at_their_layout_offsets(optimizer: EmbOptimType, kind: str, 
     assert (store.packed[:, ~covered] == 0).all()
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", ["fp32", "fp16_weights"])
 @pytest.mark.parametrize("optimizer", list(OPTIMIZER_STATES), ids=lambda o: o.name)
-def test_pack_rows_inverts_row_views(optimizer: EmbOptimType, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unpack_and_pack_through_strided_views(
+    optimizer: EmbOptimType, kind: str, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the mover does with a scratchpad: scatter each value of packed rows into its own
+    slot table (insert), and gather slot rows into each value of new packed rows (victims)."""
+    monkeypatch.setenv("SCRATCHPIPE_NATIVE", path)
     layout = _layouts(monkeypatch, kind, optimizer)
-    g = torch.Generator().manual_seed(3)
-    values = {v.name: torch.randn((6,) + v.shape, generator=g).to(v.dtype) for v in layout.values}
-    packed = pack_rows(values, layout)
-    for name, view in row_views(packed, layout).items():
-        assert torch.equal(view, values[name]), name
-    out = torch.zeros(10, layout.bytes_per_row, dtype=torch.uint8)
-    assert pack_rows(values, layout, out=out).data_ptr() == out.data_ptr()
-    assert torch.equal(out[:6], packed) and (out[6:] == 0).all()
+    store = BackingStore([9], layout)
+    truth = _fill(store, seed=3)
+    slots_tables = {v.name: torch.zeros((6,) + v.shape, dtype=v.dtype) for v in layout.values}
+    rows, slots = torch.tensor([8, 2, 5]), torch.tensor([4, 0, 3])
+    for name, view in store.views(store.gather(rows)).items():
+        scatter_rows(slots_tables[name], slots, view)  # strided source
+        expect = torch.zeros_like(slots_tables[name])
+        expect[slots] = truth[name][rows]
+        assert torch.equal(slots_tables[name], expect), name
+
+    packed = store.empty_rows(3)
+    for name, view in store.views(packed).items():
+        assert gather_rows(slots_tables[name], slots, out=view).data_ptr() == view.data_ptr()  # strided target
+    assert torch.equal(packed, store.packed[rows])  # values and zero padding, byte for byte
+
+
+def test_empty_rows_zero_only_the_padding(monkeypatch: pytest.MonkeyPatch) -> None:
+    layout = _mixed_layout(monkeypatch, EmbOptimType.ADAM, 3)  # 6 B weights, 2 B pad, 12 + 12 B states
+    assert [v.offset for v in layout.values] == [0, 8, 20] and layout.bytes_per_row == 32
+    packed = empty_rows(5, layout)
+    assert (packed[:, 6:8] == 0).all() and packed.shape == (5, 32)
+    views = row_views(packed, layout)
+    views["weights"].fill_(1.0)
+    assert (packed[:, 6:8] == 0).all() and (views["weights"] == 1.0).all()
 
 
 def test_typed_views_serve_table_users() -> None:

@@ -82,7 +82,7 @@ class Mover:
         self.stats.h2d_bytes += plan.miss_rows.numel() * self.row_bytes
         if self.ring is None:
             if plan.victim_rows.numel():
-                self.store.scatter(plan.victim_rows, self.store.pack(self.pad.read(plan.victim_slots)))
+                self.store.scatter(plan.victim_rows, self._read(plan.victim_slots))
             if plan.miss_rows.numel():
                 self._insert(plan.miss_slots, self.store.gather(plan.miss_rows))
             return None
@@ -98,6 +98,12 @@ class Mover:
     def _insert(self, slots: torch.Tensor, packed: torch.Tensor) -> None:
         """Write packed rows (on the scratchpad's device) into ``slots``, value by value."""
         self.pad.write(slots, self.store.views(packed))
+
+    def _read(self, slots: torch.Tensor) -> torch.Tensor:
+        """Packed rows (on the scratchpad's device) of ``slots``, read value by value."""
+        packed = self.store.empty_rows(slots.numel(), self.device)
+        self.pad.read(slots, out=self.store.views(packed))
+        return packed
 
     def _chunks(self, rows: torch.Tensor, slots: torch.Tensor) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         assert self.ring is not None
@@ -128,7 +134,7 @@ class Mover:
             n = r.numel()
             buf.index[:n].copy_(s)
             idx = buf.index[:n].to(self.device, non_blocking=True, copy=True)
-            buf.rows(n).copy_(self.store.pack(self.pad.read(idx)), non_blocking=True)  # packed on the device
+            buf.rows(n).copy_(self._read(idx), non_blocking=True)  # packed on the device: one copy
             buf.done = self._record()
             buf.write_back = r
             self._pending.append(buf)
@@ -203,8 +209,7 @@ class Mover:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
         self.land_all()
         if rows.numel():
-            packed = self.store.pack(self.pad.read(slots.to(self.device)))
-            self.store.scatter(rows, packed.cpu())
+            self.store.scatter(rows, self._read(slots.to(self.device)).cpu())
 
     def refresh(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
         """Copy ``rows`` from the store into their ``slots`` (after the store was loaded).

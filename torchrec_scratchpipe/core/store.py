@@ -7,7 +7,9 @@ typed views into it (strided by the packed row), so state dicts, table views, in
 loads read and write the store in place, while the mover moves each row as one piece:
 ``gather`` / ``scatter`` copy whole packed rows between the store and a compact buffer,
 one ``memcpy`` per row in the native operator when it is built (``core/native.py``),
-``index_select`` / ``index_copy_`` otherwise.
+``index_select`` / ``index_copy_`` otherwise. The same row copies move one value at a time
+between a strided view of packed rows and the scratchpad (unpacking and packing in the
+same pass as the random reads or writes).
 
 Random rows of a large table are bound by memory latency and address translation, not
 bandwidth: the store asks Linux for transparent huge pages (``madvise``), which on the
@@ -30,11 +32,24 @@ HUGE_PAGE = 1 << 21
 _MADV_HUGEPAGE = 14
 
 
+def _dense_rows(t: torch.Tensor) -> bool:
+    """Whether each row of ``t`` is one contiguous run of memory, rows not overlapping
+    (rows themselves may be strided: one value of packed rows)."""
+    if t.dim() == 0:
+        return False
+    step = 1
+    for d in range(t.dim() - 1, 0, -1):
+        if t.shape[d] != 1 and t.stride(d) != step:
+            return False
+        step *= t.shape[d]
+    return t.shape[0] <= 1 or t.stride(0) >= step
+
+
 def _native_rows(table: torch.Tensor, rows: torch.Tensor, buffer: torch.Tensor) -> bool:
     return (
         table.device.type == "cpu" and buffer.device.type == "cpu" and rows.device.type == "cpu"
-        and table.is_contiguous() and buffer.is_contiguous() and table.dtype == buffer.dtype
-        and rows.dtype == torch.int64 and _native.enabled()
+        and table.dtype == buffer.dtype and table.shape[1:] == buffer.shape[1:]
+        and _dense_rows(table) and _dense_rows(buffer) and rows.dtype == torch.int64 and _native.enabled()
     )
 
 
@@ -54,9 +69,10 @@ def gather_rows(table: torch.Tensor, rows: torch.Tensor, out: Optional[torch.Ten
     """``table[rows]``, written into ``out[:len(rows)]`` when given (e.g. a pinned staging buffer).
 
     Args:
-        table: rows to read (any shape ``[N, ...]``).
+        table: rows to read (any shape ``[N, ...]``; rows may be strided).
         rows: int64 row ids.
-        out: optional buffer with at least ``len(rows)`` rows of ``table``'s row shape.
+        out: optional buffer with at least ``len(rows)`` rows of ``table``'s row shape
+            (rows may be strided, e.g. one value of a packed buffer).
 
     Returns:
         The gathered rows (a view of ``out`` when given).
@@ -82,10 +98,6 @@ def gather_rows(table: torch.Tensor, rows: torch.Tensor, out: Optional[torch.Ten
 def scatter_rows(table: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
     """``table[rows] = values`` (distinct ``rows``), in place.
 
-    ``values`` may be a strided view (one value of packed rows): on the native path it is
-    made contiguous first (one sequential copy), so the random writes stay one ``memcpy``
-    per row.
-
     Example::
 
         >>> t = torch.zeros(3, 2)
@@ -93,8 +105,6 @@ def scatter_rows(table: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) 
         >>> t.sum().item()
         2.0
     """
-    if values.device == table.device and not values.is_contiguous() and _native_rows(table, rows, table):
-        values = values.contiguous()
     if _native_rows(table, rows, values):
         torch.ops.scratchpipe.scatter_rows(table, rows, values)
     else:
@@ -130,36 +140,26 @@ def row_views(packed: torch.Tensor, layout: RowLayout) -> Dict[str, torch.Tensor
     return out
 
 
-def pack_rows(values: Dict[str, torch.Tensor], layout: RowLayout, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Packed rows ``[n, layout.bytes_per_row]`` (uint8) holding ``values`` (keyed like ``row_views``).
-
-    Args:
-        values: per value, ``[n, ...]`` rows (e.g. what ``Scratchpad.read`` returns).
-        layout: where each value goes in a row.
-        out: optional buffer of at least ``n`` packed rows on ``values``' device; the
-            result is a view of it.
+def empty_rows(n: int, layout: RowLayout, device: Optional[torch.device] = None) -> torch.Tensor:
+    """``n`` packed rows ``[n, layout.bytes_per_row]`` (uint8) to fill through ``row_views``;
+    their alignment padding (if the layout has any) is zero, so packed rows are deterministic.
 
     Example::
 
         >>> from torchrec_scratchpipe.core.layout import EmbOptimType
         >>> layout = RowLayout(EmbOptimType.EXACT_SGD, dim=2)
-        >>> pack_rows({"weights": torch.ones(4, 2)}, layout).shape
-        torch.Size([4, 8])
+        >>> row_views(empty_rows(4, layout), layout)["weights"].shape
+        torch.Size([4, 2])
     """
-    weights = values["weights"]
-    n = weights.shape[0]
-    if out is None:
-        out = torch.empty((n, layout.bytes_per_row), dtype=torch.uint8, device=weights.device)
-    dst = out[:n]
-    for name, view in row_views(dst, layout).items():
-        view.copy_(values[name])
+    out = torch.empty((n, layout.bytes_per_row), dtype=torch.uint8, device=device)
     at = 0
-    for v in layout.values + (None,):  # zero the alignment padding, so packed rows are deterministic
-        end = layout.bytes_per_row if v is None else v.offset
-        if end > at:
-            dst[:, at:end].zero_()
-        at = end if v is None else v.offset + v.nbytes
-    return dst
+    for v in layout.values:
+        if v.offset > at:
+            out[:, at : v.offset].zero_()
+        at = v.offset + v.nbytes
+    if layout.bytes_per_row > at:
+        out[:, at:].zero_()
+    return out
 
 
 def _advise_huge_pages(t: torch.Tensor) -> None:
@@ -240,9 +240,9 @@ class BackingStore:
         """Typed views (weights, states) of packed rows of this store's layout."""
         return row_views(packed, self.layout)
 
-    def pack(self, values: Dict[str, torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Packed rows of this store's layout holding ``values`` (see ``pack_rows``)."""
-        return pack_rows(values, self.layout, out)
+    def empty_rows(self, n: int, device: Optional[torch.device] = None) -> torch.Tensor:
+        """``n`` packed rows of this store's layout to fill through ``views`` (see ``empty_rows``)."""
+        return empty_rows(n, self.layout, device)
 
     def buffer(self, rows: int, pin: bool = False) -> torch.Tensor:
         """An empty packed buffer for ``rows`` rows (``gather(out=...)``)."""
