@@ -45,26 +45,36 @@ def _layouts(monkeypatch: pytest.MonkeyPatch, kind: str, optimizer: EmbOptimType
     return _mixed_layout(monkeypatch, optimizer, 3)  # odd dim: the state is padded to a 4-byte offset
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "per_value"])
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", ["fp32", "fp16_weights"])
 @pytest.mark.parametrize("optimizer", list(OPTIMIZER_STATES), ids=lambda o: o.name)
 def test_gather_scatter_round_trip(
-    optimizer: EmbOptimType, kind: str, path: str, monkeypatch: pytest.MonkeyPatch
+    optimizer: EmbOptimType, kind: str, path: str, packed: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SCRATCHPIPE_NATIVE", path)
     layout = _layouts(monkeypatch, kind, optimizer)
-    store = BackingStore([7, 11, 5], layout)
-    assert store.packed.shape == (23, layout.bytes_per_row)
+    store = BackingStore([7, 11, 5], layout, packed=packed)
+    assert store.nbytes() == 23 * (layout.bytes_per_row if packed else layout.weight_bytes + layout.state_bytes)
     assert sorted(store.states) == sorted(layout.state_names)
+    if packed:  # every value is a view of the one packed allocation
+        assert store.packed is not None and store.weights.data_ptr() == store.packed.data_ptr()
+        assert all(v.untyped_storage().data_ptr() == store.packed.data_ptr() for v in store.states.values())
+    else:  # what ShardedTensor local shards need
+        assert store.packed is None and all(v.is_contiguous() for v in [store.weights, *store.states.values()])
     truth = _fill(store, seed=1)
     rows, dest = torch.tensor([20, 3, 14, 0, 9]), torch.tensor([1, 22, 7, 13, 4])
 
-    buffer = store.buffer(8)
+    buffer = store.empty_rows(8)
     got = store.gather(rows, out=buffer)
     assert got.data_ptr() == buffer.data_ptr() and got.shape == (5, layout.bytes_per_row)
     for name, view in store.views(got).items():
         assert torch.equal(view, truth[name][rows]), name
     assert torch.equal(store.gather(rows), got)  # without a buffer: the same rows
+    twin = BackingStore([23], layout, packed=not packed)
+    for name, view in {"weights": twin.weights, **twin.states}.items():
+        view.copy_(truth[name])
+    assert torch.equal(twin.gather(rows), got)  # both layouts stage the same bytes (padding zero)
 
     store.scatter(dest, got)
     for name, view in {"weights": store.weights, **store.states}.items():

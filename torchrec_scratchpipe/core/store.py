@@ -3,13 +3,17 @@
 Every row of a table group is stored as one packed record of ``layout.bytes_per_row``
 bytes (weights, then each optimizer state, at the offsets ``RowLayout`` gives), all rows
 in one contiguous ``uint8`` allocation. ``store.weights`` and ``store.states[name]`` are
-typed views into it (strided by the packed row), so state dicts, table views, init and
-loads read and write the store in place, while the mover moves each row as one piece:
+typed views into it (strided by the packed row), so table views, init and loads read and
+write the store in place, while the mover moves each row as one piece:
 ``gather`` / ``scatter`` copy whole packed rows between the store and a compact buffer,
 one ``memcpy`` per row in the native operator when it is built (``core/native.py``),
 ``index_select`` / ``index_copy_`` otherwise. The same row copies move one value at a time
 between a strided view of packed rows and the scratchpad (unpacking and packing in the
 same pass as the random reads or writes).
+
+TorchRec's ``ShardedTensor`` accepts only contiguous local shards, so the TorchRec kernel
+asks for an unpacked store (``packed=False``: one contiguous tensor per value, the same
+packed buffers on the mover's side, rows gathered and scattered value by value).
 
 Random rows of a large table are bound by memory latency and address translation, not
 bandwidth: the store asks Linux for transparent huge pages (``madvise``), which on the
@@ -140,9 +144,12 @@ def row_views(packed: torch.Tensor, layout: RowLayout) -> Dict[str, torch.Tensor
     return out
 
 
-def empty_rows(n: int, layout: RowLayout, device: Optional[torch.device] = None) -> torch.Tensor:
-    """``n`` packed rows ``[n, layout.bytes_per_row]`` (uint8) to fill through ``row_views``;
-    their alignment padding (if the layout has any) is zero, so packed rows are deterministic.
+def empty_rows(
+    n: int, layout: RowLayout, device: Optional[torch.device] = None, pin: bool = False
+) -> torch.Tensor:
+    """``n`` packed rows ``[n, layout.bytes_per_row]`` (uint8) to fill through ``row_views``
+    (pinned if ``pin`` and CUDA is available); their alignment padding (if the layout has
+    any) is zero, so packed rows are deterministic.
 
     Example::
 
@@ -151,7 +158,8 @@ def empty_rows(n: int, layout: RowLayout, device: Optional[torch.device] = None)
         >>> row_views(empty_rows(4, layout), layout)["weights"].shape
         torch.Size([4, 2])
     """
-    out = torch.empty((n, layout.bytes_per_row), dtype=torch.uint8, device=device)
+    pin = pin and torch.cuda.is_available() and (device is None or torch.device(device).type == "cpu")
+    out = torch.empty((n, layout.bytes_per_row), dtype=torch.uint8, device=device, pin_memory=pin)
     at = 0
     for v in layout.values:
         if v.offset > at:
@@ -181,17 +189,21 @@ def _advise_huge_pages(t: torch.Tensor) -> None:
 
 
 class BackingStore:
-    """Host-resident rows of one table group: weights plus optimizer state per row, packed.
+    """Host-resident rows of one table group: weights plus optimizer state per row.
 
     Tables are concatenated into one row space; table ``t`` owns rows
-    ``[offsets[t], offsets[t + 1])``. ``packed`` holds every row as ``layout.bytes_per_row``
-    bytes; ``weights`` and ``states`` are typed views into it. Memory is pageable: the
-    mover stages rows through a small ring of pinned buffers (``core/staging.py``) to copy
-    them to and from the device.
+    ``[offsets[t], offsets[t + 1])``. By default the store is *packed*: ``packed`` holds
+    every row as ``layout.bytes_per_row`` bytes, ``weights`` and ``states`` are typed,
+    row-strided views into it, and a row moves as one piece. With ``packed=False`` each
+    value is its own contiguous tensor (what TorchRec's ``ShardedTensor`` local shards
+    require) and rows move value by value into and out of the same packed buffers. Memory
+    is pageable: the mover stages rows through a small ring of pinned buffers
+    (``core/staging.py``) to copy them to and from the device.
 
     Args:
         table_rows: rows of each table, in group order.
         layout: what one row holds (weights and optimizer state, their dtypes and offsets).
+        packed: one packed allocation (True) or one contiguous tensor per value.
 
     Example::
 
@@ -199,24 +211,34 @@ class BackingStore:
         >>> s = BackingStore([4, 6], RowLayout(EmbOptimType.EXACT_ROWWISE_ADAGRAD, dim=4))
         >>> s.weights.shape, s.states["momentum1"].shape, s.offsets.tolist()
         (torch.Size([10, 4]), torch.Size([10]), [0, 4, 10])
-        >>> s.packed.shape, s.weights.data_ptr() == s.packed.data_ptr()
-        (torch.Size([10, 20]), True)
+        >>> s.packed.shape, s.weights.data_ptr() == s.packed.data_ptr(), s.weights.is_contiguous()
+        (torch.Size([10, 20]), True, False)
+        >>> BackingStore([4, 6], s.layout, packed=False).weights.is_contiguous()
+        True
     """
 
-    def __init__(self, table_rows: Sequence[int], layout: RowLayout) -> None:
+    def __init__(self, table_rows: Sequence[int], layout: RowLayout, packed: bool = True) -> None:
         self.table_rows: List[int] = list(table_rows)
         self.layout = layout
         self.offsets = torch.tensor([0] + self.table_rows).cumsum(0)
-        self.packed = torch.empty((int(self.offsets[-1]), layout.bytes_per_row), dtype=torch.uint8)
-        _advise_huge_pages(self.packed)
-        self.packed.zero_()
-        views = row_views(self.packed, layout)
+        n = int(self.offsets[-1])
+        self.packed: Optional[torch.Tensor] = None
+        if packed:
+            self.packed = _zeros((n, layout.bytes_per_row), torch.uint8)
+            views = row_views(self.packed, layout)
+        else:
+            views = {v.name: _zeros((n,) + v.shape, v.dtype) for v in layout.values}
         self.weights: torch.Tensor = views.pop("weights")
         self.states: Dict[str, torch.Tensor] = views
 
     @property
     def num_rows(self) -> int:
         return int(self.offsets[-1])
+
+    def nbytes(self) -> int:
+        """Bytes the store allocates."""
+        tensors = [self.packed] if self.packed is not None else [self.weights, *self.states.values()]
+        return sum(t.untyped_storage().nbytes() for t in tensors if t is not None)
 
     def table_view(self, tensor: torch.Tensor, t: int) -> torch.Tensor:
         """Rows of table ``t`` in ``tensor`` (a view, no copy)."""
@@ -230,21 +252,36 @@ class BackingStore:
             out: optional packed buffer with at least ``len(rows)`` rows (e.g. pinned
                 staging); the result is a view of it.
         """
-        return gather_rows(self.packed, rows, out)
+        if self.packed is not None:
+            return gather_rows(self.packed, rows, out)
+        dst = (self.empty_rows(rows.numel()) if out is None else out)[: rows.numel()]
+        for name, view in self.views(dst).items():
+            gather_rows(self._value(name), rows, view)
+        return dst
 
     def scatter(self, rows: torch.Tensor, packed: torch.Tensor) -> None:
         """Write packed rows (as ``gather`` returns them) back to ``rows`` (write-back)."""
-        scatter_rows(self.packed, rows, packed)
+        if self.packed is not None:
+            scatter_rows(self.packed, rows, packed)
+            return
+        for name, view in self.views(packed).items():
+            scatter_rows(self._value(name), rows, view)
+
+    def _value(self, name: str) -> torch.Tensor:
+        return self.weights if name == "weights" else self.states[name]
 
     def views(self, packed: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Typed views (weights, states) of packed rows of this store's layout."""
         return row_views(packed, self.layout)
 
-    def empty_rows(self, n: int, device: Optional[torch.device] = None) -> torch.Tensor:
-        """``n`` packed rows of this store's layout to fill through ``views`` (see ``empty_rows``)."""
-        return empty_rows(n, self.layout, device)
+    def empty_rows(self, n: int, device: Optional[torch.device] = None, pin: bool = False) -> torch.Tensor:
+        """``n`` packed rows of this store's layout, e.g. a buffer for ``gather(out=...)``
+        (see ``empty_rows``)."""
+        return empty_rows(n, self.layout, device, pin)
 
-    def buffer(self, rows: int, pin: bool = False) -> torch.Tensor:
-        """An empty packed buffer for ``rows`` rows (``gather(out=...)``)."""
-        pin = pin and torch.cuda.is_available()
-        return torch.empty((rows, self.layout.bytes_per_row), dtype=torch.uint8, pin_memory=pin)
+
+def _zeros(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """A zero host tensor whose pages are advised to be huge before they are first touched."""
+    t = torch.empty(tuple(shape), dtype=dtype)
+    _advise_huge_pages(t)
+    return t.zero_()
