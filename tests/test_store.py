@@ -7,7 +7,8 @@ both row-copy paths (native ``memcpy`` per row and ``index_select``/``index_copy
 
 from __future__ import annotations
 
-from typing import Dict
+import os
+from typing import Dict, List
 
 import pytest
 import torch
@@ -153,3 +154,26 @@ def test_row_views_rejects_other_shapes() -> None:
     layout = RowLayout(EmbOptimType.EXACT_ROWWISE_ADAGRAD, 4)
     with pytest.raises(ValueError, match=r"uint8 \[n, 20\]"):
         row_views(torch.zeros(3, 16, dtype=torch.uint8), layout)
+
+
+def _vm_flags(address: int) -> List[str]:
+    """VmFlags of the mapping holding ``address`` (Linux /proc/self/smaps)."""
+    flags: List[str] = []
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                flags = line.split()[1:]
+    return flags
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage"), reason="Linux with THP only")
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "per_value"])
+def test_large_stores_ask_for_huge_pages(packed: bool) -> None:
+    store = BackingStore([40_000], RowLayout(EmbOptimType.EXACT_ROWWISE_ADAGRAD, 64), packed=packed)  # 10 MB
+    middle = store.weights.data_ptr() + store.weights.untyped_storage().nbytes() // 2
+    assert "hg" in _vm_flags(middle)  # MADV_HUGEPAGE took effect on the mapping

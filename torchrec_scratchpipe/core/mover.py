@@ -9,8 +9,9 @@ ring of pinned staging buffers (``StagingRing``) and the copies run on a side st
 - the side stream then waits for the last retired batch's update (an event recorded at
   retirement, or at a ``fence``: hazard 1) before it reads victims or writes slots;
 - victims are packed on the device, copied into a buffer as one tensor and scattered
-  into the pageable backing store only once that copy has completed, at the latest before a later collect reads one of their
-  rows (hazard 2) or before the buffer is reused.
+  into the pageable backing store only once that copy has completed, at the latest
+  before a later collect reads one of their rows (hazard 2) or before the buffer is
+  reused.
 
 After a reset, a load or a refresh, ``fence`` makes the side stream wait for everything
 issued so far on the training stream before it touches a slot again.
