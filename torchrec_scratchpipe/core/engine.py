@@ -56,7 +56,8 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         device: ``cpu`` or a ``cuda`` device for the scratchpad.
         packed_store: keep each row's weights and optimizer state together in the
             backing store (one copy per row when moving; ``table_weights()`` and
-            ``optimizer_states()`` are then row-strided views). False: one contiguous
+            ``optimizer_states()`` are then row-strided views: ``torch.save`` of one
+            writes the whole packed store, ``.clone()`` it first). False: one contiguous
             tensor per value (what TorchRec's ``ShardedTensor`` needs; the TorchRec
             kernel uses it).
 
