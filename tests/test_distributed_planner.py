@@ -105,7 +105,7 @@ def test_host_estimate_matches_allocations(lf: float) -> None:
         store = BackingStore([r["rows"]], RowLayout(FP["optimizer"], 64))
         slots = SlotPlanner(r["rows"], r["slots"])
         ring = staging_ring(store, r["slots"], pin=False)  # pinned on CUDA: same bytes (powers of two)
-        allocated = _nbytes([store.weights, *store.states.values()]) + ring.nbytes() + _nbytes(
+        allocated = store.nbytes() + ring.nbytes() + _nbytes(
             [slots.row_to_slot, slots._tag, slots.slot_to_row, slots.last_use, slots.queue.slots, slots.queue.stamps]
         )
         assert ring.nbytes() == r["host_staging_bytes"]

@@ -109,30 +109,3 @@ def test_switch_chooses_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SCRATCHPIPE_NATIVE", "maybe")
     with pytest.raises(ValueError, match="SCRATCHPIPE_NATIVE must be"):
         SlotPlanner(10, 2)
-
-
-@pytest.mark.parametrize("path", ["1", "0"])
-def test_store_gather_into_buffers_and_scatter(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Row copies (native memcpy per row, or index_select/index_copy_) move weights and state."""
-    from torchrec_scratchpipe.core.layout import EmbOptimType, RowLayout
-    from torchrec_scratchpipe.core.store import BackingStore
-
-    monkeypatch.setenv("SCRATCHPIPE_NATIVE", path)
-    store = BackingStore([5, 7], RowLayout(EmbOptimType.EXACT_ROWWISE_ADAGRAD, dim=4))
-    g = torch.Generator().manual_seed(0)
-    store.weights.copy_(torch.randn(12, 4, generator=g))
-    store.states["momentum1"].copy_(torch.rand(12, generator=g))
-    before = {"weights": store.weights.clone(), "momentum1": store.states["momentum1"].clone()}
-    rows, dest = torch.tensor([9, 2, 11]), torch.tensor([0, 6, 3])
-    buffers = store.buffers(8)
-    got = store.gather(rows, out=buffers)
-    assert got["weights"].data_ptr() == buffers["weights"].data_ptr()  # written in place
-    for k in got:
-        torch.testing.assert_close(got[k], before[k][rows], rtol=0, atol=0)
-    store.scatter(dest, got)
-    expect_w = before["weights"].clone()
-    expect_w[dest] = before["weights"][rows]
-    torch.testing.assert_close(store.weights, expect_w, rtol=0, atol=0)
-    expect_s = before["momentum1"].clone()
-    expect_s[dest] = before["momentum1"][rows]
-    torch.testing.assert_close(store.states["momentum1"], expect_s, rtol=0, atol=0)

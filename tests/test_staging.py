@@ -28,18 +28,19 @@ def _staged(emb: ScratchPipeEmbeddingBags, buffer_bytes: int, buffers: int) -> L
     return rings
 
 
-@pytest.mark.parametrize("optimizer,buffer_bytes,buffers", [
-    (EmbOptimType.EXACT_ROWWISE_ADAGRAD, 1 << 10, 2),  # many chunks per plan, buffers reused within a plan
-    (EmbOptimType.EXACT_ADAGRAD, 1 << 12, 3),
-    (EmbOptimType.EXACT_ROWWISE_ADAGRAD, 1 << 20, 4),  # one chunk per plan
+@pytest.mark.parametrize("optimizer,buffer_bytes,buffers,packed", [
+    (EmbOptimType.EXACT_ROWWISE_ADAGRAD, 1 << 10, 2, True),  # many chunks per plan, buffers reused within a plan
+    (EmbOptimType.EXACT_ADAGRAD, 1 << 12, 3, True),
+    (EmbOptimType.EXACT_ROWWISE_ADAGRAD, 1 << 20, 4, True),  # one chunk per plan
+    (EmbOptimType.EXACT_ROWWISE_ADAGRAD, 1 << 12, 3, False),  # a store of one tensor per value (TorchRec kernel)
 ])
-def test_staged_mover_matches_full_table(optimizer: EmbOptimType, buffer_bytes: int, buffers: int) -> None:
+def test_staged_mover_matches_full_table(optimizer: EmbOptimType, buffer_bytes: int, buffers: int, packed: bool) -> None:
     lookahead = 2
     tables = make_tables(ROWS, [8, 8, 16])  # two groups
     stream = power_law_stream(ROWS, 60, 16, seed=5)
     cfg = ScratchPipeConfig(cache_rows=window_capacity(stream, ROWS, lookahead), lookahead=lookahead,
                             horizon=lookahead + 3, optimizer=optimizer, learning_rate=0.1, background_planning=False)
-    emb = ScratchPipeEmbeddingBags(tables, cfg)
+    emb = ScratchPipeEmbeddingBags(tables, cfg, packed_store=packed)
     rings = _staged(emb, buffer_bytes, buffers)
     ref = FullTableReference(tables, optimizer, lr=0.1)
     ref.load(emb.table_weights())
@@ -113,13 +114,13 @@ def test_ring_allocates_what_host_bytes_counts(optimizer: EmbOptimType, capacity
     store = BackingStore([10], RowLayout(optimizer, dim))
     ring = staging_ring(store, capacity, pin=False)
     row = store.layout.bytes_per_row
-    assert sum(t[0].nbytes for t in [store.weights, *store.states.values()]) == row
+    assert store.nbytes() == 10 * row
     assert ring.nbytes() == StagingRing.host_bytes(capacity, row)
-    assert ring.rows == min(capacity, ring.rows) and ring.buffers[0].values["weights"].shape == (ring.rows, dim)
+    assert ring.rows == min(capacity, ring.rows) and ring.buffers[0].packed.shape == (ring.rows, row)
     for buf in ring.buffers:  # views of one flat buffer that do not overlap
         spans: List[Any] = sorted(
             (t.storage_offset() * t.element_size(), (t.storage_offset() + t.numel()) * t.element_size())
-            for t in [buf.index, *buf.values.values()]
+            for t in [buf.index, buf.packed]
         )
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
         assert spans[-1][1] <= ring.nbytes() // len(ring.buffers)

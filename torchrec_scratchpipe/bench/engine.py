@@ -16,7 +16,8 @@ Two yardsticks are measured in the same run, every step:
 - a plain ``memcpy`` of as many bytes as the mover's host side moved that step (from a
   256 MiB buffer pair, rotating, so the source is not cache-hot), against that host side
   replayed on the same rows: gather the step's missing rows (weights and optimizer
-  state) into a reusable staging buffer, and scatter its victims into the backing store.
+  state: packed rows, one copy each) into a reusable staging buffer, and scatter its
+  victims into the backing store.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ class _HostMoverProbe:
 
     def __init__(self, emb: ScratchPipeEmbeddingBags, capacity: int) -> None:
         self.store = next(iter(emb.groups.values())).store
-        self.staging = self.store.buffers(capacity)
+        self.staging = self.store.empty_rows(capacity)  # packed rows: weights and state together
         self.row_bytes = self.store.layout.bytes_per_row
         self.src = torch.empty(256 << 20, dtype=torch.uint8).fill_(1)
         self.dst = torch.empty(256 << 20, dtype=torch.uint8).fill_(2)

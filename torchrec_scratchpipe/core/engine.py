@@ -60,6 +60,12 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             one dim; ``embeddings``/``forward`` then return one row per id.
         config: capacity, lookahead, optimizer and policy.
         device: ``cpu`` or a ``cuda`` device for the scratchpad.
+        packed_store: keep each row's weights and optimizer state together in the
+            backing store (one copy per row when moving; ``table_weights()`` and
+            ``optimizer_states()`` are then row-strided views: ``torch.save`` of one
+            writes the whole packed store, ``.clone()`` it first). False: one contiguous
+            tensor per value (what TorchRec's ``ShardedTensor`` needs; the TorchRec
+            kernel uses it).
 
     Example::
 
@@ -81,6 +87,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         tables: Sequence[Any],
         config: ScratchPipeConfig,
         device: Optional[torch.device] = None,
+        packed_store: bool = True,
     ) -> None:
         super().__init__()
         self.device = device or torch.device("cpu")
@@ -102,7 +109,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
                 raise ValueError(f"table {t.name!r}: embedding_dim {t.embedding_dim} must be a multiple of 4 (FBGEMM TBE).")
             tag = RowLayout.for_table(config.optimizer, t).group_tag  # weight dtypes train apart
             by_key.setdefault(f"dim{t.embedding_dim}_{pooling_of(t).name.lower()}{tag}", []).append(t)
-        self.groups: Dict[str, TableGroup] = {k: TableGroup(k, v, config, self.device) for k, v in by_key.items()}
+        self.groups: Dict[str, TableGroup] = {k: TableGroup(k, v, config, self.device, packed_store) for k, v in by_key.items()}
         for i, g in enumerate(self.groups.values()):
             self.add_module(f"scratchpad_{i}", g.pad)
         self.tables = list(tables)

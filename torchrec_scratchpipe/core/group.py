@@ -44,6 +44,7 @@ class TableGroup:
         tables: its table configs (same ``embedding_dim``, pooling and ``data_type``).
         config: the engine's settings.
         device: where the scratchpad lives.
+        packed_store: see ``BackingStore(packed=...)``.
 
     Example::
 
@@ -53,13 +54,15 @@ class TableGroup:
         16
     """
 
-    def __init__(self, name: str, tables: List[Any], config: ScratchPipeConfig, device: torch.device) -> None:
+    def __init__(
+        self, name: str, tables: List[Any], config: ScratchPipeConfig, device: torch.device, packed_store: bool = True
+    ) -> None:
         self.name = name
         self.tables = tables
         self.features: List[str] = [f for t in tables for f in t.feature_names]
         self.feature_table = torch.tensor([i for i, t in enumerate(tables) for _ in t.feature_names])
         self.layout = RowLayout.for_table(config.optimizer, tables[0])
-        self.store = BackingStore([t.num_embeddings for t in tables], self.layout)
+        self.store = BackingStore([t.num_embeddings for t in tables], self.layout, packed=packed_store)
         self.capacity = config.slots_for(self.store.num_rows)
         self.pad = Scratchpad(self.capacity, self.layout, len(self.features), POOLING[pooling_of(tables[0])], config, device)
         self.stats = GroupStats()

@@ -3,12 +3,15 @@
 On CPU the stages run in order inside ``move_in``. On CUDA rows travel through a fixed
 ring of pinned staging buffers (``StagingRing``) and the copies run on a side stream:
 
-- rows moving in are gathered straight into a buffer and copied to the device at once;
+- rows moving in are gathered straight into a buffer as packed rows (weights and
+  optimizer state together, ``core/store.py``), copied to the device as one tensor, and
+  written into the slots from typed views of it;
 - the side stream then waits for the last retired batch's update (an event recorded at
   retirement, or at a ``fence``: hazard 1) before it reads victims or writes slots;
-- victims are copied into a buffer and scattered into the pageable backing store only
-  once that copy has completed, at the latest before a later collect reads one of their
-  rows (hazard 2) or before the buffer is reused.
+- victims are packed on the device, copied into a buffer as one tensor and scattered
+  into the pageable backing store only once that copy has completed, at the latest
+  before a later collect reads one of their rows (hazard 2) or before the buffer is
+  reused.
 
 After a reset, a load or a refresh, ``fence`` makes the side stream wait for everything
 issued so far on the training stream before it touches a slot again.
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from typing import Any, Deque, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Deque, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -28,13 +31,12 @@ from torchrec_scratchpipe.core.staging import StagingBuffer, StagingRing
 from torchrec_scratchpipe.core.stats import GroupStats
 from torchrec_scratchpipe.core.store import BackingStore
 
-_Incoming = Tuple[torch.Tensor, Dict[str, torch.Tensor]]  # device slots, device values
+_Incoming = Tuple[torch.Tensor, torch.Tensor]  # device slots, device packed rows
 
 
 def staging_ring(store: BackingStore, capacity: int, pin: bool = True, **kw: int) -> StagingRing:
     """The staging ring a mover of ``store`` with ``capacity`` slots uses (see ``StagingRing``)."""
-    values = store.layout.values
-    return StagingRing({v.name: v.shape for v in values}, {v.name: v.dtype for v in values}, capacity, pin=pin, **kw)
+    return StagingRing(store.layout.bytes_per_row, capacity, pin=pin, **kw)
 
 
 class Mover:
@@ -81,18 +83,28 @@ class Mover:
         self.stats.h2d_bytes += plan.miss_rows.numel() * self.row_bytes
         if self.ring is None:
             if plan.victim_rows.numel():
-                self.store.scatter(plan.victim_rows, self.pad.read(plan.victim_slots))
+                self.store.scatter(plan.victim_rows, self._read(plan.victim_slots))
             if plan.miss_rows.numel():
-                self.pad.write(plan.miss_slots, self.store.gather(plan.miss_rows))
+                self._insert(plan.miss_slots, self.store.gather(plan.miss_rows))
             return None
         self._land_overlapping(plan.miss_rows)  # hazard 2: collect reads current rows
         with self._side():
             incoming = self._stage_in(plan.miss_rows, plan.miss_slots)
             self._wait_retired()  # hazard 1
             self._stage_out(plan.victim_rows, plan.victim_slots)
-            for slots, values in incoming:
-                self.pad.write(slots, values)
+            for slots, packed in incoming:
+                self._insert(slots, packed)
             return self._record()
+
+    def _insert(self, slots: torch.Tensor, packed: torch.Tensor) -> None:
+        """Write packed rows (on the scratchpad's device) into ``slots``, value by value."""
+        self.pad.write(slots, self.store.views(packed))
+
+    def _read(self, slots: torch.Tensor) -> torch.Tensor:
+        """Packed rows (on the scratchpad's device) of ``slots``, read value by value."""
+        packed = self.store.empty_rows(slots.numel(), self.device)
+        self.pad.read(slots, out=self.store.views(packed))
+        return packed
 
     def _chunks(self, rows: torch.Tensor, slots: torch.Tensor) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         assert self.ring is not None
@@ -111,7 +123,7 @@ class Mover:
             self.store.gather(r, out=staged)
             buf.index[:n].copy_(s)
             idx = buf.index[:n].to(self.device, non_blocking=True, copy=True)
-            out.append((idx, {k: v.to(self.device, non_blocking=True, copy=True) for k, v in staged.items()}))
+            out.append((idx, staged.to(self.device, non_blocking=True, copy=True)))  # one copy per chunk
             buf.done = self._record()
         return out
 
@@ -123,8 +135,7 @@ class Mover:
             n = r.numel()
             buf.index[:n].copy_(s)
             idx = buf.index[:n].to(self.device, non_blocking=True, copy=True)
-            for k, v in self.pad.read(idx).items():
-                buf.values[k][:n].copy_(v, non_blocking=True)
+            buf.rows(n).copy_(self._read(idx), non_blocking=True)  # packed on the device: one copy
             buf.done = self._record()
             buf.write_back = r
             self._pending.append(buf)
@@ -199,8 +210,7 @@ class Mover:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
         self.land_all()
         if rows.numel():
-            values = self.pad.read(slots.to(self.device))
-            self.store.scatter(rows, {k: v.cpu() for k, v in values.items()})
+            self.store.scatter(rows, self._read(slots.to(self.device)).cpu())
 
     def refresh(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
         """Copy ``rows`` from the store into their ``slots`` (after the store was loaded).
@@ -210,14 +220,14 @@ class Mover:
         """
         if self.ring is None:
             if rows.numel():
-                self.pad.write(slots, self.store.gather(rows))
+                self._insert(slots, self.store.gather(rows))
             return
         self.land_all()
         self.fence()
         with self._side():
             incoming = self._stage_in(rows, slots)
             self._wait_retired()
-            for s, values in incoming:
-                self.pad.write(s, values)
+            for s, packed in incoming:
+                self._insert(s, packed)
         if self.stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)

@@ -91,12 +91,14 @@ class Scratchpad(torch.nn.Module):
         out: torch.Tensor = self.tbe(slot_indices, offsets, per_sample_weights)
         return out
 
-    def read(self, slots: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Weights and states of ``slots`` (on the scratchpad's device)."""
-        out = {"weights": gather_rows(self.weights.detach(), slots)}
+    def read(self, slots: torch.Tensor, out: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """Weights and states of ``slots`` (on the scratchpad's device), written into ``out``'s
+        tensors when given (e.g. typed views of packed rows)."""
+        into = {} if out is None else out
+        res = {"weights": gather_rows(self.weights.detach(), slots, into.get("weights"))}
         for name, st in self.states.items():
-            out[name] = gather_rows(st.detach(), slots)
-        return out
+            res[name] = gather_rows(st.detach(), slots, into.get(name))
+        return res
 
     @torch.no_grad()
     def write(self, slots: torch.Tensor, values: Dict[str, torch.Tensor]) -> None:

@@ -1,11 +1,12 @@
 """A fixed ring of pinned host buffers for rows on their way between host and device.
 
 The backing store stays in pageable memory. Rows travel through a few pinned buffers
-allocated once: rows moving in are gathered straight into a buffer (``index_select``
-with ``out=``) and copied to the device from there; victims moving out are copied from
-the device into a buffer and scattered into the store once their copy has completed.
-A buffer is handed out again only after the event recorded after its last copy has
-completed, so the host never overwrites memory a copy still reads.
+allocated once, as packed rows (``layout.bytes_per_row`` bytes each: weights and optimizer
+state together, see ``core/store.py``): rows moving in are gathered straight into a
+buffer and copied to the device as one tensor; victims moving out are packed on the
+device, copied into a buffer as one tensor, and scattered into the store once their copy
+has completed. A buffer is handed out again only after the event recorded after its last
+copy has completed, so the host never overwrites memory a copy still reads.
 
 Each buffer is one flat allocation whose size is a power of two: PyTorch's caching host
 allocator rounds pinned blocks up to a power of two, so what ``host_bytes`` counts is
@@ -15,7 +16,7 @@ exactly what pinning allocates.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional
 
 import torch
 
@@ -27,7 +28,7 @@ BUFFER_BYTES = 1 << 24
 INDEX_BYTES = 8
 
 
-#: Room for aligning up to 8 values to 8 bytes inside one buffer.
+#: Room for aligning the packed rows after the index.
 _SLACK = 64
 
 
@@ -37,37 +38,32 @@ def _buffer_size(rows: int, row_bytes: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _align(n: int) -> int:
-    return (n + 7) // 8 * 8
-
-
 @dataclass
 class StagingBuffer:
-    """One pinned buffer: per-row values keyed like ``BackingStore.gather``, and slot indices.
+    """One pinned buffer: packed rows and their slot indices.
 
     Args:
-        values: ``{"weights": [rows, dim], state name: [rows, ...]}`` views of the buffer.
+        packed: ``[rows, row_bytes]`` uint8 packed rows (``BackingStore.gather`` layout).
         index: ``[rows]`` int64 slots of the staged rows.
         done: CUDA event recorded after the buffer's last copy (None: free).
-        write_back: store rows whose victims sit in ``values[:n]`` waiting to be scattered.
+        write_back: store rows whose victims sit in ``packed[:n]`` waiting to be scattered.
     """
 
-    values: Dict[str, torch.Tensor]
+    packed: torch.Tensor
     index: torch.Tensor
     done: Optional["torch.cuda.Event"] = None
     write_back: Optional[torch.Tensor] = field(default=None, repr=False)
 
-    def rows(self, n: int) -> Dict[str, torch.Tensor]:
-        """The first ``n`` rows of every value (views)."""
-        return {k: v[:n] for k, v in self.values.items()}
+    def rows(self, n: int) -> torch.Tensor:
+        """The first ``n`` packed rows (a view)."""
+        return self.packed[:n]
 
 
 class StagingRing:
-    """``buffers`` pinned buffers of ``rows`` rows each, handed out in turn.
+    """``buffers`` pinned buffers of ``rows`` packed rows each, handed out in turn.
 
     Args:
-        row_shapes: per value (``"weights"`` and optimizer states), its per-row shape.
-        dtypes: per value, its dtype.
+        row_bytes: bytes of one packed row (``RowLayout.bytes_per_row``).
         capacity: slots of the scratchpad (no buffer needs more rows than this).
         buffers: number of buffers.
         buffer_bytes: bytes of one buffer (a power of two) when the scratchpad is larger.
@@ -75,17 +71,16 @@ class StagingRing:
 
     Example::
 
-        >>> ring = StagingRing({"weights": (8,)}, {"weights": torch.float32}, capacity=100, pin=False)
-        >>> ring.rows, ring.nbytes() == StagingRing.host_bytes(100, 8 * 4)
+        >>> ring = StagingRing(row_bytes=260, capacity=100, pin=False)
+        >>> ring.rows, ring.nbytes() == StagingRing.host_bytes(100, 260)
         (100, True)
-        >>> ring.acquire().values["weights"].shape
-        torch.Size([100, 8])
+        >>> ring.acquire().packed.shape
+        torch.Size([100, 260])
     """
 
     def __init__(
         self,
-        row_shapes: Dict[str, Tuple[int, ...]],
-        dtypes: Dict[str, torch.dtype],
+        row_bytes: int,
         capacity: int,
         buffers: int = RING_BUFFERS,
         buffer_bytes: int = BUFFER_BYTES,
@@ -93,23 +88,20 @@ class StagingRing:
     ) -> None:
         if buffers < 1 or buffer_bytes & (buffer_bytes - 1):
             raise ValueError(f"need >= 1 buffers of a power-of-two size, got {buffers} x {buffer_bytes} bytes.")
-        widths = {k: _numel(s) * dtypes[k].itemsize for k, s in row_shapes.items()}
-        self.rows = self.rows_per_buffer(capacity, sum(widths.values()), buffer_bytes)
-        size = _buffer_size(self.rows, sum(widths.values()))
+        if row_bytes <= 0:
+            raise ValueError(f"row_bytes must be positive, got {row_bytes}.")
+        self.rows = self.rows_per_buffer(capacity, row_bytes, buffer_bytes)
+        size = _buffer_size(self.rows, row_bytes)
         pin = pin and torch.cuda.is_available()
         self.buffers: List[StagingBuffer] = []
         self._flat: List[torch.Tensor] = []
+        at = (self.rows * INDEX_BYTES + _SLACK - 1) // _SLACK * _SLACK  # packed rows start cache-line aligned
         for _ in range(buffers):
             flat = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
-            at = _align(self.rows * INDEX_BYTES)
-            index = flat[:at].view(torch.int64)[: self.rows]
-            values = {}
-            for k, shape in row_shapes.items():
-                n = _align(self.rows * widths[k])
-                values[k] = flat[at : at + n].view(dtypes[k])[: self.rows * _numel(shape)].view((self.rows,) + tuple(shape))
-                at += n
+            index = flat[: self.rows * INDEX_BYTES].view(torch.int64)
+            packed = flat[at : at + self.rows * row_bytes].view(self.rows, row_bytes)
             self._flat.append(flat)
-            self.buffers.append(StagingBuffer(values, index))
+            self.buffers.append(StagingBuffer(packed, index))
         self._next = 0
         self.waits = 0  # times a buffer was still in use when it came round again
 
@@ -123,7 +115,7 @@ class StagingRing:
     def host_bytes(capacity: int, row_bytes: int, buffers: int = RING_BUFFERS, buffer_bytes: int = BUFFER_BYTES) -> int:
         """Host memory a ring allocates for a scratchpad of ``capacity`` slots.
 
-        ``row_bytes`` is what one row's values take (weights and optimizer state).
+        ``row_bytes`` is what one packed row takes (``RowLayout.bytes_per_row``).
         """
         rows = StagingRing.rows_per_buffer(capacity, row_bytes, buffer_bytes)
         return buffers * _buffer_size(rows, row_bytes)
@@ -150,9 +142,3 @@ class StagingRing:
             land(buf)
         return buf
 
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n

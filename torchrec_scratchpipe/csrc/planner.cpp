@@ -299,16 +299,17 @@ void next_use_push(const at::Tensor& rows_t, int64_t step, at::Tensor next_t, at
 }
 
 // Row copies between a large table and a compact buffer, one memcpy per row, in parallel.
-// ``table`` and ``buffer`` are contiguous with the same row shape and dtype.
+// ``table`` and ``buffer`` have the same dtype and row size; each row is one contiguous run
+// of bytes, and rows may be strided (e.g. one value of packed rows, ``core/store.py``).
 template <bool kGather, typename T>
-void copy_elements(T* table, const int64_t* rows, T* buffer, int64_t n) {
+void copy_elements(T* table, int64_t table_stride, const int64_t* rows, T* buffer, int64_t buffer_stride, int64_t n) {
   at::parallel_for(0, n, 1 << 14, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
-      if (i + kAhead < hi) __builtin_prefetch(table + rows[i + kAhead], kGather ? 0 : 1);
+      if (i + kAhead < hi) __builtin_prefetch(table + rows[i + kAhead] * table_stride, kGather ? 0 : 1);
       if (kGather) {
-        buffer[i] = table[rows[i]];
+        buffer[i * buffer_stride] = table[rows[i] * table_stride];
       } else {
-        table[rows[i]] = buffer[i];
+        table[rows[i] * table_stride] = buffer[i * buffer_stride];
       }
     }
   });
@@ -317,14 +318,17 @@ void copy_elements(T* table, const int64_t* rows, T* buffer, int64_t n) {
 template <bool kGather>
 void copy_rows(const at::Tensor& table, const at::Tensor& rows_t, const at::Tensor& buffer) {
   const int64_t n = rows_t.numel();
-  const int64_t row_bytes = table.numel() == 0 ? 0 : table.nbytes() / table.size(0);
+  const int64_t item = table.element_size();
+  const int64_t row_bytes = table.numel() == 0 ? 0 : table.numel() / table.size(0) * item;
+  const int64_t ts = table.stride(0) * item;  // bytes from one row to the next
+  const int64_t bs = buffer.stride(0) * item;
   const int64_t* rows = rows_t.data_ptr<int64_t>();
-  if (row_bytes == 4) {  // one scalar per row (row-wise optimizer state, next-use steps)
-    copy_elements<kGather>(static_cast<int32_t*>(table.data_ptr()), rows, static_cast<int32_t*>(buffer.data_ptr()), n);
+  if (row_bytes == 4 && ts % 4 == 0 && bs % 4 == 0) {  // one scalar per row (row-wise state, next-use steps)
+    copy_elements<kGather>(static_cast<int32_t*>(table.data_ptr()), ts / 4, rows, static_cast<int32_t*>(buffer.data_ptr()), bs / 4, n);
     return;
   }
-  if (row_bytes == 8) {
-    copy_elements<kGather>(static_cast<int64_t*>(table.data_ptr()), rows, static_cast<int64_t*>(buffer.data_ptr()), n);
+  if (row_bytes == 8 && ts % 8 == 0 && bs % 8 == 0) {
+    copy_elements<kGather>(static_cast<int64_t*>(table.data_ptr()), ts / 8, rows, static_cast<int64_t*>(buffer.data_ptr()), bs / 8, n);
     return;
   }
   char* t = static_cast<char*>(table.data_ptr());
@@ -333,14 +337,14 @@ void copy_rows(const at::Tensor& table, const at::Tensor& rows_t, const at::Tens
   at::parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       if (i + kAhead < hi) {  // request the rows ahead: random rows are latency-bound
-        const char* ahead = t + rows[i + kAhead] * row_bytes;
+        const char* ahead = t + rows[i + kAhead] * ts;
         for (int64_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(ahead + c, kGather ? 0 : 1);
       }
-      char* row = t + rows[i] * row_bytes;
+      char* row = t + rows[i] * ts;
       if (kGather) {
-        std::memcpy(b + i * row_bytes, row, row_bytes);
+        std::memcpy(b + i * bs, row, row_bytes);
       } else {
-        std::memcpy(row, b + i * row_bytes, row_bytes);
+        std::memcpy(row, b + i * bs, row_bytes);
       }
     }
   });

@@ -214,7 +214,8 @@ class ScratchPipeEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
         self._sp_config = engine_config(config.fused_params, str(self._names))
         self._device = device if device is not None else torch.device("cpu")
         try:
-            self._engine = ScratchPipeEmbeddingBags(engine_tables, self._sp_config, self._device)
+            # ShardedTensor local shards must be contiguous: one tensor per value, not packed rows
+            self._engine = ScratchPipeEmbeddingBags(engine_tables, self._sp_config, self._device, packed_store=False)
         except ValueError as e:
             raise ValueError(f"ScratchPipe tables {self._names}: {e}") from e
         self._state_names: List[str] = state_names(self._sp_config.optimizer)
