@@ -18,8 +18,8 @@ NUM_ROWS = 48
 
 
 def live_queue(p: SlotPlanner) -> List[int]:
-    """Slots in recency order, as the planner's queue walks them."""
-    return [s for _, slots in p.queue.chunks(p.last_use, 1 << 16) for s in slots.tolist()]
+    """Slots in recency order (the native planner's ranked slots first, then its queue)."""
+    return p.recency_order().tolist()
 
 
 def assert_same_state(a: PlanWindow, b: PlanWindow) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from torchrec_scratchpipe.core import native as _native
 from torchrec_scratchpipe.core.next_use import Distance
-from torchrec_scratchpipe.core.recency import RecencyQueue
+from torchrec_scratchpipe.core.recency import RankedSlots, RecencyQueue
 
 
 #: Maps candidate slots to how many batches ahead their rows are next needed
@@ -119,13 +119,16 @@ class SlotPlanner:
         self._held: Deque[List[int]] = deque()  # [step, slots last used at step], unreleased
         self._last_step = -1
         self._tag = torch.zeros(num_rows, dtype=torch.int32, device=dev)  # scratch for unique()
+        self.ranked: Optional[RankedSlots] = None  # native "future" plans: candidates by next use
         self._epoch = 0  # native de-duplication: rows tagged with the current epoch were seen
 
     @staticmethod
-    def host_bytes(num_rows: int, capacity: int) -> int:
+    def host_bytes(num_rows: int, capacity: int, ranked_limit: Optional[int] = None) -> int:
         """Memory a planner allocates: int32 row -> slot map and dedup scratch per row; int64
-        slot -> row, int32 last use and the recency queue's int32 pairs per slot."""
-        return 8 * num_rows + 8 * capacity + 4 * (capacity + 1) + 8 * RecencyQueue.entries(capacity)
+        slot -> row, int32 last use and the recency queue's int32 pairs per slot; with
+        ``ranked_limit`` (H - L of a native "future" planner), its ``RankedSlots``."""
+        base = 8 * num_rows + 8 * capacity + 4 * (capacity + 1) + 8 * RecencyQueue.entries(capacity)
+        return base + (RankedSlots.host_bytes(capacity, ranked_limit) if ranked_limit is not None else 0)
 
     def held_slots(self) -> int:
         """Number of slots held by planned, unreleased batches."""
@@ -134,6 +137,17 @@ class SlotPlanner:
     def resident(self) -> torch.Tensor:
         """Boolean mask over slots that hold a row."""
         return self.slot_to_row >= 0
+
+    def recency_order(self) -> torch.Tensor:
+        """Unheld and held slots (int64) from least to most recently used (queue order)."""
+        ranked = self.ranked.order() if self.ranked is not None else self.slot_to_row.new_empty(0)
+        queued = [slots for _, slots in self.queue.chunks(self.last_use, 1 << 16)]
+        return torch.cat([ranked] + queued)
+
+    def unrank(self) -> None:
+        """Put the slots ranked by next use back into the recency queue (next uses changed)."""
+        if self.ranked is not None and len(self.ranked):
+            self.queue.prepend(self.ranked.drain(), self.last_use)
 
     def try_plan(
         self, rows: torch.Tensor, step: int, next_use: Optional[NextUseFn] = None
@@ -164,9 +178,10 @@ class SlotPlanner:
         if step <= self._last_step:
             raise ValueError(f"plan steps must increase: got {step} after {self._last_step}.")
         oldest_held = self._held[0][0] if self._held else step
-        if self.native and (next_use is None or isinstance(next_use, Distance)):
+        if self.native and (next_use is None or (isinstance(next_use, Distance) and next_use.peek is None)):
             plan = self._plan_native(rows, step, oldest_held, next_use)
         else:
+            self.unrank()
             plan = self._plan_reference(rows, step, oldest_held, next_use)
         if plan is None:
             return None
@@ -177,12 +192,24 @@ class SlotPlanner:
     def _plan_native(
         self, rows: torch.Tensor, step: int, oldest_held: int, next_use: Optional[Distance]
     ) -> Optional[SlotPlan]:
-        """``try_plan`` in the fused operator: one pass for hits, one walk for victims, one to place."""
+        """``try_plan`` in the fused operator: one pass for hits, one walk for victims, one to place.
+
+        With next uses the walk moves the candidates it passes whose rows are needed within
+        the horizon into ``self.ranked`` (kept across plans, so each slot is ranked once per
+        release, not at every plan); victims come from there once the others run out.
+        """
         future = self.policy == "future" and next_use is not None
-        nxt, peek, limit = (next_use.next, next_use.peek, next_use.limit) if future else (None, None, 0)  # type: ignore[union-attr]
+        limit = next_use.limit if future else 0  # type: ignore[union-attr]
+        if self.ranked is not None and (not future or self.ranked.limit != limit):
+            self.unrank()
+            self.ranked = None
+        if future and self.ranked is None:
+            self.ranked = RankedSlots(self.capacity, limit)
+        r = self.ranked
         slots, miss_rows, miss_slots, victim_rows, victim_slots, moved, head, ok = torch.ops.scratchpipe.plan(
             rows.to(torch.int64).contiguous(), step, self.row_to_slot, self.slot_to_row, self.last_use, self.queue.slots,
-            self.queue.stamps, self.queue.head, self.queue.tail, oldest_held, nxt, peek, limit,
+            self.queue.stamps, self.queue.head, self.queue.tail, oldest_held, next_use.next if future else None,  # type: ignore[union-attr]
+            limit, *((r.links, r.seq, r.ends, r.meta) if r is not None else (None,) * 4),
         )
         if not ok:
             return None

@@ -193,6 +193,7 @@ class PlanWindow:
         self.pending.clear()
         self.extra_peek = []
         self.next_use.clear()
+        self.planner.unrank()  # its ranking read the next uses just forgotten
         self.retire_done()
 
     @property

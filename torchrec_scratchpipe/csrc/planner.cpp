@@ -61,77 +61,81 @@ std::tuple<at::Tensor, at::Tensor> group_dedup(const at::Tensor& values, const a
   return {ids, rows.narrow(0, 0, n_rows)};
 }
 
-struct Candidate {
-  int32_t dist;   // batches until the row is needed again
-  int32_t stamp;  // its queue entry's stamp
-  int32_t slot;
+// Candidates ranked by next use, kept across plans (core/recency.py ``RankedSlots``).
+// An unheld slot whose row is needed within the horizon leaves the recency queue for the
+// bucket of that next-use step: a doubly linked FIFO per step, in the order the walk met
+// the slots (their recency order). A bucket's slots stay candidates until their row is
+// hit (it is planned by that very step, so buckets of past steps are empty) or they are
+// taken as victims; each slot is therefore ranked once, not at every plan.
+struct Ranked {
+  int32_t* prev;  // per slot: neighbours in its bucket (-1: none)
+  int32_t* next;
+  int32_t* key;   // per slot: its bucket's next-use step (-1: not ranked)
+  int64_t* seq;   // per slot: when it was ranked (recency order across buckets)
+  int32_t* head;  // per bucket (step mod buckets): first and last slot (-1: empty)
+  int32_t* tail;
+  int64_t buckets;
+  int64_t* meta;  // [ranked slots, next seq]
+
+  void push(int32_t s, int32_t k) {
+    const int64_t b = k % buckets;
+    const int32_t t = tail[b];
+    TORCH_CHECK(t < 0 || key[t] == k, "scratchpipe.plan: a ranked bucket still holds slots of a past step");
+    prev[s] = t;
+    next[s] = -1;
+    if (t < 0) head[b] = s; else next[t] = s;
+    tail[b] = s;
+    key[s] = k;
+    seq[s] = meta[1]++;
+    ++meta[0];
+  }
+
+  void unlink(int32_t s) {
+    const int64_t b = key[s] % buckets;
+    const int32_t p = prev[s], n = next[s];
+    if (p < 0) head[b] = n; else next[p] = n;
+    if (n < 0) tail[b] = p; else prev[n] = p;
+    key[s] = -1;
+    --meta[0];
+  }
 };
 
-// Indices of the ``want`` candidates with the farthest next use (ties: earlier in the
-// queue first), in that order. Distances within [0, limit] are counting-sorted (one
-// sequential pass); anything else falls back to nth_element + sort.
-std::vector<int64_t> rank_farthest(const std::vector<Candidate>& ranked, int64_t want, int64_t limit) {
-  const int64_t m = static_cast<int64_t>(ranked.size());
-  int32_t lo = kNever, hi = -1;
-  for (const auto& c : ranked) {
-    lo = std::min(lo, c.dist);
-    hi = std::max(hi, c.dist);
-  }
-  std::vector<int64_t> order;
-  if (m == 0 || lo < 0 || hi > limit || limit > (1 << 16)) {
-    order.resize(m);
-    for (int64_t k = 0; k < m; ++k) order[k] = k;
-    auto better = [&ranked](int64_t a, int64_t b) {
-      return ranked[a].dist != ranked[b].dist ? ranked[a].dist > ranked[b].dist : a < b;
-    };
-    if (want < m) std::nth_element(order.begin(), order.begin() + want, order.end(), better);
-    std::sort(order.begin(), order.begin() + want, better);
-    order.resize(want);
-    return order;
-  }
-  std::vector<int64_t> count(hi + 1, 0), start(hi + 1, 0);
-  for (const auto& c : ranked) ++count[c.dist];
-  int64_t above = 0;  // candidates strictly farther than the threshold distance
-  int32_t thr = hi;
-  for (; thr > lo && above + count[thr] < want; --thr) above += count[thr];
-  int64_t o = 0;
-  for (int32_t d = hi; d > thr; --d) {
-    start[d] = o;
-    o += count[d];
-  }
-  start[thr] = o;
-  int64_t left = want - above;  // taken at the threshold distance, in queue order
-  order.assign(want, 0);
-  for (int64_t k = 0; k < m; ++k) {
-    const int32_t d = ranked[k].dist;
-    if (d > thr) {
-      order[start[d]++] = k;
-    } else if (d == thr && left > 0) {
-      order[start[thr]++] = k;
-      --left;
-    }
-  }
-  return order;
-}
-
-// One plan: hits, victims from the recency queue, map updates. See SlotPlanner.try_plan.
-// Returns (slots, miss_rows, miss_slots, victim_rows, victim_slots, hist, head, ok); the
-// queue stretch the walk passed is compacted in place (``head`` is its new start).
-// When not ok (the misses do not fit in the unheld slots) nothing has changed.
+// One plan: hits, victims, map updates. See SlotPlanner.try_plan.
+// Victims: unheld slots whose rows no batch within ``limit`` steps needs, least recently
+// used first (a walk of the recency queue from its head); then, if too few, ranked slots
+// by farthest next use, least recently used first among equals. The walk moves the
+// slots it passes whose rows are needed within the horizon into ``ranked`` (only with
+// ``next``). Returns (slots, miss_rows, miss_slots, victim_rows, victim_slots, hist,
+// head, ok); ``head`` is the queue's new start. When not ok (the misses do not fit in
+// the unheld slots) nothing has changed.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, bool>
 plan(const at::Tensor& rows_t, int64_t step, at::Tensor row_to_slot_t, at::Tensor slot_to_row_t,
-     at::Tensor last_use_t, at::Tensor q_slots_t, at::Tensor q_stamps_t, int64_t head,
-     int64_t tail, int64_t oldest_held, const c10::optional<at::Tensor>& next_t,
-     const c10::optional<at::Tensor>& peek_t, int64_t limit) {
+     at::Tensor last_use_t, const at::Tensor& q_slots_t, const at::Tensor& q_stamps_t, int64_t head,
+     int64_t tail, int64_t oldest_held, const c10::optional<at::Tensor>& next_t, int64_t limit,
+     const c10::optional<at::Tensor>& links_t, const c10::optional<at::Tensor>& seq_t,
+     const c10::optional<at::Tensor>& ends_t, const c10::optional<at::Tensor>& meta_t) {
   const int64_t n = rows_t.numel();
   const int64_t* rows = rows_t.data_ptr<int64_t>();
   int32_t* row_to_slot = row_to_slot_t.data_ptr<int32_t>();
   int64_t* slot_to_row = slot_to_row_t.data_ptr<int64_t>();
   int32_t* last_use = last_use_t.data_ptr<int32_t>();
-  int32_t* q_slots = q_slots_t.data_ptr<int32_t>();
-  int32_t* q_stamps = q_stamps_t.data_ptr<int32_t>();
+  const int32_t* q_slots = q_slots_t.data_ptr<int32_t>();
+  const int32_t* q_stamps = q_stamps_t.data_ptr<int32_t>();
   const int32_t stamp = static_cast<int32_t>(step);
   const int64_t span = step - oldest_held;
+  const bool future = next_t.has_value() && next_t->defined();
+  const int32_t* next = future ? next_t->data_ptr<int32_t>() : nullptr;
+  Ranked ranked{};
+  if (future) {
+    TORCH_CHECK(links_t.has_value() && seq_t.has_value() && ends_t.has_value() && meta_t.has_value(),
+                "scratchpipe.plan: next uses need the ranked-slot state");
+    const int64_t c = links_t->size(1);
+    int32_t* links = links_t->data_ptr<int32_t>();
+    int32_t* ends = ends_t->data_ptr<int32_t>();
+    ranked = Ranked{links, links + c, links + 2 * c, seq_t->data_ptr<int64_t>(),
+                    ends, ends + ends_t->size(1), ends_t->size(1), meta_t->data_ptr<int64_t>()};
+    TORCH_CHECK(ranked.buckets == limit + 1, "scratchpipe.plan: ranked-slot buckets do not match the horizon");
+  }
 
   auto slots_t = at::empty({n}, rows_t.options());
   auto hist_t = at::zeros({span + 1}, rows_t.options());
@@ -140,13 +144,17 @@ plan(const at::Tensor& rows_t, int64_t step, at::Tensor row_to_slot_t, at::Tenso
   std::vector<int32_t> prev(n);
   std::vector<int64_t> miss_at;
   miss_at.reserve(n);
+  std::vector<int32_t> ranked_hits;  // hit slots that sat in a bucket
 
   // Pass 1: hits keep their slot and are stamped (so they are no victims); holds move.
   for (int64_t i = 0; i < n; ++i) {
     if (i + kAhead < n) __builtin_prefetch(&row_to_slot[rows[i + kAhead]]);
     if (i + kAhead / 2 < n) {
       const int32_t sa = row_to_slot[rows[i + kAhead / 2]];
-      if (sa >= 0) __builtin_prefetch(&last_use[sa]);
+      if (sa >= 0) {
+        __builtin_prefetch(&last_use[sa]);
+        if (future) __builtin_prefetch(&ranked.key[sa]);
+      }
     }
     const int32_t s = row_to_slot[rows[i]];
     if (s < 0) {
@@ -160,17 +168,16 @@ plan(const at::Tensor& rows_t, int64_t step, at::Tensor row_to_slot_t, at::Tenso
     const int64_t bin = std::max<int64_t>(static_cast<int64_t>(p) - (oldest_held - 1), 0);
     hist[std::min(bin, span)] += 1;
     last_use[s] = stamp;
+    if (future && ranked.key[s] >= 0) ranked_hits.push_back(s);
   }
   const int64_t n_miss = static_cast<int64_t>(miss_at.size());
 
-  // Pass 2: walk the unheld prefix of the recency queue, least recently used first.
-  // Rows needed within the horizon are set aside and ranked only if the others run out.
+  // Pass 2: walk the unheld prefix of the recency queue, least recently used first,
+  // taking slots whose rows are not needed within the horizon; those that are needed
+  // are set aside (``fresh``) for the buckets. Nothing is written until the plan fits.
   std::vector<int32_t> picked;
   picked.reserve(n_miss);
-  const bool future = next_t.has_value() && next_t->defined();
-  const int32_t* next = future ? next_t->data_ptr<int32_t>() : nullptr;
-  const int32_t* peek = (peek_t.has_value() && peek_t->defined()) ? peek_t->data_ptr<int32_t>() : nullptr;
-  std::vector<Candidate> ranked;
+  std::vector<std::pair<int32_t, int32_t>> fresh;  // (slot, next-use step)
   int64_t pos = head;
   if (n_miss > 0) {
     for (; pos < tail && static_cast<int64_t>(picked.size()) < n_miss; ++pos) {
@@ -189,11 +196,9 @@ plan(const at::Tensor& rows_t, int64_t step, at::Tensor row_to_slot_t, at::Tenso
       if (last_use[s] != st) continue;  // stale entry
       if (future) {
         const int64_t r = slot_to_row[s];
-        int32_t nxt = r >= 0 ? next[r] : kNever;
-        if (peek != nullptr) nxt = std::min(nxt, peek[s]);
-        const int64_t d = static_cast<int64_t>(nxt) - step;
-        if (nxt != kNever && d <= limit) {
-          ranked.push_back({static_cast<int32_t>(d), st, s});
+        const int32_t nxt = r >= 0 ? next[r] : kNever;
+        if (nxt != kNever && static_cast<int64_t>(nxt) - step <= limit) {
+          fresh.emplace_back(s, nxt);
           continue;
         }
       }
@@ -201,32 +206,30 @@ plan(const at::Tensor& rows_t, int64_t step, at::Tensor row_to_slot_t, at::Tenso
     }
   }
   const int64_t free = static_cast<int64_t>(picked.size());
-  std::vector<char> taken(ranked.size(), 0);
-  if (free < n_miss) {
-    const int64_t want = n_miss - free;
-    if (static_cast<int64_t>(ranked.size()) < want) {  // stall: undo the stamps
-      for (int64_t i = 0; i < n; ++i) {
-        const int32_t s = row_to_slot[rows[i]];
-        if (s >= 0) last_use[s] = prev[i];
-      }
-      auto e = at::empty({0}, rows_t.options());
-      return {e, e, e, e, e, hist_t, head, false};
+  const int64_t rankable = future ? static_cast<int64_t>(fresh.size()) + ranked.meta[0] -
+                                        static_cast<int64_t>(ranked_hits.size())
+                                  : 0;
+  if (free + rankable < n_miss) {  // stall: undo the stamps
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t s = row_to_slot[rows[i]];
+      if (s >= 0) last_use[s] = prev[i];
     }
-    // farthest next use first; queue order (least recent use) breaks ties
-    std::vector<int64_t> order = rank_farthest(ranked, want, limit);
-    for (int64_t k = 0; k < want; ++k) {
-      picked.push_back(ranked[order[k]].slot);
-      taken[order[k]] = 1;
-    }
+    auto e = at::empty({0}, rows_t.options());
+    return {e, e, e, e, e, hist_t, head, false};
   }
-  // Drop what the walk passed over (stale entries, victims); the candidates it kept move,
-  // in order, to the end of the walked stretch, which becomes the new head.
-  int64_t new_head = pos;
-  for (int64_t k = static_cast<int64_t>(ranked.size()) - 1; k >= 0; --k) {
-    if (taken[k]) continue;
-    --new_head;
-    q_slots[new_head] = ranked[k].slot;
-    q_stamps[new_head] = ranked[k].stamp;
+  if (future) {
+    for (const int32_t s : ranked_hits) ranked.unlink(s);  // held now
+    for (const auto& f : fresh) ranked.push(f.first, f.second);
+    // farthest next use first; within a step, least recently used first
+    for (int64_t k = step + limit; k >= step && static_cast<int64_t>(picked.size()) < n_miss; --k) {
+      const int64_t b = k % ranked.buckets;
+      while (ranked.head[b] >= 0 && static_cast<int64_t>(picked.size()) < n_miss) {
+        const int32_t s = ranked.head[b];
+        TORCH_CHECK(ranked.key[s] == k, "scratchpipe.plan: a ranked bucket still holds slots of a past step");
+        ranked.unlink(s);
+        picked.push_back(s);
+      }
+    }
   }
 
   // Pass 3: place the misses, evicting the victims' rows; update the maps.
@@ -265,7 +268,7 @@ plan(const at::Tensor& rows_t, int64_t step, at::Tensor row_to_slot_t, at::Tenso
     slots[i] = s;
   }
   return {slots_t, miss_rows_t, miss_slots_t, victim_rows_t.narrow(0, 0, n_victims),
-          victim_slots_t.narrow(0, 0, n_victims), hist_t, new_head, true};
+          victim_slots_t.narrow(0, 0, n_victims), hist_t, pos, true};
 }
 
 // NextUse.push: link rows whose previous occurrence waits unplanned to this step; the
@@ -364,8 +367,9 @@ TORCH_LIBRARY(scratchpipe, m) {
   m.def("group_dedup(Tensor values, Tensor counts, Tensor base, Tensor(a!) tag, int epoch) -> (Tensor, Tensor)");
   m.def(
       "plan(Tensor rows, int step, Tensor(a!) row_to_slot, Tensor(b!) slot_to_row, Tensor(c!) last_use, "
-      "Tensor(d!) q_slots, Tensor(e!) q_stamps, int head, int tail, int oldest_held, Tensor? next, Tensor? peek, "
-      "int limit) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, bool)");
+      "Tensor q_slots, Tensor q_stamps, int head, int tail, int oldest_held, Tensor? next, int limit, "
+      "Tensor(d!)? links, Tensor(e!)? seq, Tensor(f!)? ends, Tensor(g!)? meta) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, bool)");
   m.def(
       "next_use_push(Tensor rows, int step, Tensor(a!) next, Tensor(b!) last_step, Tensor(c!) last_pos, "
       "Tensor(d!) succ, Tensor bases, int first_waiting) -> ()");
