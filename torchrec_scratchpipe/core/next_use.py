@@ -38,9 +38,12 @@ class NextUse:
 
     def __init__(self, num_rows: int, native: bool = False) -> None:
         self.native = native
-        self.next = torch.full((num_rows,), NONE, dtype=torch.int32)
-        self._last_step = torch.full((num_rows,), -1, dtype=torch.int32)
-        self._last_pos = torch.zeros(num_rows, dtype=torch.int32)
+        # one record per row (a single cache line to touch): next use, last pushed step,
+        # position in that batch
+        self._state = torch.tensor([NONE, -1, 0], dtype=torch.int32).repeat(num_rows, 1)
+        self.next = self._state[:, 0]
+        self._last_step = self._state[:, 1]
+        self._last_pos = self._state[:, 2]
         self._succ = torch.empty(0, dtype=torch.int32)  # successor links, one slice per waiting batch
         self._used = 0
         self._waiting: List[List[int]] = []  # [step, base, length] of batches not yet planned
@@ -52,9 +55,7 @@ class NextUse:
         first_waiting = self._waiting[0][0] if self._waiting else step
         if self.native:
             bases = torch.tensor([w[1] for w in self._waiting], dtype=torch.int64)
-            torch.ops.scratchpipe.next_use_push(
-                rows.contiguous(), step, self.next, self._last_step, self._last_pos, self._succ, bases, first_waiting
-            )
+            torch.ops.scratchpipe.next_use_push(rows.contiguous(), step, self._state, self._succ, bases, first_waiting)
         else:
             self._push_reference(step, rows, first_waiting)
         self._waiting.append([step, base, n])
@@ -77,7 +78,7 @@ class NextUse:
         if n != rows.numel():
             raise RuntimeError("NextUse: batches must be planned in the order they were pushed.")
         if self.native:
-            torch.ops.scratchpipe.scatter_rows(self.next, rows.contiguous(), self._succ[base : base + n])
+            torch.ops.scratchpipe.next_use_planned(rows.contiguous(), self._state, self._succ[base : base + n])
         else:
             self.next.index_copy_(0, rows, self._succ[base : base + n])
 

@@ -118,16 +118,29 @@ class SlotPlanner:
         self.queue = RecencyQueue(capacity, dev)
         self._held: Deque[List[int]] = deque()  # [step, slots last used at step], unreleased
         self._last_step = -1
-        self._tag = torch.zeros(num_rows, dtype=torch.int32, device=dev)  # scratch for unique()
+        # de-duplication scratch: a bitmap over rows (native), or each row's first position
+        size, dtype = self.dedup_scratch(num_rows, self.native)
+        self._tag = torch.zeros(size, dtype=dtype, device=dev)
         self.ranked: Optional[RankedSlots] = None  # native "future" plans: candidates by next use
-        self._epoch = 0  # native de-duplication: rows tagged with the current epoch were seen
 
     @staticmethod
-    def host_bytes(num_rows: int, capacity: int, ranked_limit: Optional[int] = None) -> int:
-        """Memory a planner allocates: int32 row -> slot map and dedup scratch per row; int64
-        slot -> row, int32 last use and the recency queue's int32 pairs per slot; with
-        ``ranked_limit`` (H - L of a native "future" planner), its ``RankedSlots``."""
-        base = 8 * num_rows + 8 * capacity + 4 * (capacity + 1) + 8 * RecencyQueue.entries(capacity)
+    def dedup_scratch(num_rows: int, native: bool) -> Tuple[int, torch.dtype]:
+        """Size and dtype of the de-duplication scratch: one bit per row natively, else int32."""
+        return ((num_rows + 7) // 8, torch.uint8) if native else (num_rows, torch.int32)
+
+    @staticmethod
+    def host_bytes(num_rows: int, capacity: int, native: bool = False, ranked_limit: Optional[int] = None) -> int:
+        """Memory a planner allocates: the int32 row -> slot map and de-duplication scratch per
+        row; int64 slot -> row, int32 last use and the recency queue's int32 pairs per slot;
+        with ``ranked_limit`` (H - L of a native "future" planner), its ``RankedSlots``.
+
+        Args:
+            num_rows, capacity: the planner's row space and slots.
+            native: the C++ operator plans (bitmap scratch); else the PyTorch path.
+            ranked_limit: H - L when next uses rank victims natively, else None.
+        """
+        size, dtype = SlotPlanner.dedup_scratch(num_rows, native)
+        base = 4 * num_rows + size * dtype.itemsize + 8 * capacity + 4 * (capacity + 1) + 8 * RecencyQueue.entries(capacity)
         return base + (RankedSlots.host_bytes(capacity, ranked_limit) if ranked_limit is not None else 0)
 
     def held_slots(self) -> int:
@@ -209,7 +222,7 @@ class SlotPlanner:
         slots, miss_rows, miss_slots, victim_rows, victim_slots, moved, head, ok = torch.ops.scratchpipe.plan(
             rows.to(torch.int64).contiguous(), step, self.row_to_slot, self.slot_to_row, self.last_use, self.queue.slots,
             self.queue.stamps, self.queue.head, self.queue.tail, oldest_held, next_use.next if future else None,  # type: ignore[union-attr]
-            limit, *((r.links, r.seq, r.ends, r.meta) if r is not None else (None,) * 4),
+            limit, *((r.link, r.seq, r.ends, r.meta) if r is not None else (None,) * 4),
         )
         if not ok:
             return None
@@ -342,14 +355,10 @@ class SlotPlanner:
             ``(distinct rows in first-seen order, group row of each id)``, both int64.
         """
         n = values.numel()
-        if self.native and n < 2**31 - 1:  # a native planner's maps, and so its ids, are on CPU
-            self._epoch += 1
-            if self._epoch == 2**31 - 1:  # tags would wrap: start over
-                self._tag.zero_()
-                self._epoch = 1
+        if self.native:  # a native planner's maps, and so its ids, are on CPU
             ids, rows = torch.ops.scratchpipe.group_dedup(
                 values.contiguous(), per_feature.to(torch.int64).contiguous(),
-                feature_base.to(torch.int64).contiguous(), self._tag, self._epoch,
+                feature_base.to(torch.int64).contiguous(), self._tag,
             )
             return rows, ids
         ids = values.long() + torch.repeat_interleave(feature_base.to(values.device), per_feature.to(values.device), output_size=n)

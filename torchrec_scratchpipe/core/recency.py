@@ -142,9 +142,10 @@ class RankedSlots:
     """Unheld slots whose rows are needed within the horizon, bucketed by next-use step.
 
     The state of the native planner's incremental ranking (``csrc/planner.cpp`` reads and
-    writes it): per slot, its neighbours in a doubly linked FIFO and its bucket's step
-    (-1: not ranked; then its live entry is in the ``RecencyQueue``); per bucket (step mod
-    ``limit + 1``), its first and last slot. A bucket keeps its slots in recency order.
+    writes it). Bucket ``k mod (limit + 1)`` is a FIFO, linked through ``link``, of the
+    slots whose rows batch ``k`` needs next, in recency order; the plan of step ``k``
+    hits all of them and drops the bucket. ``ends`` holds, per bucket, its first and last
+    slot, its step and its size; ``seq`` when each slot was ranked.
 
     Args:
         capacity: number of slots.
@@ -153,15 +154,15 @@ class RankedSlots:
     Example::
 
         >>> r = RankedSlots(4, limit=2)
-        >>> len(r), r.order().tolist()
-        (0, [])
+        >>> len(r), r.ends.shape
+        (0, torch.Size([4, 3]))
     """
 
     def __init__(self, capacity: int, limit: int) -> None:
         self.limit = limit
-        self.links = torch.full((3, capacity), -1, dtype=torch.int32)  # prev, next, step
-        self.seq = torch.zeros(capacity, dtype=torch.int64)  # ranking order, across buckets
-        self.ends = torch.full((2, limit + 1), -1, dtype=torch.int32)  # first, last slot per bucket
+        self.link = torch.full((capacity,), -1, dtype=torch.int32)
+        self.seq = torch.zeros(capacity, dtype=torch.int64)
+        self.ends = torch.tensor([[-1], [-1], [-1], [0]], dtype=torch.int64).repeat(1, limit + 1)
         self.meta = torch.zeros(2, dtype=torch.int64)  # ranked slots, next sequence number
 
     def __len__(self) -> int:
@@ -169,18 +170,17 @@ class RankedSlots:
 
     @staticmethod
     def host_bytes(capacity: int, limit: int) -> int:
-        """Bytes allocated: three int32 links and an int64 order per slot, two int32 per bucket."""
-        return 20 * capacity + 8 * (limit + 1) + 16
+        """Bytes allocated: an int32 link and an int64 order per slot, four int64 per bucket."""
+        return 12 * capacity + 32 * (limit + 1) + 16
 
     def order(self) -> torch.Tensor:
-        """Ranked slots (int64) in the order they left the queue: their recency order."""
-        slots = (self.links[2] >= 0).nonzero().squeeze(1)
-        return slots.index_select(0, self.seq.index_select(0, slots).argsort())
+        """Ranked slots (int64) in the order they left the queue: their recency order (native)."""
+        return torch.ops.scratchpipe.ranked_order(self.link, self.seq, self.ends)
 
     def drain(self) -> torch.Tensor:
         """Unrank every slot; return them in recency order (for ``RecencyQueue.prepend``)."""
         slots = self.order()
-        self.links.fill_(-1)
-        self.ends.fill_(-1)
+        self.ends[:3].fill_(-1)
+        self.ends[3].zero_()
         self.meta.zero_()
         return slots

@@ -25,78 +25,93 @@ constexpr int64_t kAhead = 16;
 
 template <typename T>
 void group_dedup_impl(const T* values, int64_t n, const int64_t* counts, const int64_t* base,
-                      int64_t features, int32_t* tag, int32_t epoch, int64_t* ids, int64_t* rows,
-                      int64_t& n_rows) {
+                      int64_t features, uint8_t* seen, int64_t* ids, int64_t* rows, int64_t& n_rows) {
   int64_t i = 0, out = 0;
   for (int64_t f = 0; f < features; ++f) {
     const int64_t b = base[f];
     const int64_t end = i + counts[f];
     for (; i < end; ++i) {
-      if (i + kAhead < end) __builtin_prefetch(&tag[static_cast<int64_t>(values[i + kAhead]) + b]);
+      if (i + kAhead < end) __builtin_prefetch(&seen[(static_cast<int64_t>(values[i + kAhead]) + b) >> 3]);
       const int64_t r = static_cast<int64_t>(values[i]) + b;
       ids[i] = r;
-      if (tag[r] != epoch) {
-        tag[r] = epoch;
+      const uint8_t bit = static_cast<uint8_t>(1u << (r & 7));
+      if (!(seen[r >> 3] & bit)) {
+        seen[r >> 3] |= bit;
         rows[out++] = r;
       }
     }
   }
+  for (int64_t k = 0; k < out; ++k) seen[rows[k] >> 3] = 0;  // leave the bitmap clear
   n_rows = out;
 }
 
 // Group row of every id (id + its feature's base row) and the distinct rows in
-// first-seen order. ``tag`` holds ``epoch`` exactly for rows seen in this call.
+// first-seen order. ``seen`` is a bitmap over rows (all clear; cleared again on return):
+// at one bit per row it stays in cache where a per-row tag would not.
 std::tuple<at::Tensor, at::Tensor> group_dedup(const at::Tensor& values, const at::Tensor& counts,
-                                               const at::Tensor& base, at::Tensor tag, int64_t epoch) {
+                                               const at::Tensor& base, at::Tensor seen) {
   const int64_t n = values.numel();
   auto ids = at::empty({n}, values.options().dtype(at::kLong));
   auto rows = at::empty({n}, values.options().dtype(at::kLong));
   int64_t n_rows = 0;
   AT_DISPATCH_INDEX_TYPES(values.scalar_type(), "group_dedup", [&] {
     group_dedup_impl<index_t>(values.data_ptr<index_t>(), n, counts.data_ptr<int64_t>(),
-                              base.data_ptr<int64_t>(), counts.numel(), tag.data_ptr<int32_t>(),
-                              static_cast<int32_t>(epoch), ids.data_ptr<int64_t>(),
-                              rows.data_ptr<int64_t>(), n_rows);
+                              base.data_ptr<int64_t>(), counts.numel(), seen.data_ptr<uint8_t>(),
+                              ids.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), n_rows);
   });
   return {ids, rows.narrow(0, 0, n_rows)};
 }
 
 // Candidates ranked by next use, kept across plans (core/recency.py ``RankedSlots``).
 // An unheld slot whose row is needed within the horizon leaves the recency queue for the
-// bucket of that next-use step: a doubly linked FIFO per step, in the order the walk met
-// the slots (their recency order). A bucket's slots stay candidates until their row is
-// hit (it is planned by that very step, so buckets of past steps are empty) or they are
-// taken as victims; each slot is therefore ranked once, not at every plan.
+// bucket of that next-use step k: a FIFO (a list linked through ``link``), in the order
+// the walk met the slots, which is their recency order. Its row is next needed by batch
+// k, so it stays a candidate until the plan of step k hits every slot of bucket k (that
+// plan then drops the bucket whole) or until it is taken, from the front, as a victim.
+// Each slot is thus ranked once per release, and no plan touches a slot it does not take.
 struct Ranked {
-  int32_t* prev;  // per slot: neighbours in its bucket (-1: none)
-  int32_t* next;
-  int32_t* key;   // per slot: its bucket's next-use step (-1: not ranked)
+  int32_t* link;  // per slot: the next slot in its bucket (-1: last)
   int64_t* seq;   // per slot: when it was ranked (recency order across buckets)
-  int32_t* head;  // per bucket (step mod buckets): first and last slot (-1: empty)
-  int32_t* tail;
+  int64_t* head;  // per bucket (step mod buckets): first and last slot (-1: empty), its
+  int64_t* tail;  // step and its size
+  int64_t* step;
+  int64_t* size;
   int64_t buckets;
   int64_t* meta;  // [ranked slots, next seq]
 
-  void push(int32_t s, int32_t k) {
+  void push(int32_t s, int64_t k) {
     const int64_t b = k % buckets;
-    const int32_t t = tail[b];
-    TORCH_CHECK(t < 0 || key[t] == k, "scratchpipe.plan: a ranked bucket still holds slots of a past step");
-    prev[s] = t;
-    next[s] = -1;
-    if (t < 0) head[b] = s; else next[t] = s;
+    if (size[b] == 0) {
+      head[b] = s;
+      step[b] = k;
+    } else {
+      TORCH_CHECK(step[b] == k, "scratchpipe.plan: a ranked bucket still holds slots of a past step");
+      link[tail[b]] = s;
+    }
+    link[s] = -1;
     tail[b] = s;
-    key[s] = k;
+    ++size[b];
     seq[s] = meta[1]++;
     ++meta[0];
   }
 
-  void unlink(int32_t s) {
-    const int64_t b = key[s] % buckets;
-    const int32_t p = prev[s], n = next[s];
-    if (p < 0) head[b] = n; else next[p] = n;
-    if (n < 0) tail[b] = p; else prev[n] = p;
-    key[s] = -1;
+  int32_t pop(int64_t b) {
+    const int32_t s = static_cast<int32_t>(head[b]);
+    head[b] = link[s];
+    --size[b];
     --meta[0];
+    return s;
+  }
+
+  // Ranked slots of the bucket of step ``k`` (0 if it belongs to another step).
+  int64_t count(int64_t k) const { return step[k % buckets] == k ? size[k % buckets] : 0; }
+
+  void drop(int64_t k) {
+    const int64_t b = k % buckets;
+    if (step[b] != k) return;
+    meta[0] -= size[b];
+    size[b] = 0;
+    head[b] = tail[b] = -1;
   }
 };
 
@@ -112,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 plan(const at::Tensor& rows_t, int64_t step, at::Tensor row_to_slot_t, at::Tensor slot_to_row_t,
      at::Tensor last_use_t, const at::Tensor& q_slots_t, const at::Tensor& q_stamps_t, int64_t head,
      int64_t tail, int64_t oldest_held, const c10::optional<at::Tensor>& next_t, int64_t limit,
-     const c10::optional<at::Tensor>& links_t, const c10::optional<at::Tensor>& seq_t,
+     const c10::optional<at::Tensor>& link_t, const c10::optional<at::Tensor>& seq_t,
      const c10::optional<at::Tensor>& ends_t, const c10::optional<at::Tensor>& meta_t) {
   const int64_t n = rows_t.numel();
   const int64_t* rows = rows_t.data_ptr<int64_t>();
@@ -125,16 +140,16 @@ plan(const at::Tensor& rows_t, int64_t step, at::Tensor row_to_slot_t, at::Tenso
   const int64_t span = step - oldest_held;
   const bool future = next_t.has_value() && next_t->defined();
   const int32_t* next = future ? next_t->data_ptr<int32_t>() : nullptr;
+  const int64_t next_stride = future ? next_t->stride(0) : 0;  // a column of NextUse's per-row records
   Ranked ranked{};
   if (future) {
-    TORCH_CHECK(links_t.has_value() && seq_t.has_value() && ends_t.has_value() && meta_t.has_value(),
+    TORCH_CHECK(link_t.has_value() && seq_t.has_value() && ends_t.has_value() && meta_t.has_value(),
                 "scratchpipe.plan: next uses need the ranked-slot state");
-    const int64_t c = links_t->size(1);
-    int32_t* links = links_t->data_ptr<int32_t>();
-    int32_t* ends = ends_t->data_ptr<int32_t>();
-    ranked = Ranked{links, links + c, links + 2 * c, seq_t->data_ptr<int64_t>(),
-                    ends, ends + ends_t->size(1), ends_t->size(1), meta_t->data_ptr<int64_t>()};
-    TORCH_CHECK(ranked.buckets == limit + 1, "scratchpipe.plan: ranked-slot buckets do not match the horizon");
+    int64_t* ends = ends_t->data_ptr<int64_t>();
+    const int64_t nb = ends_t->size(1);
+    ranked = Ranked{link_t->data_ptr<int32_t>(), seq_t->data_ptr<int64_t>(), ends, ends + nb, ends + 2 * nb,
+                    ends + 3 * nb, nb, meta_t->data_ptr<int64_t>()};
+    TORCH_CHECK(nb == limit + 1, "scratchpipe.plan: ranked-slot buckets do not match the horizon");
   }
 
   auto slots_t = at::empty({n}, rows_t.options());
@@ -144,17 +159,13 @@ plan(const at::Tensor& rows_t, int64_t step, at::Tensor row_to_slot_t, at::Tenso
   std::vector<int32_t> prev(n);
   std::vector<int64_t> miss_at;
   miss_at.reserve(n);
-  std::vector<int32_t> ranked_hits;  // hit slots that sat in a bucket
 
   // Pass 1: hits keep their slot and are stamped (so they are no victims); holds move.
   for (int64_t i = 0; i < n; ++i) {
     if (i + kAhead < n) __builtin_prefetch(&row_to_slot[rows[i + kAhead]]);
     if (i + kAhead / 2 < n) {
       const int32_t sa = row_to_slot[rows[i + kAhead / 2]];
-      if (sa >= 0) {
-        __builtin_prefetch(&last_use[sa]);
-        if (future) __builtin_prefetch(&ranked.key[sa]);
-      }
+      if (sa >= 0) __builtin_prefetch(&last_use[sa]);
     }
     const int32_t s = row_to_slot[rows[i]];
     if (s < 0) {
@@ -168,7 +179,6 @@ plan(const at::Tensor& rows_t, int64_t step, at::Tensor row_to_slot_t, at::Tenso
     const int64_t bin = std::max<int64_t>(static_cast<int64_t>(p) - (oldest_held - 1), 0);
     hist[std::min(bin, span)] += 1;
     last_use[s] = stamp;
-    if (future && ranked.key[s] >= 0) ranked_hits.push_back(s);
   }
   const int64_t n_miss = static_cast<int64_t>(miss_at.size());
 
@@ -188,7 +198,7 @@ plan(const at::Tensor& rows_t, int64_t step, at::Tensor row_to_slot_t, at::Tenso
       }
       if (future && pos + kAhead / 2 < tail) {
         const int64_t rb = slot_to_row[q_slots[pos + kAhead / 2]];
-        if (rb >= 0) __builtin_prefetch(&next[rb]);
+        if (rb >= 0) __builtin_prefetch(&next[rb * next_stride]);
       }
       const int32_t st = q_stamps[pos];
       if (st >= oldest_held) break;  // held from here on: stamps only grow
@@ -196,7 +206,7 @@ plan(const at::Tensor& rows_t, int64_t step, at::Tensor row_to_slot_t, at::Tenso
       if (last_use[s] != st) continue;  // stale entry
       if (future) {
         const int64_t r = slot_to_row[s];
-        const int32_t nxt = r >= 0 ? next[r] : kNever;
+        const int32_t nxt = r >= 0 ? next[r * next_stride] : kNever;
         if (nxt != kNever && static_cast<int64_t>(nxt) - step <= limit) {
           fresh.emplace_back(s, nxt);
           continue;
@@ -206,9 +216,9 @@ plan(const at::Tensor& rows_t, int64_t step, at::Tensor row_to_slot_t, at::Tenso
     }
   }
   const int64_t free = static_cast<int64_t>(picked.size());
-  const int64_t rankable = future ? static_cast<int64_t>(fresh.size()) + ranked.meta[0] -
-                                        static_cast<int64_t>(ranked_hits.size())
-                                  : 0;
+  // Bucket ``step`` holds hits only (its rows are this batch's): the rest can be taken.
+  const int64_t rankable =
+      future ? static_cast<int64_t>(fresh.size()) + ranked.meta[0] - ranked.count(step) : 0;
   if (free + rankable < n_miss) {  // stall: undo the stamps
     for (int64_t i = 0; i < n; ++i) {
       const int32_t s = row_to_slot[rows[i]];
@@ -218,17 +228,13 @@ plan(const at::Tensor& rows_t, int64_t step, at::Tensor row_to_slot_t, at::Tenso
     return {e, e, e, e, e, hist_t, head, false};
   }
   if (future) {
-    for (const int32_t s : ranked_hits) ranked.unlink(s);  // held now
+    ranked.drop(step);  // held now
     for (const auto& f : fresh) ranked.push(f.first, f.second);
     // farthest next use first; within a step, least recently used first
-    for (int64_t k = step + limit; k >= step && static_cast<int64_t>(picked.size()) < n_miss; --k) {
+    for (int64_t k = step + limit; k > step && static_cast<int64_t>(picked.size()) < n_miss; --k) {
       const int64_t b = k % ranked.buckets;
-      while (ranked.head[b] >= 0 && static_cast<int64_t>(picked.size()) < n_miss) {
-        const int32_t s = ranked.head[b];
-        TORCH_CHECK(ranked.key[s] == k, "scratchpipe.plan: a ranked bucket still holds slots of a past step");
-        ranked.unlink(s);
-        picked.push_back(s);
-      }
+      if (ranked.step[b] != k) continue;
+      while (ranked.size[b] > 0 && static_cast<int64_t>(picked.size()) < n_miss) picked.push_back(ranked.pop(b));
     }
   }
 
@@ -271,33 +277,58 @@ plan(const at::Tensor& rows_t, int64_t step, at::Tensor row_to_slot_t, at::Tenso
           victim_slots_t.narrow(0, 0, n_victims), hist_t, pos, true};
 }
 
+// RankedSlots.order: every ranked slot, in the order it was ranked (its recency order).
+at::Tensor ranked_order(const at::Tensor& link_t, const at::Tensor& seq_t, const at::Tensor& ends_t) {
+  const int32_t* link = link_t.data_ptr<int32_t>();
+  const int64_t* seq = seq_t.data_ptr<int64_t>();
+  const int64_t* ends = ends_t.data_ptr<int64_t>();
+  const int64_t nb = ends_t.size(1);
+  std::vector<std::pair<int64_t, int64_t>> found;  // (seq, slot)
+  for (int64_t b = 0; b < nb; ++b) {
+    int64_t s = ends[b];
+    for (int64_t left = ends[3 * nb + b]; left > 0; --left, s = link[s]) found.emplace_back(seq[s], s);
+  }
+  std::sort(found.begin(), found.end());
+  auto out = at::empty({static_cast<int64_t>(found.size())}, seq_t.options());
+  int64_t* o = out.data_ptr<int64_t>();
+  for (size_t i = 0; i < found.size(); ++i) o[i] = found[i].second;
+  return out;
+}
+
 // NextUse.push: link rows whose previous occurrence waits unplanned to this step; the
-// others learn this step as their next use. See core/next_use.py.
-void next_use_push(const at::Tensor& rows_t, int64_t step, at::Tensor next_t, at::Tensor last_step_t,
-                   at::Tensor last_pos_t, at::Tensor succ_t, const at::Tensor& bases_t, int64_t first_waiting) {
+// others learn this step as their next use. ``state`` holds one record per row:
+// [next use, last pushed step, position in that batch]. See core/next_use.py.
+void next_use_push(const at::Tensor& rows_t, int64_t step, at::Tensor state_t, at::Tensor succ_t,
+                   const at::Tensor& bases_t, int64_t first_waiting) {
   const int64_t n = rows_t.numel();
   const int64_t* rows = rows_t.data_ptr<int64_t>();
-  int32_t* next = next_t.data_ptr<int32_t>();
-  int32_t* last_step = last_step_t.data_ptr<int32_t>();
-  int32_t* last_pos = last_pos_t.data_ptr<int32_t>();
+  int32_t* state = state_t.data_ptr<int32_t>();
   int32_t* succ = succ_t.data_ptr<int32_t>();
   const int64_t* bases = bases_t.data_ptr<int64_t>();
   const int32_t st = static_cast<int32_t>(step);
   for (int64_t i = 0; i < n; ++i) {
-    if (i + kAhead < n) {
-      __builtin_prefetch(&last_step[rows[i + kAhead]], 1);
-      __builtin_prefetch(&last_pos[rows[i + kAhead]], 1);
-      __builtin_prefetch(&next[rows[i + kAhead]], 1);
-    }
-    const int64_t r = rows[i];
-    const int32_t prev = last_step[r];
+    if (i + kAhead < n) __builtin_prefetch(&state[3 * rows[i + kAhead]], 1);
+    int32_t* rec = &state[3 * rows[i]];
+    const int32_t prev = rec[1];
     if (prev >= first_waiting) {
-      succ[bases[prev - first_waiting] + last_pos[r]] = st;
+      succ[bases[prev - first_waiting] + rec[2]] = st;
     } else {
-      next[r] = st;
+      rec[0] = st;
     }
-    last_step[r] = st;
-    last_pos[r] = static_cast<int32_t>(i);
+    rec[1] = st;
+    rec[2] = static_cast<int32_t>(i);
+  }
+}
+
+// NextUse.planned: the planned batch's rows learn their successors as next uses.
+void next_use_planned(const at::Tensor& rows_t, at::Tensor state_t, const at::Tensor& succ_t) {
+  const int64_t n = rows_t.numel();
+  const int64_t* rows = rows_t.data_ptr<int64_t>();
+  int32_t* state = state_t.data_ptr<int32_t>();
+  const int32_t* succ = succ_t.data_ptr<int32_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + kAhead < n) __builtin_prefetch(&state[3 * rows[i + kAhead]], 1);
+    state[3 * rows[i]] = succ[i];
   }
 }
 
@@ -364,21 +395,24 @@ void scatter_rows(at::Tensor table, const at::Tensor& rows, const at::Tensor& va
 TORCH_LIBRARY(scratchpipe, m) {
   m.def("gather_rows(Tensor table, Tensor rows, Tensor(a!) out) -> ()");
   m.def("scatter_rows(Tensor(a!) table, Tensor rows, Tensor values) -> ()");
-  m.def("group_dedup(Tensor values, Tensor counts, Tensor base, Tensor(a!) tag, int epoch) -> (Tensor, Tensor)");
+  m.def("group_dedup(Tensor values, Tensor counts, Tensor base, Tensor(a!) seen) -> (Tensor, Tensor)");
   m.def(
       "plan(Tensor rows, int step, Tensor(a!) row_to_slot, Tensor(b!) slot_to_row, Tensor(c!) last_use, "
       "Tensor q_slots, Tensor q_stamps, int head, int tail, int oldest_held, Tensor? next, int limit, "
-      "Tensor(d!)? links, Tensor(e!)? seq, Tensor(f!)? ends, Tensor(g!)? meta) "
+      "Tensor(d!)? link, Tensor(e!)? seq, Tensor(f!)? ends, Tensor(g!)? meta) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, bool)");
   m.def(
-      "next_use_push(Tensor rows, int step, Tensor(a!) next, Tensor(b!) last_step, Tensor(c!) last_pos, "
-      "Tensor(d!) succ, Tensor bases, int first_waiting) -> ()");
+      "next_use_push(Tensor rows, int step, Tensor(a!) state, Tensor(b!) succ, Tensor bases, int first_waiting) -> ()");
+  m.def("next_use_planned(Tensor rows, Tensor(a!) state, Tensor succ) -> ()");
+  m.def("ranked_order(Tensor link, Tensor seq, Tensor ends) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(scratchpipe, CPU, m) {
   m.impl("group_dedup", group_dedup);
   m.impl("plan", plan);
   m.impl("next_use_push", next_use_push);
+  m.impl("next_use_planned", next_use_planned);
+  m.impl("ranked_order", ranked_order);
   m.impl("gather_rows", gather_rows);
   m.impl("scatter_rows", scatter_rows);
 }
