@@ -9,6 +9,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
+from torchrec_scratchpipe.core.policy import VictimPolicy
+
 #: Optimizers whose per-row update FBGEMM's TBE runs on each device type, with the names
 #: of their per-row state tensors (in ``split_optimizer_states()`` order).
 OPTIMIZER_STATE_NAMES: Dict[EmbOptimType, List[str]] = {
@@ -29,7 +31,6 @@ CPU_OPTIMIZERS: Tuple[EmbOptimType, ...] = (
     EmbOptimType.EXACT_ROWWISE_ADAGRAD,
 )
 CUDA_OPTIMIZERS: Tuple[EmbOptimType, ...] = CPU_OPTIMIZERS + (EmbOptimType.ADAM,)
-VICTIM_POLICIES: Tuple[str, ...] = ("future", "lru")
 
 
 def state_shapes(optimizer: EmbOptimType, dim: int) -> Dict[str, Tuple[int, ...]]:
@@ -81,8 +82,9 @@ class ScratchPipeConfig:
         optimizer: fused optimizer applied in backward inside the scratchpad.
         learning_rate, eps, weight_decay, beta1, beta2: optimizer hyper-parameters,
             passed to FBGEMM's TBE.
-        victim_policy: ``"future"`` (farthest next use within the horizon, ties by least
-            recent use) or ``"lru"`` (least recent use only).
+        victim_policy: a ``VictimPolicy`` (``core/policy.py``) or its name: ``"future"``
+            (farthest next use within the horizon, ties by least recent use) or ``"lru"``
+            (least recent use only). Stored as the enum.
         background_planning: plan and move the batches behind the training batch in a
             background thread while it trains (True), or on the training thread (False).
             None (default): in the background only on a CPU scratchpad and for batches of
@@ -108,7 +110,7 @@ class ScratchPipeConfig:
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
-    victim_policy: str = "future"
+    victim_policy: VictimPolicy = VictimPolicy.FUTURE
     background_planning: Optional[bool] = None
 
     def __post_init__(self) -> None:
@@ -125,10 +127,7 @@ class ScratchPipeConfig:
                 f"horizon ({self.horizon}) must be >= lookahead ({self.lookahead}): the "
                 "planner must at least see the batches it moves rows in for."
             )
-        if self.victim_policy not in VICTIM_POLICIES:
-            raise ValueError(
-                f"victim_policy must be one of {VICTIM_POLICIES}, got {self.victim_policy!r}."
-            )
+        object.__setattr__(self, "victim_policy", VictimPolicy.parse(self.victim_policy, "victim_policy"))
         if not isinstance(self.optimizer, EmbOptimType):
             raise ValueError(f"optimizer must be an fbgemm EmbOptimType, got {self.optimizer!r}.")
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from collections import deque
-from typing import Callable, Deque, List, Optional, Tuple
+from typing import Callable, Deque, List, Optional, Tuple, Union
 
 import torch
 
 from torchrec_scratchpipe.core import native as _native
 from torchrec_scratchpipe.core.next_use import Distance
+from torchrec_scratchpipe.core.policy import VictimPolicy
 from torchrec_scratchpipe.core.recency import RankedSlots, RecencyQueue
 
 
@@ -72,7 +73,7 @@ class SlotPlanner:
     Args:
         num_rows: size of the row space (all tables of the group, concatenated).
         capacity: number of slots C (below 2**31).
-        policy: ``"future"`` or ``"lru"``.
+        policy: the victim policy (``core/policy.py``), or its name: ``"future"`` or ``"lru"``.
         device: where the maps live (the device the ids arrive on).
         native: use the C++ operator (True: required; False: the PyTorch path; None:
             ``SCRATCHPIPE_NATIVE``, by default the operator when built). CPU maps only.
@@ -94,7 +95,7 @@ class SlotPlanner:
         self,
         num_rows: int,
         capacity: int,
-        policy: str = "future",
+        policy: Union[VictimPolicy, str] = VictimPolicy.FUTURE,
         device: Optional[torch.device] = None,
         native: Optional[bool] = None,
     ) -> None:
@@ -102,11 +103,10 @@ class SlotPlanner:
             raise ValueError(f"capacity ({capacity}) and num_rows ({num_rows}) must be positive.")
         if capacity >= 2**31 - 1:
             raise ValueError(f"capacity ({capacity}) must be below 2**31 - 1 slots.")
-        if policy not in ("future", "lru"):
-            raise ValueError(f"victim policy must be 'future' or 'lru', got {policy!r}.")
         self.num_rows = num_rows
         self.capacity = capacity
-        self.policy = policy
+        self.policy = VictimPolicy.parse(policy)
+        self.strategy = self.policy.strategy
         dev = device or torch.device("cpu")
         if native and dev.type != "cpu":
             raise ValueError(f"the native planner runs on CPU maps only, got device {dev}: pass native=None.")
@@ -211,7 +211,8 @@ class SlotPlanner:
         the horizon into ``self.ranked`` (kept across plans, so each slot is ranked once per
         release, not at every plan); victims come from there once the others run out.
         """
-        future = self.policy == "future" and next_use is not None
+        next_use = self.strategy.next_use_for(next_use)
+        future = next_use is not None
         limit = next_use.limit if future else 0  # type: ignore[union-attr]
         if self.ranked is not None and (not future or self.ranked.limit != limit):
             self.unrank()
@@ -303,7 +304,8 @@ class SlotPlanner:
         whose rows are not needed within the horizon (all of them for ``"lru"``) are
         taken in that order; only if fewer than ``n`` exist are the rest ranked.
         """
-        future = self.policy == "future" and next_use is not None
+        next_use = self.strategy.next_use_for(next_use)
+        future = next_use is not None
         parts: List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = []
         n_free = 0  # candidates not needed within the horizon
         for pos, slots in self.queue.chunks(self.last_use, max(2 * n, 1 << 16), before=oldest_held):

@@ -198,8 +198,8 @@ class PlanWindow:
 
     @property
     def _tracks_next_use(self) -> bool:
-        """Only a horizon beyond the lookahead and the "future" policy need next uses."""
-        return self.horizon > self.lookahead and self.planner.policy == "future"
+        """Only a horizon beyond the lookahead and a policy that ranks by next use need next uses."""
+        return self.horizon > self.lookahead and self.planner.strategy.ranks_by_next_use
 
     def _distance_fn(self, step: int) -> Optional[Distance]:
         """Distance from ``step`` to each candidate slot's next use (``NEVER`` beyond H - L)."""
