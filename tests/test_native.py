@@ -50,7 +50,7 @@ def programs(draw) -> Tuple[int, int, int, str, List[Tuple[str, List[List[int]]]
     batch = st.lists(st.integers(0, NUM_ROWS - 1), min_size=1, max_size=2 * capacity).map(
         lambda ids: list(dict.fromkeys(ids))[:capacity]
     )
-    kinds = st.sampled_from(["push"] * 9 + ["pop"] * 8 + ["peek"] * 2 + ["clear"])  # mostly a busy window
+    kinds = st.sampled_from(["push"] * 9 + ["pop"] * 8 + ["clear"])  # mostly a busy window
     ops = draw(st.lists(st.tuples(kinds, st.lists(batch, min_size=1, max_size=4)), min_size=20, max_size=80))
     return capacity, lookahead, horizon, policy, ops
 
@@ -69,8 +69,6 @@ def test_native_and_reference_plan_identically(program) -> None:
                 w.push(w.planner.unique(torch.tensor(batches[0])))
             elif op == "pop" and len(w):
                 w.pop()
-            elif op == "peek":
-                w.set_peek([torch.tensor(b) for b in batches])
             elif op == "clear":
                 w.clear()
         assert_same_plans(*windows)

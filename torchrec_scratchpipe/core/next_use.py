@@ -12,7 +12,7 @@ each row's next occurrence after its last *planned* occurrence:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List
 
 import torch
 
@@ -122,7 +122,6 @@ class Distance:
         limit: farthest distance that counts (H - L).
         next: next-use step per row (``NextUse.next``).
         slot_to_row: the planner's slot -> row map.
-        peek: per slot, the first step among peeked batches (``peek_steps``), or None.
 
     Example::
 
@@ -135,36 +134,10 @@ class Distance:
     limit: int
     next: torch.Tensor
     slot_to_row: torch.Tensor
-    peek: Optional[torch.Tensor] = None
 
     def __call__(self, candidates: torch.Tensor) -> torch.Tensor:
         rows = self.slot_to_row.index_select(0, candidates)
         nxt = self.next.index_select(0, rows.clamp(min=0))
         nxt = torch.where(rows >= 0, nxt, torch.full_like(nxt, NONE))
-        if self.peek is not None:
-            nxt = torch.minimum(nxt, self.peek.index_select(0, candidates))
         d = nxt - self.step
         return torch.where((nxt == NONE) | (d > self.limit), NONE, d)
-
-
-def peek_steps(slots_of: torch.Tensor, peek: Sequence[torch.Tensor], first_step: int, capacity: int) -> Optional[torch.Tensor]:
-    """Per slot, the first step among explicitly peeked batches (``NONE`` where absent).
-
-    Args:
-        slots_of: the planner's row -> slot map.
-        peek: row ids of batches after everything pushed, nearest first.
-        first_step: the step number of ``peek[0]``.
-        capacity: number of slots.
-    """
-    if not peek:
-        return None
-    ids = torch.cat(list(peek))
-    steps = torch.repeat_interleave(
-        torch.arange(first_step, first_step + len(peek), dtype=torch.int32),
-        torch.tensor([p.numel() for p in peek]),
-    )
-    s = slots_of.index_select(0, ids).long()
-    seen = s >= 0
-    out = torch.full((capacity,), NONE, dtype=torch.int32)
-    out.scatter_reduce_(0, s[seen], steps[seen], reduce="amin")
-    return out

@@ -191,7 +191,7 @@ class SlotPlanner:
         if step <= self._last_step:
             raise ValueError(f"plan steps must increase: got {step} after {self._last_step}.")
         oldest_held = self._held[0][0] if self._held else step
-        if self.native and (next_use is None or (isinstance(next_use, Distance) and next_use.peek is None)):
+        if self.native and (next_use is None or isinstance(next_use, Distance)):
             plan = self._plan_native(rows, step, oldest_held, next_use)
         else:
             self.unrank()

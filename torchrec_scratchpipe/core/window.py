@@ -13,11 +13,11 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, List, Optional, Sequence
+from typing import Any, Callable, Deque, List, Optional
 
 import torch
 
-from torchrec_scratchpipe.core.next_use import Distance, NextUse, peek_steps
+from torchrec_scratchpipe.core.next_use import Distance, NextUse
 from torchrec_scratchpipe.core.plan import SlotPlan, SlotPlanner
 
 
@@ -78,7 +78,6 @@ class PlanWindow:
         self.trained: Deque[WindowEntry] = deque()  # taken for training, slots held until retired
         self.planned: Deque[WindowEntry] = deque()
         self.pending: Deque[WindowEntry] = deque()
-        self.extra_peek: List[torch.Tensor] = []
         self.next_step = 0
         self.stalls = 0  # times planning waited because the window did not fit
         self.plan_seconds = 0.0  # time spent choosing slots
@@ -110,10 +109,6 @@ class PlanWindow:
         if fill:
             self.fill()
         return entry
-
-    def set_peek(self, rows: Sequence[torch.Tensor]) -> None:
-        """Ids of batches after everything pushed (victim policy only)."""
-        self.extra_peek = list(rows)
 
     def pop(self, fill: bool = True) -> WindowEntry:
         """Retire every batch taken before and take the oldest batch for training.
@@ -191,7 +186,6 @@ class PlanWindow:
             self.trained.append(entry)
         self.planned.clear()
         self.pending.clear()
-        self.extra_peek = []
         self.next_use.clear()
         self.planner.unrank()  # its ranking read the next uses just forgotten
         self.retire_done()
@@ -205,9 +199,7 @@ class PlanWindow:
         """Distance from ``step`` to each candidate slot's next use (``NEVER`` beyond H - L)."""
         if not self._tracks_next_use:
             return None
-        limit = self.horizon - self.lookahead
-        peek = peek_steps(self.planner.row_to_slot, self.extra_peek[:limit], self.next_step, self.planner.capacity)
-        return Distance(step, limit, self.next_use.next, self.planner.slot_to_row, peek)
+        return Distance(step, self.horizon - self.lookahead, self.next_use.next, self.planner.slot_to_row)
 
     def fill(self, until: Optional[int] = None) -> None:
         """Plan pending batches in order while fewer than L+1 batches hold slots.

@@ -5,7 +5,7 @@ This is not a model of the engine: it *is* the engine's planning code
 :class:`~torchrec_scratchpipe.core.window.PlanWindow`) fed with row ids and no weights.
 The driver mirrors a training loop: batches ``0 .. H`` are pushed first, then each step
 pops the next training batch (retiring the previous one) and pushes one more, so the
-planner of batch ``j`` sees batches ``j+1 .. j+H-L`` as its peek.
+planner of batch ``j`` reads the next uses of its candidates in batches ``j+1 .. j+H-L``.
 """
 
 from __future__ import annotations
