@@ -133,3 +133,28 @@ def test_store_gather_into_buffers_and_scatter(path: str, monkeypatch: pytest.Mo
     expect_s = before["momentum1"].clone()
     expect_s[dest] = before["momentum1"][rows]
     torch.testing.assert_close(store.states["momentum1"], expect_s, rtol=0, atol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), horizons=st.lists(st.integers(2, 8), min_size=2, max_size=4))
+def test_ranked_slots_survive_clears_and_horizon_changes(seed: int, horizons: List[int]) -> None:
+    """The native planner's ranking (candidates bucketed by next use) is put back into recency
+    order when next uses are forgotten or the horizon changes; plans stay those of the reference."""
+    g = torch.Generator().manual_seed(seed)
+    windows = [PlanWindow(SlotPlanner(NUM_ROWS, 12, "future", native=flag), 1, horizons[0]) for flag in (True, False)]
+    ranked = 0
+    for h in horizons:
+        for w in windows:  # as ScratchPipeEmbeddingBags.set_window does
+            w.retire()
+            w.clear()
+            w.horizon = h
+        for step in range(25):
+            batch = torch.unique(torch.randint(0, NUM_ROWS // 2, (6,), generator=g))
+            for w in windows:
+                w.push(batch)
+                if len(w) > h:
+                    w.pop()
+            assert_same_plans(*windows)
+            assert_same_state(*windows)
+            ranked = max(ranked, len(windows[0].planner.ranked or []))
+    assert ranked > 0  # the ranking was in use

@@ -11,7 +11,7 @@ planner of batch ``j`` reads the next uses of its candidates in batches ``j+1 ..
 from __future__ import annotations
 
 import time
-from typing import Union
+from typing import Any, Dict, Union
 
 import torch
 
@@ -83,7 +83,7 @@ def simulate_scratchpipe(
             window.push(stream.rows[pushed])
             pushed += 1
     window.retire()
-    extra = {"lookahead": lookahead, "horizon": horizon, "victim_policy": policy.value, "stalls": window.stalls}
+    extra: Dict[str, Any] = {"lookahead": lookahead, "horizon": horizon, "victim_policy": policy.value, "stalls": window.stalls}
     if log_plans:
         extra["plans"] = plans
     return SimResult("scratchpipe", capacity, misses, evictions, torch.zeros_like(misses),
