@@ -211,6 +211,8 @@ plan(const at::Tensor& rows_t, int64_t step, at::Tensor row_to_slot_t, at::Tenso
         const int64_t r = slot_to_row[s];
         const int32_t nxt = r >= 0 ? next[r * next_stride] : kNever;
         if (nxt != kNever && static_cast<int64_t>(nxt) - step <= limit) {
+          // rows of this batch are hits, so a candidate's next use is a later batch
+          TORCH_CHECK(nxt > step, "scratchpipe.plan: next use ", nxt, " of an unheld slot is not after step ", step);
           fresh.emplace_back(s, nxt);
           continue;
         }
