@@ -169,10 +169,10 @@ def check_scratchpipe(
 ) -> List[int]:
     """Re-run the ScratchPipe window in Python and check every plan the engine made.
 
-    The window (what is planned when, holds, the peek) is re-implemented here. Victim
+    The window (what is planned when, holds, the batches ahead) is re-implemented here. Victim
     choice is checked, not copied: each victim must be an unheld resident row outside the
     batch, empty slots must be used first, and no unchosen candidate may have a strictly
-    better score (next use in the peek farther, then older last use). Where ties leave a
+    better score (next use among the batches ahead farther, then older last use). Where ties leave a
     choice, the engine's victims are adopted so both stay in step.
 
     Args:
@@ -194,7 +194,7 @@ def check_scratchpipe(
     training: Optional[int] = None
     log = list(plans)
 
-    def try_plan(j: int, peek: List[int]) -> bool:
+    def try_plan(j: int, ahead: List[int]) -> bool:
         rows = set(batches[j])
         need = sorted(rows - resident.keys())
         held = {r for r, h in hold.items() if h > 0}
@@ -210,7 +210,7 @@ def check_scratchpipe(
         assert set(victims) <= candidates, f"step {j}: a victim is held, in the batch or not resident"
 
         def score(r: int) -> Tuple[int, int]:
-            pos = next((i + 1 for i, b in enumerate(peek) if r in set(batches[b])), len(peek) + 1)
+            pos = next((i + 1 for i, b in enumerate(ahead) if r in set(batches[b])), len(ahead) + 1)
             return pos, j - resident[r]
 
         if victims:
@@ -227,8 +227,8 @@ def check_scratchpipe(
 
     def fill() -> None:
         while pending and len(planned) + (training is not None) <= lookahead:
-            peek = pending[1:][: max(horizon - lookahead, 0)]
-            if not try_plan(pending[0], peek):
+            ahead = pending[1:][: max(horizon - lookahead, 0)]
+            if not try_plan(pending[0], ahead):
                 return
             planned.append(pending.pop(0))
 

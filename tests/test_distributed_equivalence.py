@@ -3,7 +3,7 @@
 One spawned group per world size runs every check (spawning costs more than the checks):
 table-wise and row-wise (and, on two ranks, column-wise) equivalence over 100 steps with constant eviction and a
 learning-rate change, plan swapping through state dicts in both directions, pipeline-style
-``prefetch``/``peek`` with lookahead, ``cache_stats``, and a clear run-time capacity error.
+``prefetch`` up to H ahead with lookahead, ``cache_stats``, and a clear run-time capacity error.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def _equivalence(
 
 
 def _lookahead(rank: int, ws: int, ebc: Any, full: Dict[str, torch.Tensor]) -> Dict[str, Any]:
-    """Pipeline-style use: announce batches 2 ahead, peek 2 further, train with DMP forward."""
+    """Pipeline-style use: announce batches 4 ahead (L = 2 planned, H = 4 ranking victims), train with DMP forward."""
     import torchrec_scratchpipe.distributed as tsp
     from torchrec_scratchpipe.core.config import ScratchPipeConfig
 
@@ -141,11 +141,10 @@ def _lookahead(rank: int, ws: int, ebc: Any, full: Dict[str, torch.Tensor]) -> D
     # As a pipeline does: the input dist output announced is the one the forward computes on.
     steps, announced, worst, inputs = 30, 0, 0.0, {}
     for s in range(steps):
-        while announced <= min(s + 2, steps - 1):
+        while announced <= min(s + 4, steps - 1):
             inputs[announced] = dist_input(announced)
             module.prefetch(inputs[announced][1])
             announced += 1
-        module.peek([dist_input(p)[1] for p in range(announced, min(announced + 2, steps))])
         out = module.compute_and_output_dist(*inputs.pop(s)).wait().values()
         (out * weight).sum().backward()
         kjt = make_batch(s, rank, tables)

@@ -34,19 +34,17 @@ def run_pair(
     ref = FullTableReference(tables, optimizer, lr=0.1)
     ref.load(emb.table_weights())
     g = torch.Generator().manual_seed(1)
-    for k in stream[: lookahead + 1]:
+    for k in stream[: horizon + 1]:  # the batches within the horizon guide victim choice
         emb.prefetch(k)
     for i, k in enumerate(stream):
-        if horizon > lookahead:
-            emb.peek(stream[i + lookahead + 1 : i + horizon + 1])
         out = emb(k).values()
         expect = ref(k)
         torch.testing.assert_close(out, expect, atol=1e-5, rtol=1e-5, msg=f"step {i}")
         grad = torch.randn(out.shape, generator=g)
         out.backward(grad)
         expect.backward(grad)
-        if i + lookahead + 1 < len(stream):
-            emb.prefetch(stream[i + lookahead + 1])
+        if i + horizon + 1 < len(stream):
+            emb.prefetch(stream[i + horizon + 1])
     return emb, ref, tables
 
 

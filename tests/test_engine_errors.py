@@ -70,7 +70,7 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
-@pytest.mark.parametrize("entry", ["prefetch", "forward", "peek"])
+@pytest.mark.parametrize("entry", ["prefetch", "forward"])
 def test_bad_batch_is_rejected_without_state_change(case: str, entry: str) -> None:
     emb = trained_engine()
     before = snapshot(emb)
@@ -78,8 +78,6 @@ def test_bad_batch_is_rejected_without_state_change(case: str, entry: str) -> No
     with pytest.raises(ValueError, match=message):
         if entry == "prefetch":
             emb.prefetch(batch)
-        elif entry == "peek":
-            emb.peek([batch])
         else:
             emb.reset_window()
             before = snapshot(emb)

@@ -18,8 +18,8 @@ NUM_ROWS = 48
 
 
 def live_queue(p: SlotPlanner) -> List[int]:
-    """Slots in recency order, as the planner's queue walks them."""
-    return [s for _, slots in p.queue.chunks(p.last_use, 1 << 16) for s in slots.tolist()]
+    """Slots in recency order (the native planner's ranked slots first, then its queue)."""
+    return p.recency_order().tolist()
 
 
 def assert_same_state(a: PlanWindow, b: PlanWindow) -> None:
@@ -50,7 +50,7 @@ def programs(draw) -> Tuple[int, int, int, str, List[Tuple[str, List[List[int]]]
     batch = st.lists(st.integers(0, NUM_ROWS - 1), min_size=1, max_size=2 * capacity).map(
         lambda ids: list(dict.fromkeys(ids))[:capacity]
     )
-    kinds = st.sampled_from(["push"] * 9 + ["pop"] * 8 + ["peek"] * 2 + ["clear"])  # mostly a busy window
+    kinds = st.sampled_from(["push"] * 9 + ["pop"] * 8 + ["clear"])  # mostly a busy window
     ops = draw(st.lists(st.tuples(kinds, st.lists(batch, min_size=1, max_size=4)), min_size=20, max_size=80))
     return capacity, lookahead, horizon, policy, ops
 
@@ -69,8 +69,6 @@ def test_native_and_reference_plan_identically(program) -> None:
                 w.push(w.planner.unique(torch.tensor(batches[0])))
             elif op == "pop" and len(w):
                 w.pop()
-            elif op == "peek":
-                w.set_peek([torch.tensor(b) for b in batches])
             elif op == "clear":
                 w.clear()
         assert_same_plans(*windows)
@@ -109,3 +107,28 @@ def test_switch_chooses_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SCRATCHPIPE_NATIVE", "maybe")
     with pytest.raises(ValueError, match="SCRATCHPIPE_NATIVE must be"):
         SlotPlanner(10, 2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), horizons=st.lists(st.integers(2, 8), min_size=2, max_size=4))
+def test_ranked_slots_survive_clears_and_horizon_changes(seed: int, horizons: List[int]) -> None:
+    """The native planner's ranking (candidates bucketed by next use) is put back into recency
+    order when next uses are forgotten or the horizon changes; plans stay those of the reference."""
+    g = torch.Generator().manual_seed(seed)
+    windows = [PlanWindow(SlotPlanner(NUM_ROWS, 12, "future", native=flag), 1, horizons[0]) for flag in (True, False)]
+    ranked = 0
+    for h in horizons:
+        for w in windows:  # as ScratchPipeEmbeddingBags.set_window does
+            w.retire()
+            w.clear()
+            w.horizon = h
+        for step in range(25):
+            batch = torch.unique(torch.randint(0, NUM_ROWS // 2, (6,), generator=g))
+            for w in windows:
+                w.push(batch)
+                if len(w) > h:
+                    w.pop()
+            assert_same_plans(*windows)
+            assert_same_state(*windows)
+            ranked = max(ranked, len(windows[0].planner.ranked or []))
+    assert ranked > 0  # the ranking was in use

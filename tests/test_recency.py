@@ -9,6 +9,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from torchrec_scratchpipe import SlotPlanner
+from torchrec_scratchpipe.core import native
+from torchrec_scratchpipe.core.next_use import Distance, NextUse
 from torchrec_scratchpipe.core.recency import RecencyQueue
 
 
@@ -85,6 +87,18 @@ def test_held_count_follows_the_window() -> None:
 
 
 def test_host_bytes_counts_what_the_planner_allocates() -> None:
-    p = SlotPlanner(num_rows=1000, capacity=37)
+    p = SlotPlanner(num_rows=1000, capacity=37, native=False)
     tensors = [p.row_to_slot, p._tag, p.slot_to_row, p.last_use, p.queue.slots, p.queue.stamps]
     assert SlotPlanner.host_bytes(1000, 37) == sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.skipif(not native.available(), reason="native planner not built")
+def test_host_bytes_counts_the_native_bitmap_and_ranking() -> None:
+    p = SlotPlanner(num_rows=1000, capacity=37, native=True)
+    nu = NextUse(1000, native=True)
+    nu.push(0, torch.tensor([1, 2]))
+    p.try_plan(torch.tensor([1, 2]), step=0, next_use=Distance(0, 5, nu.next, p.slot_to_row))
+    assert p.ranked is not None and p.ranked.limit == 5
+    tensors = [p.row_to_slot, p._tag, p.slot_to_row, p.last_use, p.queue.slots, p.queue.stamps]
+    tensors += [p.ranked.link, p.ranked.seq, p.ranked.ends, p.ranked.meta]
+    assert SlotPlanner.host_bytes(1000, 37, native=True, ranked_limit=5) == sum(t.numel() * t.element_size() for t in tensors)

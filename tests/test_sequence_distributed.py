@@ -4,7 +4,7 @@ like TorchRec's ``fused`` kernel.
 One spawned group per world size runs every check: table-wise and row-wise (column-wise
 on two ranks) equivalence of outputs and weights/optimizer state with a learning-rate
 change, a table read by two features, a ``fused`` table in the same collection, plan
-swapping through state dicts in both directions, pipeline-style ``prefetch``/``peek``,
+swapping through state dicts in both directions, pipeline-style ``prefetch`` up to H ahead,
 ``cache_stats``, and clear errors for bad ids and too-small scratchpads.
 """
 
@@ -109,7 +109,7 @@ def _equivalence(rank: int, ws: int, sharding: str, ec: Any, full: Dict[str, tor
 
 
 def _lookahead(rank: int, ws: int, ec: Any, full: Dict[str, torch.Tensor]) -> Dict[str, Any]:
-    """Pipeline-style use: announce batches 2 ahead, peek 2 further, train with DMP forward."""
+    """Pipeline-style use: announce batches 4 ahead (L = 2 planned, H = 4 ranking victims), train with DMP forward."""
     import torchrec_scratchpipe.distributed as tsp
     from torchrec_scratchpipe.core.config import ScratchPipeConfig
 
@@ -126,11 +126,10 @@ def _lookahead(rank: int, ws: int, ec: Any, full: Dict[str, torch.Tensor]) -> Di
     # As a pipeline does: the input-dist output announced is the one the forward computes on.
     steps, announced, worst, inputs = 20, 0, 0.0, {}
     for s in range(steps):
-        while announced <= min(s + 2, steps - 1):
+        while announced <= min(s + 4, steps - 1):
             inputs[announced] = dist_input(announced)
             module.prefetch(inputs[announced][1])
             announced += 1
-        module.peek([dist_input(p)[1] for p in range(announced, min(announced + 2, steps))])
         kjt = seq_batch(s, rank)
         got = []
         for out in (module.compute_and_output_dist(*inputs.pop(s)).wait(), ref(kjt)):

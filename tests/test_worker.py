@@ -25,15 +25,15 @@ def train(background: bool, steps: int = 60, lookahead: int = 2):
     emb = ScratchPipeEmbeddingBags(make_tables(ROWS, [8, 8]), cfg)
     emb.load_table_weights({n: torch.linspace(-1, 1, w.numel()).view_as(w) for n, w in emb.table_weights().items()})
     outs = []
-    for k in stream[: lookahead + 1]:
+    ahead = lookahead + 2  # = H: the batches within the horizon guide victim choice
+    for k in stream[: ahead + 1]:
         emb.prefetch(k)
     for i, k in enumerate(stream):
-        emb.peek(stream[i + lookahead + 1 : i + lookahead + 3])
         out = emb(k).values()
         out.square().sum().backward()
         outs.append(out.detach())
-        if i + lookahead + 1 < len(stream):
-            emb.prefetch(stream[i + lookahead + 1])
+        if i + ahead + 1 < len(stream):
+            emb.prefetch(stream[i + ahead + 1])
     return emb, outs
 
 

@@ -164,7 +164,7 @@ def _median_rate(nbytes: List[float], seconds: List[float]) -> float:
 def run(cfg: EngineBenchConfig) -> Dict[str, object]:
     """Alternate blocks of full-table TBE and ScratchPipe steps, so both see the same machine."""
     device = torch.device(cfg.device)
-    ahead = max(cfg.lookahead, cfg.horizon or 0) + 1  # announced batches: L planned, the rest peeked
+    ahead = max(cfg.lookahead, cfg.horizon or 0) + 1  # announced batches: L planned, all within H ranked
     n = cfg.steps + cfg.warmup
     batches = [k.to(device) for k in _batches(cfg, n + ahead)]
     tbe, emb = _full_tbe(cfg, device), _engine(cfg, device)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
+from torchrec_scratchpipe.core.policy import VictimPolicy
 from torchrec_scratchpipe.defaults import LIBRARY_LOAD_FACTOR, LIBRARY_LOOKAHEAD, check_window
-
-VICTIM_POLICIES: Tuple[str, ...] = ("future", "lru")
 
 
 #: Ids per batch (in one table group) from which a CPU engine plans in the background by
@@ -41,8 +40,9 @@ class ScratchPipeConfig:
         stochastic_rounding: round FP16 weight updates stochastically (FBGEMM TBE's
             ``stochastic_rounding``, default True as there); False rounds to nearest, so
             training matches ``fused`` FP16 with the same setting. FP32 tables ignore it.
-        victim_policy: ``"future"`` (farthest next use within the horizon, ties by least
-            recent use) or ``"lru"`` (least recent use only).
+        victim_policy: a ``VictimPolicy`` (``core/policy.py``) or its name: ``"future"``
+            (farthest next use within the horizon, ties by least recent use) or ``"lru"``
+            (least recent use only). Stored as the enum.
         background_planning: plan and move the batches behind the training batch in a
             background thread while it trains (True), or on the training thread (False).
             None (default): in the background only on a CPU scratchpad and for batches of
@@ -69,7 +69,7 @@ class ScratchPipeConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     stochastic_rounding: bool = True
-    victim_policy: str = "future"
+    victim_policy: VictimPolicy = VictimPolicy.FUTURE
     background_planning: Optional[bool] = None
 
     def __post_init__(self) -> None:
@@ -82,10 +82,7 @@ class ScratchPipeConfig:
                 f"load_factor must be > 0 (a fraction of the table's rows), got {self.load_factor}."
             )
         check_window(self.lookahead, self.horizon)
-        if self.victim_policy not in VICTIM_POLICIES:
-            raise ValueError(
-                f"victim_policy must be one of {VICTIM_POLICIES}, got {self.victim_policy!r}."
-            )
+        object.__setattr__(self, "victim_policy", VictimPolicy.parse(self.victim_policy, "victim_policy"))
         if not isinstance(self.optimizer, EmbOptimType):
             raise ValueError(f"optimizer must be an fbgemm EmbOptimType, got {self.optimizer!r}.")
 

@@ -211,13 +211,6 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         for g in self.groups.values():
             g.stats.blocked_s += seconds / len(self.groups)
 
-    def peek(self, kjts: Sequence[KeyedJaggedTensor]) -> None:
-        """Show the victim policy the ids of batches beyond those prefetched (nothing moves)."""
-        per_batch = [self._rows(k) for k in kjts]
-        self._sync()
-        for i, g in enumerate(self.groups.values()):
-            g.window.set_peek([rows[i][1] for rows in per_batch])
-
     # ---------------------------------------------------------------- train
     def _sync(self) -> None:
         """Wait for the background planner, release finished batches, apply a pending load."""

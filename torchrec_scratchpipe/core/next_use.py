@@ -12,7 +12,7 @@ each row's next occurrence after its last *planned* occurrence:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List
 
 import torch
 
@@ -38,9 +38,12 @@ class NextUse:
 
     def __init__(self, num_rows: int, native: bool = False) -> None:
         self.native = native
-        self.next = torch.full((num_rows,), NONE, dtype=torch.int32)
-        self._last_step = torch.full((num_rows,), -1, dtype=torch.int32)
-        self._last_pos = torch.zeros(num_rows, dtype=torch.int32)
+        # one record per row (a single cache line to touch): next use, last pushed step,
+        # position in that batch
+        self._state = torch.tensor([NONE, -1, 0], dtype=torch.int32).repeat(num_rows, 1)
+        self.next = self._state[:, 0]
+        self._last_step = self._state[:, 1]
+        self._last_pos = self._state[:, 2]
         self._succ = torch.empty(0, dtype=torch.int32)  # successor links, one slice per waiting batch
         self._used = 0
         self._waiting: List[List[int]] = []  # [step, base, length] of batches not yet planned
@@ -52,9 +55,7 @@ class NextUse:
         first_waiting = self._waiting[0][0] if self._waiting else step
         if self.native:
             bases = torch.tensor([w[1] for w in self._waiting], dtype=torch.int64)
-            torch.ops.scratchpipe.next_use_push(
-                rows.contiguous(), step, self.next, self._last_step, self._last_pos, self._succ, bases, first_waiting
-            )
+            torch.ops.scratchpipe.next_use_push(rows.contiguous(), step, self._state, self._succ, bases, first_waiting)
         else:
             self._push_reference(step, rows, first_waiting)
         self._waiting.append([step, base, n])
@@ -77,7 +78,7 @@ class NextUse:
         if n != rows.numel():
             raise RuntimeError("NextUse: batches must be planned in the order they were pushed.")
         if self.native:
-            torch.ops.scratchpipe.scatter_rows(self.next, rows.contiguous(), self._succ[base : base + n])
+            torch.ops.scratchpipe.next_use_planned(rows.contiguous(), self._state, self._succ[base : base + n])
         else:
             self.next.index_copy_(0, rows, self._succ[base : base + n])
 
@@ -121,7 +122,6 @@ class Distance:
         limit: farthest distance that counts (H - L).
         next: next-use step per row (``NextUse.next``).
         slot_to_row: the planner's slot -> row map.
-        peek: per slot, the first step among peeked batches (``peek_steps``), or None.
 
     Example::
 
@@ -134,36 +134,10 @@ class Distance:
     limit: int
     next: torch.Tensor
     slot_to_row: torch.Tensor
-    peek: Optional[torch.Tensor] = None
 
     def __call__(self, candidates: torch.Tensor) -> torch.Tensor:
         rows = self.slot_to_row.index_select(0, candidates)
         nxt = self.next.index_select(0, rows.clamp(min=0))
         nxt = torch.where(rows >= 0, nxt, torch.full_like(nxt, NONE))
-        if self.peek is not None:
-            nxt = torch.minimum(nxt, self.peek.index_select(0, candidates))
         d = nxt - self.step
         return torch.where((nxt == NONE) | (d > self.limit), NONE, d)
-
-
-def peek_steps(slots_of: torch.Tensor, peek: Sequence[torch.Tensor], first_step: int, capacity: int) -> Optional[torch.Tensor]:
-    """Per slot, the first step among explicitly peeked batches (``NONE`` where absent).
-
-    Args:
-        slots_of: the planner's row -> slot map.
-        peek: row ids of batches after everything pushed, nearest first.
-        first_step: the step number of ``peek[0]``.
-        capacity: number of slots.
-    """
-    if not peek:
-        return None
-    ids = torch.cat(list(peek))
-    steps = torch.repeat_interleave(
-        torch.arange(first_step, first_step + len(peek), dtype=torch.int32),
-        torch.tensor([p.numel() for p in peek]),
-    )
-    s = slots_of.index_select(0, ids).long()
-    seen = s >= 0
-    out = torch.full((capacity,), NONE, dtype=torch.int32)
-    out.scatter_reduce_(0, s[seen], steps[seen], reduce="amin")
-    return out

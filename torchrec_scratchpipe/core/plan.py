@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from collections import deque
-from typing import Callable, Deque, List, Optional, Tuple
+from typing import Callable, Deque, List, Optional, Tuple, Union
 
 import torch
 
 from torchrec_scratchpipe.core import native as _native
 from torchrec_scratchpipe.core.next_use import Distance
-from torchrec_scratchpipe.core.recency import RecencyQueue
+from torchrec_scratchpipe.core.policy import VictimPolicy
+from torchrec_scratchpipe.core.recency import RankedSlots, RecencyQueue
 
 
 #: Maps candidate slots to how many batches ahead their rows are next needed
@@ -72,7 +73,7 @@ class SlotPlanner:
     Args:
         num_rows: size of the row space (all tables of the group, concatenated).
         capacity: number of slots C (below 2**31).
-        policy: ``"future"`` or ``"lru"``.
+        policy: the victim policy (``core/policy.py``), or its name: ``"future"`` or ``"lru"``.
         device: where the maps live (the device the ids arrive on).
         native: use the C++ operator (True: required; False: the PyTorch path; None:
             ``SCRATCHPIPE_NATIVE``, by default the operator when built). CPU maps only.
@@ -94,7 +95,7 @@ class SlotPlanner:
         self,
         num_rows: int,
         capacity: int,
-        policy: str = "future",
+        policy: Union[VictimPolicy, str] = VictimPolicy.FUTURE,
         device: Optional[torch.device] = None,
         native: Optional[bool] = None,
     ) -> None:
@@ -102,11 +103,10 @@ class SlotPlanner:
             raise ValueError(f"capacity ({capacity}) and num_rows ({num_rows}) must be positive.")
         if capacity >= 2**31 - 1:
             raise ValueError(f"capacity ({capacity}) must be below 2**31 - 1 slots.")
-        if policy not in ("future", "lru"):
-            raise ValueError(f"victim policy must be 'future' or 'lru', got {policy!r}.")
         self.num_rows = num_rows
         self.capacity = capacity
-        self.policy = policy
+        self.policy = VictimPolicy.parse(policy)
+        self.strategy = self.policy.strategy
         dev = device or torch.device("cpu")
         if native and dev.type != "cpu":
             raise ValueError(f"the native planner runs on CPU maps only, got device {dev}: pass native=None.")
@@ -118,14 +118,30 @@ class SlotPlanner:
         self.queue = RecencyQueue(capacity, dev)
         self._held: Deque[List[int]] = deque()  # [step, slots last used at step], unreleased
         self._last_step = -1
-        self._tag = torch.zeros(num_rows, dtype=torch.int32, device=dev)  # scratch for unique()
-        self._epoch = 0  # native de-duplication: rows tagged with the current epoch were seen
+        # de-duplication scratch: a bitmap over rows (native), or each row's first position
+        size, dtype = self.dedup_scratch(num_rows, self.native)
+        self._tag = torch.zeros(size, dtype=dtype, device=dev)
+        self.ranked: Optional[RankedSlots] = None  # native "future" plans: candidates by next use
 
     @staticmethod
-    def host_bytes(num_rows: int, capacity: int) -> int:
-        """Memory a planner allocates: int32 row -> slot map and dedup scratch per row; int64
-        slot -> row, int32 last use and the recency queue's int32 pairs per slot."""
-        return 8 * num_rows + 8 * capacity + 4 * (capacity + 1) + 8 * RecencyQueue.entries(capacity)
+    def dedup_scratch(num_rows: int, native: bool) -> Tuple[int, torch.dtype]:
+        """Size and dtype of the de-duplication scratch: one bit per row natively, else int32."""
+        return ((num_rows + 7) // 8, torch.uint8) if native else (num_rows, torch.int32)
+
+    @staticmethod
+    def host_bytes(num_rows: int, capacity: int, native: bool = False, ranked_limit: Optional[int] = None) -> int:
+        """Memory a planner allocates: the int32 row -> slot map and de-duplication scratch per
+        row; int64 slot -> row, int32 last use and the recency queue's int32 pairs per slot;
+        with ``ranked_limit`` (H - L of a native "future" planner), its ``RankedSlots``.
+
+        Args:
+            num_rows, capacity: the planner's row space and slots.
+            native: the C++ operator plans (bitmap scratch); else the PyTorch path.
+            ranked_limit: H - L when next uses rank victims natively, else None.
+        """
+        size, dtype = SlotPlanner.dedup_scratch(num_rows, native)
+        base = 4 * num_rows + size * dtype.itemsize + 8 * capacity + 4 * (capacity + 1) + 8 * RecencyQueue.entries(capacity)
+        return base + (RankedSlots.host_bytes(capacity, ranked_limit) if ranked_limit is not None else 0)
 
     def held_slots(self) -> int:
         """Number of slots held by planned, unreleased batches."""
@@ -134,6 +150,17 @@ class SlotPlanner:
     def resident(self) -> torch.Tensor:
         """Boolean mask over slots that hold a row."""
         return self.slot_to_row >= 0
+
+    def recency_order(self) -> torch.Tensor:
+        """Unheld and held slots (int64) from least to most recently used (queue order)."""
+        ranked = self.ranked.order() if self.ranked is not None else self.slot_to_row.new_empty(0)
+        queued = [slots for _, slots in self.queue.chunks(self.last_use, 1 << 16)]
+        return torch.cat([ranked] + queued)
+
+    def unrank(self) -> None:
+        """Put the slots ranked by next use back into the recency queue (next uses changed)."""
+        if self.ranked is not None and len(self.ranked):
+            self.queue.prepend(self.ranked.drain(), self.last_use)
 
     def try_plan(
         self, rows: torch.Tensor, step: int, next_use: Optional[NextUseFn] = None
@@ -167,6 +194,7 @@ class SlotPlanner:
         if self.native and (next_use is None or isinstance(next_use, Distance)):
             plan = self._plan_native(rows, step, oldest_held, next_use)
         else:
+            self.unrank()
             plan = self._plan_reference(rows, step, oldest_held, next_use)
         if plan is None:
             return None
@@ -177,12 +205,25 @@ class SlotPlanner:
     def _plan_native(
         self, rows: torch.Tensor, step: int, oldest_held: int, next_use: Optional[Distance]
     ) -> Optional[SlotPlan]:
-        """``try_plan`` in the fused operator: one pass for hits, one walk for victims, one to place."""
-        future = self.policy == "future" and next_use is not None
-        nxt, peek, limit = (next_use.next, next_use.peek, next_use.limit) if future else (None, None, 0)  # type: ignore[union-attr]
+        """``try_plan`` in the fused operator: one pass for hits, one walk for victims, one to place.
+
+        With next uses the walk moves the candidates it passes whose rows are needed within
+        the horizon into ``self.ranked`` (kept across plans, so each slot is ranked once per
+        release, not at every plan); victims come from there once the others run out.
+        """
+        next_use = self.strategy.next_use_for(next_use)
+        future = next_use is not None
+        limit = next_use.limit if future else 0  # type: ignore[union-attr]
+        if self.ranked is not None and (not future or self.ranked.limit != limit):
+            self.unrank()
+            self.ranked = None
+        if future and self.ranked is None:
+            self.ranked = RankedSlots(self.capacity, limit)
+        r = self.ranked
         slots, miss_rows, miss_slots, victim_rows, victim_slots, moved, head, ok = torch.ops.scratchpipe.plan(
             rows.to(torch.int64).contiguous(), step, self.row_to_slot, self.slot_to_row, self.last_use, self.queue.slots,
-            self.queue.stamps, self.queue.head, self.queue.tail, oldest_held, nxt, peek, limit,
+            self.queue.stamps, self.queue.head, self.queue.tail, oldest_held, next_use.next if future else None,  # type: ignore[union-attr]
+            limit, *((r.link, r.seq, r.ends, r.meta) if r is not None else (None,) * 4),
         )
         if not ok:
             return None
@@ -263,7 +304,8 @@ class SlotPlanner:
         whose rows are not needed within the horizon (all of them for ``"lru"``) are
         taken in that order; only if fewer than ``n`` exist are the rest ranked.
         """
-        future = self.policy == "future" and next_use is not None
+        next_use = self.strategy.next_use_for(next_use)
+        future = next_use is not None
         parts: List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = []
         n_free = 0  # candidates not needed within the horizon
         for pos, slots in self.queue.chunks(self.last_use, max(2 * n, 1 << 16), before=oldest_held):
@@ -315,14 +357,10 @@ class SlotPlanner:
             ``(distinct rows in first-seen order, group row of each id)``, both int64.
         """
         n = values.numel()
-        if self.native and n < 2**31 - 1:  # a native planner's maps, and so its ids, are on CPU
-            self._epoch += 1
-            if self._epoch == 2**31 - 1:  # tags would wrap: start over
-                self._tag.zero_()
-                self._epoch = 1
+        if self.native:  # a native planner's maps, and so its ids, are on CPU
             ids, rows = torch.ops.scratchpipe.group_dedup(
                 values.contiguous(), per_feature.to(torch.int64).contiguous(),
-                feature_base.to(torch.int64).contiguous(), self._tag, self._epoch,
+                feature_base.to(torch.int64).contiguous(), self._tag,
             )
             return rows, ids
         ids = values.long() + torch.repeat_interleave(feature_base.to(values.device), per_feature.to(values.device), output_size=n)

@@ -6,6 +6,10 @@ still equals its stamp; a slot used again later leaves a stale entry behind, whi
 skip and compaction drops. Every slot has exactly one live entry, so walking the live
 entries from the head visits slots from least to most recently used, and the slots not
 held by an in-flight batch (last use older than the oldest unreleased step) form a prefix.
+
+The native planner also keeps ``RankedSlots``: unheld slots whose rows are needed within
+the horizon, taken out of the queue and bucketed by next-use step, so that each plan
+ranks only the slots released since the previous one.
 """
 
 from __future__ import annotations
@@ -122,3 +126,62 @@ class RecencyQueue:
     def advance(self, position: int) -> None:
         """Forget every entry before ``position`` (all stale, or victims about to become so)."""
         self.head = max(self.head, min(position, self.tail))
+
+    def prepend(self, slots: torch.Tensor, last_use: torch.Tensor) -> None:
+        """Put live ``slots`` (int64, oldest first, all used before any queued slot) at the head."""
+        self.compact(last_use)
+        k, n = slots.numel(), self.tail
+        self.slots[k : k + n] = self.slots[:n].clone()
+        self.stamps[k : k + n] = self.stamps[:n].clone()
+        self.slots[:k] = slots
+        self.stamps[:k] = last_use.index_select(0, slots)
+        self.tail = k + n
+
+
+class RankedSlots:
+    """Unheld slots whose rows are needed within the horizon, bucketed by next-use step.
+
+    The state of the native planner's incremental ranking (``csrc/planner.cpp`` reads and
+    writes it). Bucket ``k mod (limit + 1)`` is a FIFO, linked through ``link``, of the
+    slots whose rows batch ``k`` needs next, in recency order; the plan of step ``k``
+    hits all of them and drops the bucket. ``ends`` holds, per bucket, its first and last
+    slot, its step and its size; ``seq`` when each slot was ranked.
+
+    Args:
+        capacity: number of slots.
+        limit: farthest next-use distance ranked (H - L); ``limit + 1`` buckets.
+
+    Example::
+
+        >>> r = RankedSlots(4, limit=2)
+        >>> len(r), r.ends.shape
+        (0, torch.Size([4, 3]))
+    """
+
+    def __init__(self, capacity: int, limit: int) -> None:
+        self.limit = limit
+        self.link = torch.full((capacity,), -1, dtype=torch.int32)
+        self.seq = torch.zeros(capacity, dtype=torch.int64)
+        self.ends = torch.tensor([[-1], [-1], [-1], [0]], dtype=torch.int64).repeat(1, limit + 1)
+        self.meta = torch.zeros(2, dtype=torch.int64)  # ranked slots, next sequence number
+
+    def __len__(self) -> int:
+        return int(self.meta[0])
+
+    @staticmethod
+    def host_bytes(capacity: int, limit: int) -> int:
+        """Bytes allocated: an int32 link and an int64 order per slot, four int64 per bucket."""
+        return 12 * capacity + 32 * (limit + 1) + 16
+
+    def order(self) -> torch.Tensor:
+        """Ranked slots (int64) in the order they left the queue: their recency order (native)."""
+        order: torch.Tensor = torch.ops.scratchpipe.ranked_order(self.link, self.seq, self.ends)
+        return order
+
+    def drain(self) -> torch.Tensor:
+        """Unrank every slot; return them in recency order (for ``RecencyQueue.prepend``)."""
+        slots = self.order()
+        self.ends[:3].fill_(-1)
+        self.ends[3].zero_()
+        self.meta.zero_()
+        return slots

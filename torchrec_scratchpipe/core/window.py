@@ -13,11 +13,11 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, List, Optional, Sequence
+from typing import Any, Callable, Deque, List, Optional
 
 import torch
 
-from torchrec_scratchpipe.core.next_use import Distance, NextUse, peek_steps
+from torchrec_scratchpipe.core.next_use import Distance, NextUse
 from torchrec_scratchpipe.core.plan import CapacityError, SlotPlan, SlotPlanner
 from torchrec_scratchpipe.core.stats import GroupStats
 from torchrec_scratchpipe.defaults import check_window
@@ -88,7 +88,6 @@ class PlanWindow:
         self.trained: Deque[WindowEntry] = deque()  # taken for training, slots held until retired
         self.planned: Deque[WindowEntry] = deque()
         self.pending: Deque[WindowEntry] = deque()
-        self.extra_peek: List[torch.Tensor] = []
         self.next_step = 0
         self.next_use = NextUse(planner.num_rows, native=planner.native)
 
@@ -147,10 +146,6 @@ class PlanWindow:
         if fill:
             self.fill()
         return entry
-
-    def set_peek(self, rows: Sequence[torch.Tensor]) -> None:
-        """Ids of batches after everything pushed (victim policy only)."""
-        self.extra_peek = list(rows)
 
     def pop(self, fill: bool = True) -> WindowEntry:
         """Retire every batch taken before and take the oldest batch for training.
@@ -228,22 +223,20 @@ class PlanWindow:
             self.trained.append(entry)
         self.planned.clear()
         self.pending.clear()
-        self.extra_peek = []
         self.next_use.clear()
+        self.planner.unrank()  # its ranking read the next uses just forgotten
         self.retire_done()
 
     @property
     def _tracks_next_use(self) -> bool:
-        """Only a horizon beyond the lookahead and the "future" policy need next uses."""
-        return self.horizon > self.lookahead and self.planner.policy == "future"
+        """Only a horizon beyond the lookahead and a policy that ranks by next use need next uses."""
+        return self.horizon > self.lookahead and self.planner.strategy.ranks_by_next_use
 
     def _distance_fn(self, step: int) -> Optional[Distance]:
         """Distance from ``step`` to each candidate slot's next use (``NEVER`` beyond H - L)."""
         if not self._tracks_next_use:
             return None
-        limit = self.horizon - self.lookahead
-        peek = peek_steps(self.planner.row_to_slot, self.extra_peek[:limit], self.next_step, self.planner.capacity)
-        return Distance(step, limit, self.next_use.next, self.planner.slot_to_row, peek)
+        return Distance(step, self.horizon - self.lookahead, self.next_use.next, self.planner.slot_to_row)
 
     def fill(self, until: Optional[int] = None) -> None:
         """Plan pending batches in order while fewer than L+1 batches hold slots.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -181,7 +181,7 @@ class ScratchPipeEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
 
         >>> # created by ScratchPipeGroupedPooledEmbeddingsLookup for customized_kernel
         >>> # groups; a pipeline reaches it through tsp.scratchpipe_kernels(model):
-        >>> # kernel.prefetch(local_kjt); kernel.peek([later_local_kjts])
+        >>> # kernel.prefetch(local_kjt)
     """
 
     def __init__(
@@ -296,10 +296,6 @@ class ScratchPipeEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
     def prefetch(self, features: KeyedJaggedTensor) -> int:
         """Announce a future batch (this kernel's slice of a distributed input); return its token."""
         return self.enqueue(self.prepare(features))
-
-    def peek(self, features: Sequence[KeyedJaggedTensor]) -> None:
-        """Show the victim policy batches beyond the prefetched ones (nothing moves)."""
-        self._engine.peek([self._engine_kjt(f) for f in features])
 
     def stats(self) -> Dict[str, Dict[str, Any]]:
         """Engine counters per scratchpad group, with the tables of each group."""

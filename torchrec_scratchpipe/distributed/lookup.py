@@ -3,14 +3,14 @@
 TorchRec creates kernels in ``GroupedPooledEmbeddingsLookup._create_embedding_kernel``
 (an if/elif over its enum that raises for anything else) and only forwards ``prefetch``
 to UVM-caching kernels. The subclass here adds the ``customized_kernel`` branch for
-ScratchPipe groups, forwards ``prefetch``/``peek`` to them, and delegates every other
+ScratchPipe groups, forwards ``prefetch`` to them, and delegates every other
 group to TorchRec unchanged. The sharding subclasses only swap in that lookup.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -105,19 +105,6 @@ class ScratchPipeLookupMixin:
             for kernel in self.scratchpipe_kernels():
                 kernel.expect(None)
 
-    def peek(self, future_features: Sequence[KeyedJaggedTensor]) -> None:
-        """Pass the ids of batches after the prefetched ones to the victim policy."""
-        if not self.scratchpipe_kernels():
-            return
-        per_kernel: Dict[int, List[KeyedJaggedTensor]] = {}
-        kernels: Dict[int, ScratchPipeEmbeddingBag] = {}
-        for features in future_features:
-            for kernel, part in self._scratchpipe_parts(features):
-                per_kernel.setdefault(id(kernel), []).append(part)
-                kernels[id(kernel)] = kernel
-        for key, kernel in kernels.items():
-            kernel.peek(per_kernel[key])
-
 
 class ScratchPipeGroupedPooledEmbeddingsLookup(ScratchPipeLookupMixin, GroupedPooledEmbeddingsLookup):
     """``GroupedPooledEmbeddingsLookup`` that also runs ScratchPipe table groups.
@@ -125,7 +112,6 @@ class ScratchPipeGroupedPooledEmbeddingsLookup(ScratchPipeLookupMixin, GroupedPo
     Example::
 
         >>> # lookup.prefetch(kjt)        # like TorchRec's, plus ScratchPipe kernels
-        >>> # lookup.peek([kjt2, kjt3])   # ids of later batches, for victim choice
     """
 
     def _create_embedding_kernel(

@@ -4,7 +4,7 @@ TorchRec creates sequence kernels in ``GroupedEmbeddingsLookup._create_embedding
 (an if/elif that raises for ``customized_kernel``). The subclass here creates a
 ``ScratchPipeEmbeddingBag`` for ScratchPipe groups (its TBE runs with
 ``PoolingMode.NONE`` for these tables, so it returns one row per id, the shape
-``GroupedEmbeddingsLookup`` expects), forwards ``prefetch``/``peek`` to them, and leaves
+``GroupedEmbeddingsLookup`` expects), forwards ``prefetch`` to them, and leaves
 every other group to TorchRec. The sharding subclasses only swap in that lookup.
 """
 
@@ -40,7 +40,6 @@ class ScratchPipeGroupedEmbeddingsLookup(ScratchPipeLookupMixin, GroupedEmbeddin
     Example::
 
         >>> # lookup.prefetch(kjt)        # like TorchRec's, plus ScratchPipe kernels
-        >>> # lookup.peek([kjt2, kjt3])   # ids of later batches, for victim choice
     """
 
     def _create_embedding_kernel(

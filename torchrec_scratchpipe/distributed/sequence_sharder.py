@@ -43,7 +43,7 @@ class ShardedScratchPipeEmbeddingCollection(ScratchPipeShardedMixin, ShardedEmbe
     Example::
 
         >>> # sharded = dmp_model.module.ec  (after DMP with tsp.get_sharders())
-        >>> # sharded.prefetch(dist_input); sharded.peek([later_dist_inputs])
+        >>> # sharded.prefetch(dist_input)   # up to H + 1 batches ahead
     """
 
     @classmethod

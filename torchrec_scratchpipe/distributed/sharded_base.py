@@ -9,7 +9,7 @@ bases, in front of the TorchRec class it extends.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ def unwrap(lookup: nn.Module) -> nn.Module:
 
 
 class ScratchPipeShardedMixin:
-    """State handling, scratchpad refresh and ``peek`` for a sharded module with ScratchPipe tables.
+    """State handling, scratchpad refresh and ``prefetch`` for a sharded module with ScratchPipe tables.
 
     State dicts, ``fused_optimizer`` keys and ShardedTensor types are those of ``fused``
     (TorchRec skips state handling for ``customized_kernel``; this mixin does not).
@@ -46,7 +46,7 @@ class ScratchPipeShardedMixin:
     Example::
 
         >>> # sharded = dmp_model.module.ebc  (after DMP with tsp.get_sharders())
-        >>> # sharded.prefetch(dist_input); sharded.peek([later_dist_inputs])
+        >>> # sharded.prefetch(dist_input)   # up to H + 1 batches ahead
     """
 
     module_sharding_plan: EmbeddingModuleShardingPlan
@@ -111,13 +111,6 @@ class ScratchPipeShardedMixin:
                 lookup.commit(features, part, forward_stream)
             else:
                 lookup.prefetch(sparse_features=features, forward_stream=forward_stream)
-
-    def peek(self, dist_inputs: Sequence[KJTList]) -> None:
-        """Ids of batches after the prefetched ones (each the output of ``input_dist``)."""
-        for i, lookup in enumerate(self._lookups):
-            lookup = unwrap(lookup)
-            if isinstance(lookup, ScratchPipeLookupMixin):
-                lookup.peek([d[i] for d in dist_inputs])
 
 
 class ScratchPipeSharderMixin:

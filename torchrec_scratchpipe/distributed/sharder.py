@@ -47,7 +47,7 @@ class ShardedScratchPipeEmbeddingBagCollection(ScratchPipeShardedMixin, ShardedE
     Example::
 
         >>> # sharded = dmp_model.module.ebc  (after DMP with tsp.get_sharders())
-        >>> # sharded.prefetch(dist_input); sharded.peek([later_dist_inputs])
+        >>> # sharded.prefetch(dist_input)   # up to H + 1 batches ahead
     """
 
     @classmethod

@@ -22,7 +22,7 @@ def scratchpipe_modules(model: nn.Module) -> List[Tuple[str, ScratchPipeShardedM
 
     A pipeline calls ``module.prefetch(dist_input)`` (TorchRec's ``ShardedModule``
     API, ``dist_input`` being the module's ``input_dist`` output) for each batch it
-    announces, and ``module.peek([dist_input, ...])`` with later batches.
+    announces (up to H + 1 ahead: the victim policy reads the ids of all of them).
 
     Args:
         model: a ``DistributedModelParallel`` (or any module containing sharded EBCs/ECs).
@@ -40,8 +40,8 @@ def scratchpipe_modules(model: nn.Module) -> List[Tuple[str, ScratchPipeShardedM
 
 
 def scratchpipe_kernels(model: nn.Module) -> List[ScratchPipeEmbeddingBag]:
-    """All ScratchPipe kernels of ``model`` on this rank (each takes ``prefetch(kjt)`` and
-    ``peek(kjts)`` with its own slice of the distributed input).
+    """All ScratchPipe kernels of ``model`` on this rank (each takes ``prefetch(kjt)`` with
+    its own slice of the distributed input).
 
     Example::
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from torchrec_scratchpipe import defaults
+from torchrec_scratchpipe.core.policy import VictimPolicy
 
 from torchrec_scratchpipe.sim.cli import add_stream_args, load_stream
 from torchrec_scratchpipe.sim.mrc import miss_ratio_curve
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lookahead", type=int, default=defaults.LOOKAHEAD, help="ScratchPipe L")
     p.add_argument("--horizon", type=int, default=None,
                    help=f"ScratchPipe H (default {defaults.HORIZON}, at least L; the advisor's default too)")
+    p.add_argument("--victim-policy", choices=[v.value for v in VictimPolicy], default=VictimPolicy.FUTURE.value,
+                   help="ScratchPipe's victim policy: future (ScratchPipe's: farthest next use) or lru")
     p.add_argument("--ways", type=int, default=32, help="set-associative ways")
     p.add_argument("--mrc", default=None, help="also compute miss-ratio curves at these capacities (comma list)")
     p.add_argument("--warmup", type=int, default=0, help="MRC: leading steps left out of the counts")
@@ -58,7 +61,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     capacity = parse_capacity(args.capacity, stream.num_rows)
     horizon = defaults.horizon_for(args.lookahead, args.horizon)
     progress = args.progress if args.progress is not None else (stream.lookups >= 5_000_000 and sys.stderr.isatty())
-    options = PolicyOptions(lookahead=args.lookahead, horizon=horizon, ways=args.ways, progress=progress)
+    options = PolicyOptions(lookahead=args.lookahead, horizon=horizon, ways=args.ways, progress=progress,
+                            victim_policy=args.victim_policy)
     results = {}
     for name in policies:
         try:
@@ -75,7 +79,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = args.json or (DEFAULT_MRC_OUT if curves else None)
     if out:
         config = {"capacity": capacity, "lookahead": args.lookahead, "horizon": horizon, "ways": args.ways,
-                  "policies": policies}
+                  "victim_policy": args.victim_policy, "policies": policies}
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         write_json(out, stream, results, config, curves)
         print(f"\nwritten: {out}" + (" (miss-ratio curves under \"mrc\")" if curves else ""))

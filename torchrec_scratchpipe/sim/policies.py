@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
+from torchrec_scratchpipe.core.policy import VictimPolicy
+
 from torchrec_scratchpipe.sim.lru import simulate_lru
 from torchrec_scratchpipe.sim.opt import simulate_opt
 from torchrec_scratchpipe.sim.result import SimResult
@@ -30,12 +32,18 @@ class PolicyOptions:
         horizon: ScratchPipe H (>= L).
         ways: set-associative ways (FBGEMM: 32).
         progress: tqdm bars.
+        victim_policy: ScratchPipe's victim policy (``VictimPolicy`` or its name; the
+            engine's default, ``"future"``, is ScratchPipe's own).
     """
 
     lookahead: int = 1
     horizon: int = 1
     ways: int = 32
     progress: bool = False
+    victim_policy: VictimPolicy = VictimPolicy.FUTURE
+
+    def __post_init__(self) -> None:
+        self.victim_policy = VictimPolicy.parse(self.victim_policy, "victim_policy")
 
 
 def parse_policies(text: str) -> List[str]:
@@ -62,7 +70,7 @@ def simulate(stream: BatchStream, policy: str, capacity: int, options: PolicyOpt
         stream: the batches.
         policy: a name from :data:`POLICIES` (or an alias).
         capacity: cache slots.
-        options: lookahead, horizon, ways, progress.
+        options: lookahead, horizon, ScratchPipe's victim policy, ways, progress.
 
     Example::
 
@@ -70,6 +78,8 @@ def simulate(stream: BatchStream, policy: str, capacity: int, options: PolicyOpt
         >>> s = BatchStream.from_flat([torch.tensor([0, 1]), torch.tensor([2]), torch.tensor([0])], 3)
         >>> simulate(s, "opt", 2).total_misses
         3
+        >>> simulate(s, "scratchpipe", 2, PolicyOptions(0, 2, victim_policy="lru")).total_misses
+        4
     """
     policy = ALIASES.get(policy, policy)
     o = options
@@ -78,7 +88,7 @@ def simulate(stream: BatchStream, policy: str, capacity: int, options: PolicyOpt
     if policy == "opt":
         return simulate_opt(stream, capacity, o.progress)
     if policy == "scratchpipe":
-        return simulate_scratchpipe(stream, capacity, o.lookahead, o.horizon, progress=o.progress)
+        return simulate_scratchpipe(stream, capacity, o.lookahead, o.horizon, o.victim_policy, progress=o.progress)
     if policy.startswith("set_"):
         parts = policy.split("_")
         cfg = SetAssocConfig(ways=o.ways, algorithm=parts[1], prefetch=parts[-1] == "prefetch")

@@ -60,7 +60,8 @@ def format_table(results: Mapping[str, SimResult], stream: BatchStream) -> str:
         vs = f"{r.total_misses / opt.total_misses:.3f}" if opt is not None and opt.total_misses else "-"
         label = name
         if r.policy == "scratchpipe":
-            label = f"sp L{r.extra['lookahead']} H{r.extra['horizon']}" if name == "scratchpipe" else name
+            lru = " lru" if r.extra.get("victim_policy") == "lru" else ""
+            label = f"sp L{r.extra['lookahead']} H{r.extra['horizon']}{lru}" if name == "scratchpipe" else name
         lines.append(
             f"{label:<18} {r.capacity:>9} {r.total_misses:>11} {100 * r.miss_ratio:>6.2f}% "
             f"{r.total_misses / max(r.steps, 1):>10.1f} {r.total_evictions:>11} {r.total_bypassed:>9} {vs:>7} "
