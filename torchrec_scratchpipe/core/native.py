@@ -33,10 +33,15 @@ SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "planner.cpp"
 _state: Dict[str, Any] = {}
 
 
+#: Compiler flags. ``-fopenmp`` lets ``at::parallel_for`` in the row copies use ATen's
+#: OpenMP threads (without it the header's parallel loop runs on one thread).
+CFLAGS = ["-O3", "-fopenmp"]
+
+
 def build_dir() -> Path:
     """Where this stack's build lives: one folder per torch version, Python and source."""
     root = Path(os.environ.get("SCRATCHPIPE_NATIVE_DIR", Path.home() / ".cache" / "torchrec_scratchpipe"))
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
     tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}-{digest}"
     return root / "native" / tag
 
@@ -59,7 +64,8 @@ def build(verbose: bool = False) -> Path:
         name="scratchpipe_native",
         sources=[str(SOURCE)],
         build_directory=str(out),
-        extra_cflags=["-O3"],
+        extra_cflags=CFLAGS,
+        extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=verbose,
     )
