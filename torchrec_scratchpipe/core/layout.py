@@ -33,6 +33,8 @@ DEVICE_OPTIMIZERS: Dict[str, Tuple[EmbOptimType, ...]] = {
         EmbOptimType.EXACT_SGD, EmbOptimType.EXACT_ADAGRAD, EmbOptimType.EXACT_ROWWISE_ADAGRAD, EmbOptimType.ADAM,
     ),
 }
+#: The optimizer FBGEMM's TBE trains with when it is given none (TorchRec's ``fused`` too).
+TBE_DEFAULT_OPTIMIZER = EmbOptimType.EXACT_SGD
 #: Command-line names of the exact optimizers (A/B tool, example trainer).
 OPTIMIZERS_BY_NAME: Dict[str, EmbOptimType] = {
     "sgd": EmbOptimType.EXACT_SGD,

@@ -50,7 +50,7 @@ from torchrec_scratchpipe.compat import (
     get_num_poolings,
 )
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
-from torchrec_scratchpipe.core.layout import RowLayout
+from torchrec_scratchpipe.core.layout import TBE_DEFAULT_OPTIMIZER, RowLayout
 from torchrec_scratchpipe.core.plan import SlotPlanner
 from torchrec_scratchpipe.core.staging import StagingRing
 from torchrec_scratchpipe.defaults import LIBRARY_LOAD_FACTOR
@@ -151,7 +151,7 @@ class ScratchPipeStorageEstimator(ShardEstimator):
     def breakdown(self, so: ShardingOption) -> List[Dict[str, int]]:
         """Per shard of a ScratchPipe option: rows, slots and the bytes of each part."""
         topo = self._topology
-        optimizer = self.optimizers.get(so.name, EmbOptimType.EXACT_SGD)
+        optimizer = self.optimizers.get(so.name, TBE_DEFAULT_OPTIMIZER)
         lookahead = (self.config if self.config is not None else ScratchPipeConfig()).lookahead  # the kernel's L
         out_size = DATA_TYPE_NUM_BITS[so.output_dtype] / 8 if so.output_dtype else so.tensor.element_size()
         input_sizes, output_sizes = calculate_shard_io_sizes(
@@ -240,7 +240,7 @@ class ScratchPipePerfEstimator(ShardEstimator):
         topo = self._topology
         bw = topo.hbm_to_ddr_mem_bw if topo.compute_device in {"cuda", "mtia"} else topo.ddr_mem_bw
         for so in sp:
-            optimizer = self.optimizers.get(so.name, EmbOptimType.EXACT_SGD)
+            optimizer = self.optimizers.get(so.name, TBE_DEFAULT_OPTIMIZER)
             for shard in so.shards:
                 rows, cols = shard.size[0], shard.size[1]
                 row = row_layout_of(so, optimizer, cols).bytes_per_row

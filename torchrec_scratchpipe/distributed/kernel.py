@@ -32,7 +32,7 @@ from torchrec_scratchpipe.compat import (
     get_state_dict,
 )
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
-from torchrec_scratchpipe.core.layout import state_names
+from torchrec_scratchpipe.core.layout import TBE_DEFAULT_OPTIMIZER, state_names
 from torchrec_scratchpipe.core.engine import PreparedBatch, ScratchPipeEmbeddingBags
 from torchrec_scratchpipe.core.plan import CapacityError
 from torchrec_scratchpipe.defaults import LIBRARY_LOAD_FACTOR
@@ -42,7 +42,7 @@ logger: logging.Logger = logging.getLogger(__name__)
 
 #: What FBGEMM's TBE (the ``fused`` kernel) uses when TorchRec passes no optimizer.
 TBE_DEFAULTS: Dict[str, Any] = {
-    "optimizer": EmbOptimType.EXACT_SGD,
+    "optimizer": TBE_DEFAULT_OPTIMIZER,
     "learning_rate": 0.01,
     "eps": 1e-8,
     "weight_decay": 0.0,
