@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
@@ -104,3 +104,42 @@ def window_capacity(stream: Sequence[KeyedJaggedTensor], rows: Sequence[int], lo
         g = torch.repeat_interleave(base, torch.tensor(k.length_per_key())) + k.values()
         sets.append(torch.unique(g))
     return max(torch.unique(torch.cat(sets[i : i + lookahead + 1])).numel() for i in range(len(sets)))
+
+
+def train_and_compare(
+    emb: Any,
+    ref: FullTableReference,
+    stream: Sequence[KeyedJaggedTensor],
+    ahead: int,
+    forward: Optional[Callable[[KeyedJaggedTensor], torch.Tensor]] = None,
+    on_step: Optional[Callable[[int], None]] = None,
+    seed: int = 1,
+) -> None:
+    """Train a ScratchPipe engine and the full-table reference side by side on ``stream``.
+
+    ``ahead + 1`` batches are prefetched before the first forward and one more after each
+    backward; every step's output must equal the reference's (1e-5).
+
+    Args:
+        emb, ref: the engine and its reference, loaded with the same weights.
+        stream: the batches.
+        ahead: batches prefetched beyond the training one (L, or H to exercise victim choice).
+        forward: the engine's output for a batch (default: pooled values).
+        on_step: called with the step index after its backward and prefetch (e.g. a reset).
+        seed: of the random output gradients.
+    """
+    forward = forward or (lambda k: emb(k).values())
+    g = torch.Generator().manual_seed(seed)
+    for k in stream[: ahead + 1]:
+        emb.prefetch(k)
+    for i, k in enumerate(stream):
+        out = forward(k)
+        expect = ref(k)
+        torch.testing.assert_close(out, expect, atol=1e-5, rtol=1e-5, msg=f"step {i}")
+        grad = torch.randn(out.shape, generator=g)
+        out.backward(grad)
+        expect.backward(grad)
+        if i + ahead + 1 < len(stream):
+            emb.prefetch(stream[i + ahead + 1])
+        if on_step is not None:
+            on_step(i)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
-from engine_utils import FullTableReference, make_tables, power_law_stream, window_capacity
+from engine_utils import FullTableReference, make_tables, power_law_stream, train_and_compare, window_capacity
 from torchrec_scratchpipe import ScratchPipeConfig, ScratchPipeEmbeddingBags
 
 ROWS = [997, 300, 61]
@@ -33,18 +33,7 @@ def run_pair(
     emb = ScratchPipeEmbeddingBags(tables, cfg)
     ref = FullTableReference(tables, optimizer, lr=0.1)
     ref.load(emb.table_weights())
-    g = torch.Generator().manual_seed(1)
-    for k in stream[: horizon + 1]:  # the batches within the horizon guide victim choice
-        emb.prefetch(k)
-    for i, k in enumerate(stream):
-        out = emb(k).values()
-        expect = ref(k)
-        torch.testing.assert_close(out, expect, atol=1e-5, rtol=1e-5, msg=f"step {i}")
-        grad = torch.randn(out.shape, generator=g)
-        out.backward(grad)
-        expect.backward(grad)
-        if i + horizon + 1 < len(stream):
-            emb.prefetch(stream[i + horizon + 1])
+    train_and_compare(emb, ref, stream, horizon)  # the batches within the horizon guide victim choice
     return emb, ref, tables
 
 

@@ -12,7 +12,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from engine_utils import FullTableReference, power_law_stream, window_capacity
+from engine_utils import FullTableReference, power_law_stream, train_and_compare, window_capacity
 from torchrec_scratchpipe import ScratchPipeConfig, ScratchPipeEmbeddingBags
 from torchrec_scratchpipe.core.plan import CapacityError
 
@@ -40,19 +40,13 @@ def test_unpooled_matches_full_table_tbe(optimizer: EmbOptimType, lookahead: int
     assert emb.unpooled and list(emb.groups) == ["dim8_none"]
     ref = FullTableReference(tables, optimizer, lr=0.1, pooling_mode=PoolingMode.NONE)
     ref.load(emb.table_weights())
-    g = torch.Generator().manual_seed(1)
-    for k in stream[: horizon + 1]:  # the batches within the horizon guide victim choice
-        emb.prefetch(k)
-    for i, k in enumerate(stream):
+
+    def forward(k: KeyedJaggedTensor) -> torch.Tensor:
         out = emb.embeddings(k)
-        expect = ref(k)
         assert out.shape == (k.values().numel(), DIM)
-        torch.testing.assert_close(out, expect, atol=1e-5, rtol=1e-5, msg=f"step {i}")
-        grad = torch.randn(out.shape, generator=g)
-        out.backward(grad)
-        expect.backward(grad)
-        if i + horizon + 1 < len(stream):
-            emb.prefetch(stream[i + horizon + 1])
+        return out
+
+    train_and_compare(emb, ref, stream, horizon, forward)  # the batches within the horizon guide victim choice
     stats = emb.stats()["dim8_none"]
     assert stats["train_misses"] == 0 and stats["evictions"] > 0, stats
     ref_w, ref_s = ref.weights(), ref.states()

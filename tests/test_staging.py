@@ -8,7 +8,7 @@ import pytest
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
-from engine_utils import FullTableReference, make_tables, power_law_stream, window_capacity
+from engine_utils import FullTableReference, make_tables, power_law_stream, train_and_compare, window_capacity
 from torchrec_scratchpipe import ScratchPipeConfig, ScratchPipeEmbeddingBags
 from torchrec_scratchpipe.core.layout import RowLayout
 from torchrec_scratchpipe.core.mover import Mover, staging_ring
@@ -44,23 +44,15 @@ def test_staged_mover_matches_full_table(optimizer: EmbOptimType, buffer_bytes: 
     rings = _staged(emb, buffer_bytes, buffers)
     ref = FullTableReference(tables, optimizer, lr=0.1)
     ref.load(emb.table_weights())
-    g = torch.Generator().manual_seed(2)
-    for k in stream[: lookahead + 1]:
-        emb.prefetch(k)
-    for i, k in enumerate(stream):
-        out = emb(k).values()
-        expect = ref(k)
-        torch.testing.assert_close(out, expect, atol=1e-5, rtol=1e-5, msg=f"step {i}")
-        grad = torch.randn(out.shape, generator=g)
-        out.backward(grad)
-        expect.backward(grad)
-        if i + lookahead + 1 < len(stream):
-            emb.prefetch(stream[i + lookahead + 1])
+
+    def reset_and_load(i: int) -> None:
         if i == 30:  # a reset and a live load go through the same ring
             emb.reset_window()
             emb.load_table_weights(ref.weights())
             for k2 in stream[i + 1 : i + lookahead + 2]:
                 emb.prefetch(k2)
+
+    train_and_compare(emb, ref, stream, lookahead, on_step=reset_and_load, seed=2)
     stats = emb.stats()
     assert all(s["train_misses"] == 0 for s in stats.values())
     assert sum(s["d2h_rows"] for s in stats.values()) > 0  # victims went through the ring
