@@ -66,6 +66,22 @@ def _train_pair(a: Any, b: Any, rank: int, tables: List[Any], steps: range, weig
     return worst
 
 
+def _swap_checkpoints(
+    sp: Any, ref: Any, to_sp: Any, to_fused: Any, rank: int, tables: List[Any], more: range, weight: torch.Tensor, lr: float
+) -> Dict[str, float]:
+    """Plan swap both ways: ``sp``'s checkpoint into a fused model, ``ref``'s (fused) into a
+    ScratchPipe model that already has other rows resident; then both pairs train on."""
+    _train_pair(to_sp, to_fused, rank, tables, range(1000, 1003), weight)  # warm, different state
+    for src, dst in ((sp, to_fused), (ref, to_sp)):
+        dst.load_state_dict(src.state_dict())
+        dst.fused_optimizer.load_state_dict(src.fused_optimizer.state_dict())
+        _set_lr(dst, lr)
+    res = {"swap_loaded": max(max_diff(_states(sp), _states(to_fused)), max_diff(_states(ref), _states(to_sp)))}
+    res["swap_out"] = max(_train_pair(sp, to_fused, rank, tables, more, weight), _train_pair(ref, to_sp, rank, tables, more, weight))
+    res["swap_final"] = max(max_diff(_states(sp), _states(to_fused)), max_diff(_states(ref), _states(to_sp)))
+    return res
+
+
 def _equivalence(
     rank: int, ws: int, sharding: str, ebc: Any, full: Dict[str, torch.Tensor], steps: int = STEPS
 ) -> Dict[str, Any]:
@@ -104,15 +120,7 @@ def _equivalence(
     # model that already has (stale) rows resident in its scratchpads.
     to_fused = build_dmp(ebc, constraints_for(tables, sharding, {}, **extra), tsp.get_sharders(fused_params=fp), ws)
     to_sp = build_dmp(ebc, constraints_for(tables, sharding, lfs, **extra), tsp.get_sharders(fused_params=fp), ws)
-    _train_pair(to_sp, to_fused, rank, tables, range(1000, 1003), weight)  # warm, different state
-    for src, dst in ((sp, to_fused), (ref, to_sp)):
-        dst.load_state_dict(src.state_dict())
-        dst.fused_optimizer.load_state_dict(src.fused_optimizer.state_dict())
-        _set_lr(dst, 0.05)
-    res["swap_loaded"] = max(max_diff(_states(sp), _states(to_fused)), max_diff(_states(ref), _states(to_sp)))
-    more = range(steps, steps + 20)
-    res["swap_out"] = max(_train_pair(sp, to_fused, rank, tables, more, weight), _train_pair(ref, to_sp, rank, tables, more, weight))
-    res["swap_final"] = max(max_diff(_states(sp), _states(to_fused)), max_diff(_states(ref), _states(to_sp)))
+    res.update(_swap_checkpoints(sp, ref, to_sp, to_fused, rank, tables, range(steps, steps + 20), weight, lr=0.05))
     return res
 
 

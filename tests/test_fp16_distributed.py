@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dist_utils import build_dmp, constraints_for, load_full, local_tensors, max_diff, spawn
-from test_distributed_equivalence import _set_lr, _states, _train_pair
+from test_distributed_equivalence import _states, _swap_checkpoints, _train_pair
 
 #: Largest |difference| from ``fused`` FP16 the issue allows (deterministic rounding).
 TOL = 1e-3
@@ -86,15 +86,7 @@ def _pair(rank: int, ws: int, sharding: str, steps: int, stochastic: bool = Fals
     # State dicts both ways: ScratchPipe -> fresh fused FP16, fused FP16 -> a warm ScratchPipe model.
     to_fused = build_dmp(ebc, ref_cons, tsp.get_sharders(fused_params=fp), ws)
     to_sp = build_dmp(ebc, sp_cons, tsp.get_sharders(fused_params=fp), ws)
-    _train_pair(to_sp, to_fused, rank, tables, range(1000, 1003), weight)  # different, resident state
-    for src, dst in ((sp, to_fused), (ref, to_sp)):
-        dst.load_state_dict(src.state_dict())
-        dst.fused_optimizer.load_state_dict(src.fused_optimizer.state_dict())
-        _set_lr(dst, 0.1)
-    res["swap_loaded"] = max(max_diff(_states(sp), _states(to_fused)), max_diff(_states(ref), _states(to_sp)))
-    more = range(steps, steps + 10)
-    res["swap_out"] = max(_train_pair(sp, to_fused, rank, tables, more, weight), _train_pair(ref, to_sp, rank, tables, more, weight))
-    res["swap_final"] = max(max_diff(_states(sp), _states(to_fused)), max_diff(_states(ref), _states(to_sp)))
+    res.update(_swap_checkpoints(sp, ref, to_sp, to_fused, rank, tables, range(steps, steps + 10), weight, lr=0.1))
     return res
 
 
