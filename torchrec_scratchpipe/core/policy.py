@@ -35,11 +35,9 @@ class VictimStrategy:
         ranks_by_next_use: candidates needed within the horizon are ranked by next use
             (the window tracks next uses and hands them to the planner); otherwise the
             recency order alone decides.
-        description: one line for messages and docs.
     """
 
     ranks_by_next_use: bool
-    description: str
 
     def next_use_for(self, next_use: Optional[T]) -> Optional[T]:
         """What the planner ranks by: ``next_use`` if this strategy looks at it, else None."""
@@ -79,8 +77,6 @@ class VictimPolicy(str, enum.Enum):
 
 
 _STRATEGIES = {
-    VictimPolicy.FUTURE: VictimStrategy(
-        True, "rows not needed within the horizon first, then farthest next use; ties by least recent use"
-    ),
-    VictimPolicy.LRU: VictimStrategy(False, "least recent use only"),
+    VictimPolicy.FUTURE: VictimStrategy(ranks_by_next_use=True),
+    VictimPolicy.LRU: VictimStrategy(ranks_by_next_use=False),
 }
