@@ -32,8 +32,10 @@ import importlib.metadata
 import logging
 import re
 import threading
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
+import torch
+from torch.overrides import TorchFunctionMode
 
 
 class _FbgemmCompatNotice(logging.Filter):
@@ -138,7 +140,7 @@ __all__ = [
     "EmbeddingShardingInfo", "EmbeddingStats", "EmbeddingStorageEstimator", "GroupedPooledEmbeddingsLookup",
     "Multistreamable", "PoolingMode", "PrefetchPipelinedForward", "PrefetchTrainPipelineContext",
     "RwPooledEmbeddingSharding", "STACK", "ShardedEmbeddingBagCollection", "SplitTableBatchedEmbeddingBagsCodegen",
-    "TableBatchedEmbeddingSlice", "TrainPipelineSparseDist", "TwPooledEmbeddingSharding",
+    "TableBatchedEmbeddingSlice", "TrainPipelineSparseDist", "TwPooledEmbeddingSharding", "slot_tbe",
     "calculate_pipeline_io_cost", "calculate_shard_io_sizes", "compute_kernels_accepted", "get_num_poolings",
     "get_state_dict", "kernel_validation_set", "optimizer_type_to_emb_opt_type", "replace_placement_with_meta_device",
     "sharder_name", "stack_text", "tabulate", "version_tuple", "wait_for_batch",
@@ -289,3 +291,94 @@ def fx_tracing_notice() -> Optional[Tuple[Callable[[], None], str]]:
         return None
     notice = getattr(_symbolic_trace, "is_fx_tracing_warning", None)
     return None if notice is None else (notice, _symbolic_trace.__name__)
+
+
+class _OneBlockAllocation(TorchFunctionMode):
+    """While a TBE is built: ``torch.zeros(n)`` of a split's total size ``n`` (all tables)
+    allocates only one table's block (``sizes[n]``). Scoped to one constructor call."""
+
+    def __init__(self, sizes: Dict[int, int]) -> None:
+        super().__init__()
+        self._sizes = sizes
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.zeros and "out" not in kwargs and len(args) == 1 and isinstance(args[0], int):
+            args = (self._sizes.get(args[0], args[0]),)
+        return func(*args, **kwargs)
+
+
+def slot_tbe(
+    capacity: int,
+    dim: int,
+    table_features: Sequence[int],
+    location: Any,
+    compute_device: Any,
+    **kwargs: Any,
+) -> SplitTableBatchedEmbeddingBagsCodegen:
+    """FBGEMM's TBE built as TorchRec's ``fused`` builds it, over one shared block of slots.
+
+    The TBE has one table per source table (``table_features[t]`` features map to table
+    ``t``, as ``fused``'s ``feature_table_map``), each of ``capacity`` rows, so FBGEMM picks
+    the same forward and backward kernels as for ``fused`` (its CPU row-wise Adagrad, for
+    one, has a fast path only for tables that serve a single feature). All tables then
+    alias the same ``capacity`` rows of weights and optimizer state: their offsets are
+    zeroed, and only one block is allocated. The tables' slots must be disjoint (each slot
+    holds one row of one table), which the planner guarantees; each table's update then
+    touches only its own slots, exactly as ``fused`` touches only its own rows.
+
+    Args:
+        capacity: slots C, shared by every table.
+        dim: embedding dim of every table.
+        table_features: features per table, in feature order.
+        location, compute_device: FBGEMM's ``EmbeddingLocation`` / ``ComputeDevice``.
+        kwargs: the rest of TBE's constructor arguments (optimizer, pooling, device, ...).
+
+    Example::
+
+        >>> tbe = slot_tbe(4, 8, [1, 2], EmbeddingLocation.HOST, ComputeDevice.CPU)
+        >>> w = tbe.split_embedding_weights()
+        >>> len(w), tuple(w[0].shape), w[0].data_ptr() == w[1].data_ptr()
+        (2, (4, 8), True)
+    """
+    tables = len(table_features)
+    if tables < 1 or min(table_features) < 1:
+        raise ValueError(f"every table needs at least one feature, got features per table {list(table_features)}.")
+    feature_table_map = [t for t, n in enumerate(table_features) for _ in range(n)]
+    specs = [(capacity, dim, location, compute_device)] * tables
+    block = {capacity * dim * tables: capacity * dim, capacity * tables: capacity}  # per-column and per-row state
+    with _OneBlockAllocation(block if tables > 1 else {}):
+        tbe = SplitTableBatchedEmbeddingBagsCodegen(specs, feature_table_map=feature_table_map, **kwargs)
+    _alias_tables(tbe, tables)
+    return tbe
+
+
+def _alias_tables(tbe: SplitTableBatchedEmbeddingBagsCodegen, tables: int) -> None:
+    """Point every table of ``tbe`` at the first table's block (see ``slot_tbe``)."""
+    prefixes = [n[: -len("_physical_offsets")] for n in list(vars(tbe)) if n.endswith("_physical_offsets")]
+    if "weights" not in prefixes:
+        raise RuntimeError(f"fbgemm-gpu {STACK['fbgemm_gpu']}: TBE has no weights_physical_offsets; unsupported layout.")
+    for prefix in prefixes:
+        offsets: List[int] = list(getattr(tbe, f"{prefix}_physical_offsets"))
+        block = offsets[1] - offsets[0] if tables > 1 else None
+        for where in ("host", "dev", "uvm"):
+            name = f"{prefix}_{where}"
+            storage = getattr(tbe, name, None)
+            if storage is None or storage.numel() == 0 or block is None:
+                continue
+            if where == "uvm" or storage.dim() != 1 or storage.numel() not in (block, block * tables):
+                raise RuntimeError(
+                    f"fbgemm-gpu {STACK['fbgemm_gpu']}: unexpected TBE storage {name} "
+                    f"{tuple(storage.shape)} for {tables} tables of {block} elements."
+                )
+            if storage.numel() != block:  # built at full size (allocation not intercepted): keep one block
+                small = storage.detach()[:block].clone()
+                if isinstance(storage, torch.nn.Parameter):
+                    setattr(tbe, name, torch.nn.Parameter(small, requires_grad=storage.requires_grad))
+                else:
+                    tbe.register_buffer(name, small)
+        setattr(tbe, f"{prefix}_physical_offsets", [0] * len(offsets))
+        buffer = getattr(tbe, f"{prefix}_offsets", None)
+        if isinstance(buffer, torch.Tensor):
+            with torch.no_grad():
+                buffer.zero_()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMode
 
 from torchrec_scratchpipe.core.policy import VictimPolicy
 from torchrec_scratchpipe.defaults import LIBRARY_LOAD_FACTOR, LIBRARY_LOOKAHEAD, check_window
@@ -17,6 +18,44 @@ from torchrec_scratchpipe.defaults import LIBRARY_LOAD_FACTOR, LIBRARY_LOOKAHEAD
 #: default. Measured on 2 cores (docs/benchmarks.md): 106k ids gain 1-9% per step, 26k
 #: and 53k ids neither gain nor lose, a 16k-id DLRM step loses 10-20%.
 BACKGROUND_MIN_IDS = 65536
+
+#: FBGEMM TBE constructor arguments a ScratchPipe scratchpad takes as they are (besides
+#: the optimizer and the hyper-parameters that are fields below), with the values it
+#: accepts (None: any). They change the update, not what a row holds, so the scratchpad's
+#: TBE applies them exactly as ``fused``'s does.
+TBE_OPTIONS: Dict[str, Optional[Tuple[Any, ...]]] = {
+    "gradient_clipping": None,
+    "max_gradient": None,
+    "max_norm": None,
+    "momentum": None,
+    "weight_decay_mode": (WeightDecayMode.NONE, WeightDecayMode.L2, WeightDecayMode.DECOUPLE),
+    "bounds_check_mode": None,
+}
+
+
+def check_tbe_options(options: Mapping[str, Any]) -> None:
+    """Raise a ValueError naming the first option ScratchPipe's scratchpad cannot honour.
+
+    Example::
+
+        >>> check_tbe_options({"gradient_clipping": True, "max_gradient": 0.5})
+        >>> check_tbe_options({"cache_sets": 8})
+        Traceback (most recent call last):
+        ...
+        ValueError: ScratchPipe does not support the TBE option 'cache_sets'; it honours gradient_clipping, max_gradient, max_norm, momentum, weight_decay_mode, bounds_check_mode (and the optimizer and its hyper-parameters).
+    """
+    for name, value in options.items():
+        if name not in TBE_OPTIONS:
+            raise ValueError(
+                f"ScratchPipe does not support the TBE option {name!r}; it honours "
+                f"{', '.join(TBE_OPTIONS)} (and the optimizer and its hyper-parameters)."
+            )
+        accepted = TBE_OPTIONS[name]
+        if accepted is not None and value not in accepted:
+            raise ValueError(
+                f"ScratchPipe does not support {name}={value!r}: it accepts {[str(a) for a in accepted]} "
+                "(COUNTER and COWCLIP keep per-row state ScratchPipe's rows do not hold)."
+            )
 
 
 @dataclass(frozen=True)
@@ -40,6 +79,10 @@ class ScratchPipeConfig:
         stochastic_rounding: round FP16 weight updates stochastically (FBGEMM TBE's
             ``stochastic_rounding``, default True as there); False rounds to nearest, so
             training matches ``fused`` FP16 with the same setting. FP32 tables ignore it.
+        tbe_options: further FBGEMM TBE constructor arguments as sorted ``(name, value)``
+            pairs (a mapping is accepted and sorted), from ``TBE_OPTIONS``: gradient
+            clipping, ``max_norm``, the L2 / decoupled weight-decay modes, ... (TorchRec's
+            fused params of the table). Anything else is refused by name.
         victim_policy: a ``VictimPolicy`` (``core/policy.py``) or its name: ``"future"``
             (farthest next use within the horizon, ties by least recent use) or ``"lru"``
             (least recent use only). Stored as the enum.
@@ -69,6 +112,7 @@ class ScratchPipeConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     stochastic_rounding: bool = True
+    tbe_options: Tuple[Tuple[str, Any], ...] = ()
     victim_policy: VictimPolicy = VictimPolicy.FUTURE
     background_planning: Optional[bool] = None
 
@@ -82,6 +126,9 @@ class ScratchPipeConfig:
                 f"load_factor must be > 0 (a fraction of the table's rows), got {self.load_factor}."
             )
         check_window(self.lookahead, self.horizon)
+        options = dict(self.tbe_options)
+        check_tbe_options(options)
+        object.__setattr__(self, "tbe_options", tuple(sorted(options.items())))
         object.__setattr__(self, "victim_policy", VictimPolicy.parse(self.victim_policy, "victim_policy"))
         if not isinstance(self.optimizer, EmbOptimType):
             raise ValueError(f"optimizer must be an fbgemm EmbOptimType, got {self.optimizer!r}.")
@@ -104,9 +151,12 @@ class ScratchPipeConfig:
         factor = LIBRARY_LOAD_FACTOR if self.load_factor is None else self.load_factor
         return max(1, min(num_rows, math.ceil(factor * num_rows)))
 
-    def optimizer_kwargs(self) -> Dict[str, float]:
-        """Keyword arguments for FBGEMM's TBE constructor."""
+    def tbe_kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments for FBGEMM's TBE constructor: the optimizer, its
+        hyper-parameters and ``tbe_options``."""
         return {
+            "optimizer": self.optimizer,
+            **dict(self.tbe_options),
             "learning_rate": self.learning_rate,
             "eps": self.eps,
             "weight_decay": self.weight_decay,

@@ -64,7 +64,10 @@ class TableGroup:
         self.layout = RowLayout.for_table(config.optimizer, tables[0])
         self.store = BackingStore([t.num_embeddings for t in tables], self.layout, packed=packed_store)
         self.capacity = config.slots_for(self.store.num_rows)
-        self.pad = Scratchpad(self.capacity, self.layout, len(self.features), POOLING[pooling_of(tables[0])], config, device)
+        self.pad = Scratchpad(
+            self.capacity, self.layout, [len(t.feature_names) for t in tables], POOLING[pooling_of(tables[0])],
+            config, device, [t.name for t in tables],
+        )
         self.stats = GroupStats()
         self.planner = SlotPlanner(self.store.num_rows, self.capacity, config.victim_policy)
         self.mover = Mover(self.store, self.pad, self.stats)

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from torchrec_scratchpipe.compat import (
-    ComputeDevice,
-    EmbeddingLocation,
-    PoolingMode,
-    SplitTableBatchedEmbeddingBagsCodegen,
-)
+from torchrec_scratchpipe.compat import ComputeDevice, EmbeddingLocation, PoolingMode, slot_tbe
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.core.layout import RowLayout
 from torchrec_scratchpipe.core.store import gather_rows, scatter_rows
@@ -20,23 +15,26 @@ from torchrec_scratchpipe.core.store import gather_rows, scatter_rows
 class Scratchpad(torch.nn.Module):
     """C device-resident slots (weights + optimizer state) trained by one TBE.
 
-    Every feature of the group maps to the same single TBE table of C rows, so all the
-    group's tables share the slots. Forward takes *slot* indices; backward runs FBGEMM's
-    fused optimizer on the touched slots, so the numerics are FBGEMM's own.
+    The TBE is built the way TorchRec's ``fused`` builds one for the same tables
+    (``compat.slot_tbe``): one TBE table per source table, with the same feature map,
+    so FBGEMM runs the same kernels and training is bit for bit that of ``fused``. All
+    of them alias the same C slots, which the group's tables share. Forward takes *slot*
+    indices; backward runs FBGEMM's fused optimizer on the touched slots.
 
     Args:
         capacity: number of slots C.
         layout: what a row holds (dim, weight dtype, optimizer state); must match
             ``config.optimizer``.
-        num_features: features (bags per sample) the group pools.
+        table_features: features (bags per sample) of each table of the group, in order.
         pooling: FBGEMM pooling mode (``NONE`` for unpooled tables: one row per id).
-        config: optimizer and hyper-parameters.
+        config: optimizer, hyper-parameters and other TBE options (``tbe_kwargs``).
         device: ``cpu`` (HOST placement) or ``cuda`` (DEVICE placement).
+        table_names: the tables' names (FBGEMM's ``table_names``, as ``fused`` passes).
 
     Example::
 
         >>> cfg = ScratchPipeConfig()
-        >>> pad = Scratchpad(4, RowLayout(cfg.optimizer, 8), num_features=1, pooling=PoolingMode.SUM,
+        >>> pad = Scratchpad(4, RowLayout(cfg.optimizer, 8), table_features=[1], pooling=PoolingMode.SUM,
         ...                  config=cfg, device=torch.device("cpu"))
         >>> pad(torch.tensor([0, 1]), torch.tensor([0, 1, 2])).shape
         torch.Size([2, 8])
@@ -46,30 +44,28 @@ class Scratchpad(torch.nn.Module):
         self,
         capacity: int,
         layout: RowLayout,
-        num_features: int,
+        table_features: Sequence[int],
         pooling: PoolingMode,
         config: ScratchPipeConfig,
         device: torch.device,
+        table_names: Optional[Sequence[str]] = None,
     ) -> None:
         super().__init__()
         if layout.optimizer != config.optimizer:
             raise ValueError(f"layout is for {layout.optimizer.name}, config trains with {config.optimizer.name}.")
         layout.check_device(device)
         on_cuda = device.type == "cuda"
-        spec = (
+        self.tbe = slot_tbe(
             capacity,
             layout.dim,
+            table_features,
             EmbeddingLocation.DEVICE if on_cuda else EmbeddingLocation.HOST,
             ComputeDevice.CUDA if on_cuda else ComputeDevice.CPU,
-        )
-        self.tbe = SplitTableBatchedEmbeddingBagsCodegen(
-            [spec],
-            feature_table_map=[0] * num_features,
-            optimizer=config.optimizer,
             pooling_mode=pooling,
             device=device,
             weights_precision=layout.weights_precision,
-            **config.optimizer_kwargs(),
+            table_names=None if table_names is None else list(table_names),
+            **config.tbe_kwargs(),
         )
         self.state_names: List[str] = layout.state_names
         self.weights: torch.Tensor = self.tbe.split_embedding_weights()[0]

@@ -10,17 +10,22 @@ dict keys and ``fused_optimizer`` state it builds for ``fused``.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import CacheAlgorithm
 from torch import nn
 from torchrec.distributed.embedding_types import GroupedEmbeddingConfig
 from torchrec.distributed.types import ShardingType
-from torchrec.modules.embedding_configs import DataType, PoolingType, pooling_type_to_pooling_mode
+from torchrec.modules.embedding_configs import (
+    DataType,
+    PoolingType,
+    data_type_to_sparse_type,
+    pooling_type_to_pooling_mode,
+)
 from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -31,14 +36,13 @@ from torchrec_scratchpipe.compat import (
     TableBatchedEmbeddingSlice,
     get_state_dict,
 )
-from torchrec_scratchpipe.core.config import ScratchPipeConfig
+from torchrec_scratchpipe.core.config import TBE_OPTIONS, ScratchPipeConfig
 from torchrec_scratchpipe.core.layout import TBE_DEFAULT_OPTIMIZER, state_names
 from torchrec_scratchpipe.core.engine import PreparedBatch, ScratchPipeEmbeddingBags
 from torchrec_scratchpipe.core.plan import CapacityError
 from torchrec_scratchpipe.defaults import LIBRARY_LOAD_FACTOR
 from torchrec_scratchpipe.distributed.types import FUSED_PARAMS_KEY, ScratchPipeTableParams
 
-logger: logging.Logger = logging.getLogger(__name__)
 
 #: What FBGEMM's TBE (the ``fused`` kernel) uses when TorchRec passes no optimizer.
 TBE_DEFAULTS: Dict[str, Any] = {
@@ -50,38 +54,96 @@ TBE_DEFAULTS: Dict[str, Any] = {
     "beta2": 0.999,
     "stochastic_rounding": True,
 }
-#: Fused params that only concern other kernels (UVM cache, SSD, output types...).
-_IGNORED_FUSED_PARAMS = {
-    FUSED_PARAMS_KEY, "cache_load_factor", "cache_algorithm", "cache_reserved_memory",
-    "cache_precision", "prefetch_pipeline", "enforce_hbm", "bounds_check_mode",
-    "momentum", "output_dtype", "enable_raw_embedding_streaming",
+
+
+def _is(*accepted: Any) -> Callable[[Any], bool]:
+    return lambda value: value in accepted
+
+
+#: Fused params that configure FBGEMM's UVM cache, which a scratchpad replaces, with the
+#: values ScratchPipe accepts (what it does anyway). ``cache_load_factor`` is the plan's
+#: ``CacheParams.load_factor``, which sizes the scratchpad (``ScratchPipeTableParams``).
+_CACHE_PARAMS: Dict[str, Callable[[Any], bool]] = {
+    "cache_load_factor": lambda value: True,
+    "cache_algorithm": _is(CacheAlgorithm.LRU),  # victims: ScratchPipe's victim_policy
+    "cache_reserved_memory": _is(0, 0.0),
+    "prefetch_pipeline": lambda value: True,  # a ScratchPipe window is always prefetched
+    "enforce_hbm": lambda value: True,  # the scratchpad is always in device memory
+    "output_dtype": _is(SparseType.FP32),  # the scratchpad's (and its eval path's) output
 }
 
 
-def engine_config(fused_params: Optional[Mapping[str, Any]], tables: str = "") -> ScratchPipeConfig:
+def engine_config(
+    fused_params: Optional[Mapping[str, Any]], tables: str = "", weights_precision: Optional[SparseType] = None
+) -> ScratchPipeConfig:
     """The engine config of one kernel, from the fused params TorchRec hands it.
+
+    Every fused param is honoured or refused: the optimizer and its hyper-parameters
+    become config fields, FBGEMM TBE options ScratchPipe's scratchpad takes as they are
+    (``core.config.TBE_OPTIONS``: gradient clipping, ``max_norm``, weight-decay modes,
+    ...) are passed to its TBE, UVM-cache settings are accepted where they mean what a
+    scratchpad does anyway (``cache_precision`` only as the weights' own precision), and
+    anything else raises a ``ValueError`` naming the param. The planner calls this at
+    ``plan()`` for every ScratchPipe table, so a refusal comes before anything is built.
 
     Precedence: TorchRec's optimizer settings (``apply_optimizer_in_backward`` or the
     sharder's ``fused_params``), then the ``ScratchPipeConfig`` given to
     ``get_sharders``, then FBGEMM TBE's defaults (what ``fused`` would use).
 
     Args:
-        fused_params: the group's fused params (must hold ``FUSED_PARAMS_KEY``).
+        fused_params: the group's fused params (``FUSED_PARAMS_KEY`` holds the
+            ScratchPipe settings; without it, the library defaults).
         tables: table names for messages.
+        weights_precision: the tables' weight precision (checks ``cache_precision``).
+
+    Example::
+
+        >>> engine_config({"learning_rate": 0.1, "gradient_clipping": True}).tbe_options
+        (('gradient_clipping', True),)
+        >>> engine_config({"cache_sets": 4}, "['t0']")
+        Traceback (most recent call last):
+        ...
+        ValueError: ScratchPipe tables ['t0']: fused param 'cache_sets' is not supported (FBGEMM UVM-cache or other kernels' setting); remove it from the sharder's fused_params or the table's constraints, or use another kernel for these tables.
     """
     fp = dict(fused_params or {})
-    params: ScratchPipeTableParams = fp.get(FUSED_PARAMS_KEY) or ScratchPipeTableParams(LIBRARY_LOAD_FACTOR)
+    params: ScratchPipeTableParams = fp.pop(FUSED_PARAMS_KEY, None) or ScratchPipeTableParams(LIBRARY_LOAD_FACTOR)
     kwargs: Dict[str, Any] = dict(TBE_DEFAULTS)
     kwargs.update(dict(params.options))
-    kwargs.update({k: fp[k] for k in TBE_DEFAULTS if k in fp})
-    ignored = sorted(k for k in fp if k not in TBE_DEFAULTS and k not in _IGNORED_FUSED_PARAMS)
-    if ignored:
-        logger.warning("ScratchPipe tables %s: fused params %s are not used by ScratchPipe.", tables, ignored)
+    options: Dict[str, Any] = dict(kwargs.pop("tbe_options", ()))
+    where = f"ScratchPipe tables {tables}" if tables else "ScratchPipe"
+    for name, value in fp.items():
+        if name in TBE_DEFAULTS:
+            kwargs[name] = value
+        elif name in TBE_OPTIONS:
+            options[name] = value
+        elif name == "cache_precision":
+            if weights_precision is not None and value != weights_precision:
+                raise ValueError(
+                    f"{where}: fused param cache_precision={value} differs from the tables' weights "
+                    f"({weights_precision}); a scratchpad holds rows in the tables' own precision: drop "
+                    "CacheParams.precision or set it to the tables' data_type."
+                )
+        elif name in _CACHE_PARAMS:
+            if not _CACHE_PARAMS[name](value):
+                raise ValueError(
+                    f"{where}: fused param {name}={value!r} is not supported by ScratchPipe (its scratchpad "
+                    "replaces FBGEMM's UVM cache: victims follow ScratchPipeConfig.victim_policy, slots "
+                    "CacheParams.load_factor, and its output is FP32): remove it or use another kernel."
+                )
+        else:
+            raise ValueError(
+                f"{where}: fused param {name!r} is not supported (FBGEMM UVM-cache or other kernels' "
+                "setting); remove it from the sharder's fused_params or the table's constraints, or use "
+                "another kernel for these tables."
+            )
     kwargs["load_factor"] = params.load_factor
     kwargs["cache_rows"] = None
     if not isinstance(kwargs["optimizer"], EmbOptimType):
-        raise ValueError(f"ScratchPipe tables {tables}: optimizer must be an fbgemm EmbOptimType, got {kwargs['optimizer']!r}.")
-    return ScratchPipeConfig(**kwargs)
+        raise ValueError(f"{where}: optimizer must be an fbgemm EmbOptimType, got {kwargs['optimizer']!r}.")
+    try:
+        return ScratchPipeConfig(**kwargs, tbe_options=tuple(sorted(options.items())))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
 
 
 @dataclass
@@ -211,7 +273,7 @@ class ScratchPipeEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
             _EngineTable(t.name, t.local_rows, t.local_cols, [f"{t.name}/{f}" for f in t.feature_names], pooling, t.data_type)
             for t in tables
         ]
-        self._sp_config = engine_config(config.fused_params, str(self._names))
+        self._sp_config = engine_config(config.fused_params, str(self._names), data_type_to_sparse_type(config.data_type))
         self._device = device if device is not None else torch.device("cpu")
         try:
             # ShardedTensor local shards must be contiguous: one tensor per value, not packed rows
