@@ -5,13 +5,18 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
-from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-    ComputeDevice,
-    SplitTableBatchedEmbeddingBagsCodegen,
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
+from torch.distributed._shard.metadata import ShardMetadata
+from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
+from torchrec.distributed.batched_embedding_kernel import BatchedFusedEmbedding, BatchedFusedEmbeddingBag
+from torchrec.distributed.embedding_types import (
+    EmbeddingComputeKernel,
+    GroupedEmbeddingConfig,
+    ShardedEmbeddingTable,
 )
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_scratchpipe.core.layout import RowLayout
@@ -42,58 +47,105 @@ def power_law_stream(
     return out
 
 
-class FullTableReference:
-    """Plain FBGEMM TBE over the whole tables: the ground truth.
+def local_process_group() -> None:
+    """A world-size-1 gloo group in this process (TorchRec's kernels build their optimizer
+    state as ShardedTensors, which need one). Idempotent."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
-    With ``pooling_mode=PoolingMode.NONE`` (unpooled, sequence tables) it returns one row
-    per id, tables stacked in feature order, as the engine's ``embeddings`` does.
+
+def _sharded_table(t: Any, kernel: EmbeddingComputeKernel, pooling: PoolingType, device: torch.device) -> Any:
+    """``t`` as one whole-table shard on this rank (what TorchRec's table-wise plan gives)."""
+    size = [t.num_embeddings, t.embedding_dim]
+    shard = ShardMetadata(shard_offsets=[0, 0], shard_sizes=size, placement=f"rank:0/{device}")
+    dtype = RowLayout.for_table(EmbOptimType.EXACT_SGD, t).weight_dtype
+    return ShardedEmbeddingTable(
+        num_embeddings=t.num_embeddings, embedding_dim=t.embedding_dim, name=t.name,
+        feature_names=list(t.feature_names), data_type=t.data_type, pooling=pooling,
+        local_rows=t.num_embeddings, local_cols=t.embedding_dim, compute_kernel=kernel,
+        local_metadata=shard, global_metadata=ShardedTensorMetadata(
+            shards_metadata=[shard], size=torch.Size(size), tensor_properties=TensorProperties(dtype=dtype)
+        ),
+    )
+
+
+class FullTableReference:
+    """TorchRec's own ``fused`` kernel over the whole tables: the ground truth.
+
+    The tables are grouped as TorchRec groups them for one rank (by data type, in order of
+    first appearance), and each group runs TorchRec's ``BatchedFusedEmbeddingBag`` (or,
+    with ``pooling_mode=PoolingMode.NONE``, ``BatchedFusedEmbedding``), built by TorchRec
+    itself: one FBGEMM TBE with one table per source table. Outputs are returned in the
+    tables' order: pooled ``[B, sum(dims)]``, or one row per id, tables stacked in feature
+    order, as the engine's ``embeddings`` does.
     """
 
     def __init__(
-        self, tables: Sequence[EmbeddingBagConfig], optimizer: EmbOptimType, lr: float,
+        self, tables: Sequence[Any], optimizer: EmbOptimType, lr: float,
         device: torch.device = torch.device("cpu"), pooling_mode: PoolingMode = PoolingMode.SUM,
-        stochastic_rounding: bool = True,
+        stochastic_rounding: bool = True, fused_params: Optional[Dict[str, Any]] = None,
     ) -> None:
+        local_process_group()
         self.tables = list(tables)
         self.unpooled = pooling_mode == PoolingMode.NONE
-        self.tbes = []
-        on_cuda = device.type == "cuda"
-        place = (EmbeddingLocation.DEVICE, ComputeDevice.CUDA) if on_cuda else (EmbeddingLocation.HOST, ComputeDevice.CPU)
-        # One TBE per table keeps mixed dims simple; numerics are per row either way.
-        for t in tables:
-            self.tbes.append(
-                SplitTableBatchedEmbeddingBagsCodegen(
-                    [(t.num_embeddings, t.embedding_dim, *place)],
-                    optimizer=optimizer,
-                    learning_rate=lr,
-                    device=device,
-                    pooling_mode=pooling_mode,
-                    weights_precision=RowLayout.for_table(optimizer, t).weights_precision,  # the table's dtype
-                    stochastic_rounding=stochastic_rounding,
-                )
+        params = dict(optimizer=optimizer, learning_rate=lr, stochastic_rounding=stochastic_rounding, **(fused_params or {}))
+        by_dtype: Dict[Any, List[int]] = {}
+        for i, t in enumerate(self.tables):
+            by_dtype.setdefault(t.data_type, []).append(i)
+        self.members = list(by_dtype.values())
+        self.kernels: List[Any] = []
+        for dtype, idx in by_dtype.items():
+            pooling = PoolingType.NONE if self.unpooled else getattr(self.tables[idx[0]], "pooling", PoolingType.SUM)
+            config = GroupedEmbeddingConfig(
+                data_type=dtype, pooling=pooling, is_weighted=False, has_feature_processor=False,
+                compute_kernel=EmbeddingComputeKernel.FUSED,
+                embedding_tables=[_sharded_table(self.tables[i], EmbeddingComputeKernel.FUSED, pooling, device) for i in idx],
+                fused_params=dict(params),
             )
+            kernel = (BatchedFusedEmbedding if self.unpooled else BatchedFusedEmbeddingBag)(config, device=device)
+            self.kernels.append(kernel)
+        self._tbe = {self.tables[i].name: (k, j) for k, idx in zip(self.kernels, self.members) for j, i in enumerate(idx)}
 
     def load(self, weights: Dict[str, torch.Tensor]) -> None:
-        for t, tbe in zip(self.tables, self.tbes):
-            tbe.split_embedding_weights()[0].copy_(weights[t.name])
+        with torch.no_grad():
+            for t in self.tables:
+                kernel, j = self._tbe[t.name]
+                kernel.split_embedding_weights()[j].copy_(weights[t.name])
 
     def __call__(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        outs = []
-        for t, tbe in zip(self.tables, self.tbes):
-            jt = kjt[t.feature_names[0]]
-            outs.append(tbe(jt.values(), jt.offsets(), None if self.unpooled else jt.weights_or_none()))
-        return torch.cat(outs, dim=0 if self.unpooled else 1)
+        parts: Dict[str, torch.Tensor] = {}
+        for kernel, idx in zip(self.kernels, self.members):
+            features = [f for i in idx for f in self.tables[i].feature_names]
+            sub = _select(kjt, features)
+            out = kernel(sub)
+            if self.unpooled:
+                pieces = torch.split(out, sub.length_per_key())
+            else:
+                pieces = torch.split(out, [self.tables[i].embedding_dim for i in idx for _ in self.tables[i].feature_names], dim=1)
+            parts.update(zip(features, pieces))
+        order = [f for t in self.tables for f in t.feature_names]
+        return torch.cat([parts[f] for f in order], dim=0 if self.unpooled else 1)
 
     def weights(self) -> Dict[str, torch.Tensor]:
         """Weights per table (on the host)."""
-        return {t.name: tbe.split_embedding_weights()[0].cpu() for t, tbe in zip(self.tables, self.tbes)}
+        return {t.name: self._tbe[t.name][0].split_embedding_weights()[self._tbe[t.name][1]].detach().cpu() for t in self.tables}
 
     def states(self) -> Dict[str, List[torch.Tensor]]:
-        """Optimizer states per table (on the host)."""
-        return {
-            t.name: [s.cpu() for s in tbe.split_optimizer_states()[0]] if tbe.split_optimizer_states() else []
-            for t, tbe in zip(self.tables, self.tbes)
-        }
+        """Optimizer states per table (on the host), in FBGEMM's order."""
+        out: Dict[str, List[torch.Tensor]] = {}
+        for t in self.tables:
+            kernel, j = self._tbe[t.name]
+            states = kernel.emb_module.split_optimizer_states()
+            out[t.name] = [s.detach().cpu() for s in states[j]] if states else []
+        return out
+
+
+def _select(kjt: KeyedJaggedTensor, features: List[str]) -> KeyedJaggedTensor:
+    """The KJT of ``features`` only, in that order."""
+    if kjt.keys() == features:
+        return kjt
+    jts = kjt.to_dict()
+    return KeyedJaggedTensor.from_jt_dict({f: jts[f] for f in features})
 
 
 def window_capacity(stream: Sequence[KeyedJaggedTensor], rows: Sequence[int], lookahead: int) -> int:
@@ -118,7 +170,7 @@ def train_and_compare(
     """Train a ScratchPipe engine and the full-table reference side by side on ``stream``.
 
     ``ahead + 1`` batches are prefetched before the first forward and one more after each
-    backward; every step's output must equal the reference's (1e-5).
+    backward; every step's output must equal the reference's, bit for bit.
 
     Args:
         emb, ref: the engine and its reference, loaded with the same weights.
@@ -135,7 +187,7 @@ def train_and_compare(
     for i, k in enumerate(stream):
         out = forward(k)
         expect = ref(k)
-        torch.testing.assert_close(out, expect, atol=1e-5, rtol=1e-5, msg=f"step {i}")
+        assert torch.equal(out, expect), f"step {i}: max |diff| {(out - expect).abs().max()}"
         grad = torch.randn(out.shape, generator=g)
         out.backward(grad)
         expect.backward(grad)

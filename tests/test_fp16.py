@@ -15,8 +15,8 @@ from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.core.engine import ScratchPipeEmbeddingBags
 from torchrec_scratchpipe.core.layout import RowLayout
 
-#: Largest |difference| from the full-table FP16 TBE (deterministic rounding) the issue allows.
-TOL = 1e-3
+#: Largest |difference| from TorchRec's fused FP16 kernel with deterministic rounding: none.
+TOL = 0.0
 ROWS = (300, 200, 250)
 OPTIMIZERS = (EmbOptimType.EXACT_SGD, EmbOptimType.EXACT_ADAGRAD, EmbOptimType.EXACT_ROWWISE_ADAGRAD)
 #: The scratchpad's device: CPU here, and CUDA where there is one (FBGEMM rounds stochastically only there).
@@ -104,7 +104,7 @@ def test_eval_lookup_of_fp16_rows_matches_the_tbe() -> None:
         for kjt in later:
             out = emb(kjt).values()
             assert out.dtype == torch.float32
-            assert float((out - ref(kjt)).abs().max()) <= 1e-6
+            assert torch.equal(out, ref(kjt))
 
 
 def test_a_moved_fp16_row_moves_half_the_fp32_weight_bytes() -> None:
@@ -146,7 +146,10 @@ def test_stochastic_rounding_trains_fp16_tables(device: torch.device) -> None:
         assert not torch.isnan(w).any()
         assert float((w.float() - start[name].float()).abs().max()) > 1e-2  # trained
         assert float((w.float() - want32[name]).abs().max()) <= 1e-2  # FP16 rounding of the same training
-    assert out_diff <= 1e-2 and _weight_diff(emb, ref) <= 1e-2
+    # FBGEMM rounds stochastically only on CUDA, from random bits drawn per launch, so two
+    # TBEs agree there only up to FP16 rounding; on CPU both round to nearest: bit for bit.
+    stochastic_tol = 1e-2 if device.type == "cuda" else 0.0
+    assert out_diff <= stochastic_tol and _weight_diff(emb, ref) <= stochastic_tol
 
 
 def test_unpooled_tables_must_share_a_dtype() -> None:

@@ -1,7 +1,7 @@
 """FP16 tables under DMP (gloo, CPU): ScratchPipe trains like TorchRec's ``fused`` FP16.
 
 With deterministic rounding (``stochastic_rounding=False`` in the fused params) outputs,
-weights and optimizer state stay within 1e-3 of ``fused`` FP16, table-wise and row-wise;
+weights and optimizer state equal ``fused`` FP16 bit for bit, table-wise and row-wise;
 state dicts keep FP16 and load both ways; the planner and the traffic counters price a
 row with the FP16 layout.
 """
@@ -17,7 +17,7 @@ from dist_utils import build_dmp, constraints_for, load_full, local_tensors, max
 from test_distributed_equivalence import _states, _swap_checkpoints, _train_pair
 
 #: Largest |difference| from ``fused`` FP16 the issue allows (deterministic rounding).
-TOL = 1e-3
+TOL = 0.0  # bit for bit with fused FP16 (deterministic rounding)
 SP_TABLES = ("t_big", "t_mid", "t_odd")
 
 
@@ -171,7 +171,7 @@ def _check(results: List[Dict[str, Any]], ws: int) -> None:
     if ws == 1:
         s = results[0]["stochastic"]
         assert s["engine_rounding"] == {True} and not s["nan"] and s["trained"] > 1e-3, s
-        assert s["out"] <= 1e-2 and s["final"] <= 1e-2, s
+        assert s["out"] == 0 and s["final"] == 0, s  # CPU: FBGEMM rounds to nearest even when asked to round stochastically
         q = results[0]["sequence"]
         assert q["out"] <= TOL and q["final"] <= TOL and q["evictions"] > 0, q
         assert q["dtypes"] == q["ref_dtypes"] and torch.float16 in q["dtypes"].values(), q

@@ -43,8 +43,7 @@ class ABConfig:
         steps, warmup: timed steps and untimed first steps per arm.
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
         optimizer, learning_rate: embedding optimizer (exact FBGEMM ones) and its rate.
-            With SGD the arms agree bit for bit; Adagrad-family updates agree up to float
-            summation order (the report's tolerance is ``EXACT_TOLERANCE``).
+            Every ScratchPipe arm must be bitwise equal to ``fused`` with each of them.
         seed: seed of the data and of the initial weights.
         out: output folder for the Markdown table, JSON and plots.
         threads: torch CPU threads (0: torch's default). One is the default: the ops are

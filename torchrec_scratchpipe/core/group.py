@@ -131,8 +131,8 @@ class TableGroup:
         if self.pad.tbe.pooling_mode == PoolingMode.NONE:
             return table.index_select(0, inverse)
         out = F.embedding_bag(inverse, table, offsets, mode="sum", per_sample_weights=weights, include_last_offset=True)
-        if self.pad.tbe.pooling_mode == PoolingMode.MEAN:
-            out = out / (offsets[1:] - offsets[:-1]).clamp(min=1).unsqueeze(1)
+        if self.pad.tbe.pooling_mode == PoolingMode.MEAN:  # as FBGEMM: the sum times 1/length
+            out = out * (1.0 / (offsets[1:] - offsets[:-1]).clamp(min=1).to(out.dtype)).unsqueeze(1)
         n = len(self.features)
         return out.view(n, -1, table.shape[1]).transpose(0, 1).reshape(-1, n * table.shape[1])
 
