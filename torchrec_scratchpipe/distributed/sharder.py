@@ -29,6 +29,7 @@ from torchrec_scratchpipe.compat import (
 )
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.distributed.lookup import SCRATCHPIPE_SHARDINGS
+from torchrec_scratchpipe.distributed.output_order import fused_embedding_names, fused_order_index, in_fused_order
 from torchrec_scratchpipe.distributed.sequence_sharder import ScratchPipeEmbeddingCollectionSharder
 from torchrec_scratchpipe.distributed.sharded_base import (
     SCRATCHPIPE_SHARDING_TYPES,
@@ -42,7 +43,8 @@ class ShardedScratchPipeEmbeddingBagCollection(ScratchPipeShardedMixin, ShardedE
     """``ShardedEmbeddingBagCollection`` whose ScratchPipe tables run on the ScratchPipe kernel.
 
     State dicts, ``fused_optimizer`` keys and ShardedTensor types are those of ``fused``
-    (see :class:`ScratchPipeShardedMixin`).
+    (see :class:`ScratchPipeShardedMixin`), and so is the output's key order
+    (``output_order.py``).
 
     Example::
 
@@ -60,10 +62,15 @@ class ShardedScratchPipeEmbeddingBagCollection(ScratchPipeShardedMixin, ShardedE
         qcomm_codecs_registry: Optional[Dict[str, QuantizedCommCodecs]] = None,
     ) -> EmbeddingSharding:
         sp = [i.embedding_config.name for i in sharding_infos if is_scratchpipe(i.param_sharding)]
-        if not sp:
-            return super().create_embedding_bag_sharding(
-                sharding_infos, env, device, permute_embeddings, qcomm_codecs_registry
+
+        def torchrec_sharding(infos: List[EmbeddingShardingInfo]) -> EmbeddingSharding:
+            return super(ShardedScratchPipeEmbeddingBagCollection, cls).create_embedding_bag_sharding(
+                infos, env, device, permute_embeddings, qcomm_codecs_registry
             )
+
+        if not sp:
+            return torchrec_sharding(sharding_infos)
+        fused_names = fused_embedding_names(torchrec_sharding, sharding_infos)  # before meta placements
         sharding_type = sharding_infos[0].param_sharding.sharding_type
         if sharding_type not in SCRATCHPIPE_SHARDINGS:
             raise ValueError(
@@ -75,7 +82,22 @@ class ShardedScratchPipeEmbeddingBagCollection(ScratchPipeShardedMixin, ShardedE
         kwargs: Dict[str, Any] = {"qcomm_codecs_registry": qcomm_codecs_registry}
         if sharding_type == ShardingType.COLUMN_WISE.value:
             kwargs["permute_embeddings"] = permute_embeddings
-        return SCRATCHPIPE_SHARDINGS[sharding_type](sharding_infos, env, device, **kwargs)
+        sharding = SCRATCHPIPE_SHARDINGS[sharding_type](sharding_infos, env, device, **kwargs)
+        sharding.fused_embedding_names = fused_names
+        return sharding
+
+    def _create_output_dist(self) -> None:
+        super()._create_output_dist()
+        fused = [n for s in self._embedding_shardings for n in getattr(s, "fused_embedding_names", s.embedding_names())]
+        index = fused_order_index(self._embedding_names, self._embedding_dims, fused)
+        dims = dict(zip(self._embedding_names, self._embedding_dims))
+        self._sp_fused_order = None if index is None else (fused, [dims[n] for n in fused], index.to(self._device))
+
+    def output_dist(self, ctx: Any, output: Any) -> Any:
+        return in_fused_order(super().output_dist(ctx, output), self._sp_fused_order)
+
+    def compute_and_output_dist(self, ctx: Any, input: Any) -> Any:
+        return in_fused_order(super().compute_and_output_dist(ctx, input), self._sp_fused_order)
 
 
 class ScratchPipeEmbeddingBagCollectionSharder(ScratchPipeSharderMixin, EmbeddingBagCollectionSharder):
