@@ -5,8 +5,8 @@ What it adds to TorchRec's planner:
 - the ``"scratchpipe"`` kernel is enumerated for tables whose constraints name it
   (TorchRec's enumerator already keeps constrained kernels the sharder offers), costed by
   :mod:`~torchrec_scratchpipe.distributed.estimators`, and shown in the plan and stats;
-- clear errors before planning: ``load_factor <= 0``, an optimizer the compute device
-  cannot run, a table ``data_type`` ScratchPipe does not hold (``RowLayout``), ScratchPipe
+- clear errors before planning: ``load_factor <= 0``, a fused param ScratchPipe cannot
+  honour (``kernel.engine_config`` names it), an optimizer the compute device cannot run, a table ``data_type`` ScratchPipe does not hold (``RowLayout``), ScratchPipe
   asked for a module it does not support, and a scratchpad smaller than one batch's rows
   (the size needed is in the message);
 - row-wise is offered on CPU only to tables whose constraints ask for it, so tables
@@ -30,7 +30,9 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.types import ParameterConstraints, ShardingOption, Topology
-from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
+from torchrec.distributed.types import ModuleSharder, ParameterSharding, ShardingPlan, ShardingType
+from torchrec.distributed.utils import add_params_from_parameter_sharding, convert_to_fbgemm_types, merge_fused_params
+from torchrec.modules.embedding_configs import data_type_to_sparse_type
 
 from torchrec_scratchpipe.compat import (
     EmbeddingEnumerator,
@@ -47,10 +49,15 @@ from torchrec_scratchpipe.distributed.estimators import (
     load_factor_of,
     slots_of,
 )
-from torchrec_scratchpipe.distributed.kernel import TBE_DEFAULTS
+from torchrec_scratchpipe.distributed.kernel import TBE_DEFAULTS, engine_config
 from torchrec_scratchpipe.distributed.plan_stats import ScratchPipeStats
 from torchrec_scratchpipe.distributed.sharded_base import ScratchPipeSharderMixin
-from torchrec_scratchpipe.distributed.types import SCRATCHPIPE, check_load_factor
+from torchrec_scratchpipe.distributed.types import (
+    FUSED_PARAMS_KEY,
+    SCRATCHPIPE,
+    ScratchPipeTableParams,
+    check_load_factor,
+)
 from torchrec_scratchpipe.quiet import default_storage_reservation
 
 logger: logging.Logger = logging.getLogger(__name__)
@@ -94,6 +101,24 @@ def table_optimizer(param: torch.Tensor, sharder: Any) -> EmbOptimType:
         return fused["optimizer"]
     config = getattr(sharder, "config", None)
     return config.optimizer if config is not None else TBE_DEFAULTS["optimizer"]
+
+
+def planned_fused_params(param: torch.Tensor, sharder: Any, constraint: ParameterConstraints) -> Dict[str, Any]:
+    """The fused params TorchRec will hand the kernel of a ScratchPipe table: the sharder's,
+    the table's ``apply_optimizer_in_backward`` settings, and what its constraints add
+    (cache params, ``enforce_hbm``, ``stochastic_rounding``, ...), merged as TorchRec merges them."""
+    optimizer_kwargs = dict((getattr(param, "_optimizer_kwargs", [{}]) or [{}])[0])
+    optimizer_class = (getattr(param, "_optimizer_classes", [None]) or [None])[0]
+    if optimizer_class is not None and "optimizer" not in optimizer_kwargs:
+        optimizer_kwargs["optimizer"] = optimizer_type_to_emb_opt_type(optimizer_class)
+    fp = merge_fused_params(dict(getattr(sharder, "fused_params", None) or {}), optimizer_kwargs)
+    as_planned = ParameterSharding(
+        sharding_type=(constraint.sharding_types or [ShardingType.TABLE_WISE.value])[0], compute_kernel=SCRATCHPIPE,
+        ranks=None, cache_params=constraint.cache_params, enforce_hbm=constraint.enforce_hbm,
+        stochastic_rounding=constraint.stochastic_rounding, bounds_check_mode=constraint.bounds_check_mode,
+        output_dtype=constraint.output_dtype,
+    )
+    return convert_to_fbgemm_types(add_params_from_parameter_sharding(fp, as_planned))
 
 
 def table_config(module: nn.Module, name: str) -> Any:
@@ -173,8 +198,13 @@ class ScratchPipeEnumerator(EmbeddingEnumerator):
                     )
                 c = self._constraints[name]  # type: ignore[index]
                 check_load_factor(c.cache_params.load_factor if c.cache_params else None, name)
+                table = table_config(m, name)
+                fused_params = planned_fused_params(param, sharder, c)
+                if sharder.config is not None:
+                    fused_params[FUSED_PARAMS_KEY] = ScratchPipeTableParams.build(None, sharder.config)
+                engine_config(fused_params, repr([name]), data_type_to_sparse_type(table.data_type))  # every param honoured or refused
                 optimizers[name] = table_optimizer(param, sharder)
-                layout = RowLayout.for_table(optimizers[name], table_config(m, name))  # names the table
+                layout = RowLayout.for_table(optimizers[name], table)  # names the table
                 try:
                     layout.check_device(device)
                 except ValueError as e:
