@@ -14,6 +14,7 @@ Example::
     print(tsp.cache_stats(model))
 """
 
+from torchrec_scratchpipe.core.config import TBE_OPTIONS
 from torchrec_scratchpipe.distributed.estimators import ScratchPipePerfEstimator, ScratchPipeStorageEstimator
 from torchrec_scratchpipe.distributed.kernel import ScratchPipeEmbeddingBag, ScratchPipeFusedOptimizer
 from torchrec_scratchpipe.distributed.lookup import ScratchPipeGroupedPooledEmbeddingsLookup
@@ -42,6 +43,7 @@ from torchrec_scratchpipe.distributed.types import (
 
 __all__ = [
     "SCRATCHPIPE",
+    "TBE_OPTIONS",
     "ScratchPipeEmbeddingBag",
     "ScratchPipeEmbeddingBagCollectionSharder",
     "ScratchPipeEmbeddingCollectionSharder",
