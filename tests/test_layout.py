@@ -62,7 +62,7 @@ def test_for_table_reads_the_table_dtype_and_refuses_others() -> None:
 def test_bad_layouts_are_refused_with_the_alternatives() -> None:
     with pytest.raises(ValueError, match="supported: FP32"):
         RowLayout(EmbOptimType.EXACT_SGD, 8, torch.int8)
-    with pytest.raises(ValueError, match="dim must be positive"):
+    with pytest.raises(ValueError, match="positive multiple of 4"):
         RowLayout(EmbOptimType.EXACT_SGD, 0)
     with pytest.raises(ValueError, match="Adam needs CUDA"):
         RowLayout(EmbOptimType.ADAM, 8).check_device(torch.device("cpu"))
@@ -83,3 +83,30 @@ def test_for_table_reads_each_weight_dtype(dtype_name: str) -> None:
 def test_group_tags_keep_weight_dtypes_apart() -> None:
     tags = [RowLayout(EmbOptimType.EXACT_SGD, 8, dtype).group_tag for dtype, _ in WEIGHT_DTYPES.values()]
     assert tags[0] == "" and len(set(tags)) == len(tags)  # the default dtype keeps the plain group names
+
+
+def test_row_width_rule_lives_in_the_layout_and_names_the_table() -> None:
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    with pytest.raises(ValueError, match="multiple of 4"):
+        RowLayout(EmbOptimType.EXACT_SGD, 6)
+    table = EmbeddingBagConfig(name="odd", embedding_dim=6, num_embeddings=10, feature_names=["f"])
+    with pytest.raises(ValueError, match="table 'odd': embedding_dim must be a positive multiple of 4"):
+        RowLayout.for_table(EmbOptimType.EXACT_SGD, table)
+
+
+def test_planner_refuses_a_dim_the_tbe_cannot_hold_at_plan_time() -> None:
+    import torch
+    from torchrec import EmbeddingBagCollection
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.distributed.planner import Topology
+    from torchrec.distributed.planner.types import ParameterConstraints
+
+    import torchrec_scratchpipe.distributed as tsp
+
+    tables = [EmbeddingBagConfig(name="odd", embedding_dim=6, num_embeddings=100, feature_names=["f"])]
+    ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+    planner = tsp.ShardingPlanner(topology=Topology(world_size=1, compute_device="cpu"), batch_size=8,
+                                  constraints={"odd": ParameterConstraints(compute_kernels=[tsp.SCRATCHPIPE])})
+    with pytest.raises(ValueError, match="table 'odd': embedding_dim must be a positive multiple of 4"):
+        planner.plan(ebc, tsp.get_sharders())

@@ -105,8 +105,6 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         for t in tables:
             if pooling_of(t) not in POOLING:
                 raise ValueError(f"table {t.name!r}: pooling {pooling_of(t)} is not supported (use SUM, MEAN or NONE).")
-            if t.embedding_dim % 4:
-                raise ValueError(f"table {t.name!r}: embedding_dim {t.embedding_dim} must be a multiple of 4 (FBGEMM TBE).")
             tag = RowLayout.for_table(config.optimizer, t).group_tag  # weight dtypes train apart
             by_key.setdefault(f"dim{t.embedding_dim}_{pooling_of(t).name.lower()}{tag}", []).append(t)
         self.groups: Dict[str, TableGroup] = {k: TableGroup(k, v, config, self.device, packed_store) for k, v in by_key.items()}

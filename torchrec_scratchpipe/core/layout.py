@@ -49,6 +49,8 @@ WEIGHT_DTYPES: Dict[str, Tuple[torch.dtype, SparseType]] = {
     "FP32": (torch.float32, SparseType.FP32),
     "FP16": (torch.float16, SparseType.FP16),
 }
+#: Every row's width (embedding dim) is a multiple of this (FBGEMM's TBE rows).
+ROW_WIDTH_MULTIPLE = 4
 #: dtype of every optimizer state.
 STATE_DTYPE = torch.float32
 #: dtype of the pooled (or per-id) embeddings the scratchpad returns, whatever the weights.
@@ -110,17 +112,24 @@ class RowLayout:
                 f"ScratchPipe does not support {self.weight_dtype} weights; supported: "
                 f"{', '.join(WEIGHT_DTYPES)}. Declare the table's data_type as one of those."
             )
-        if self.dim <= 0:
-            raise ValueError(f"dim must be positive, got {self.dim}.")
+        if self.dim <= 0 or self.dim % ROW_WIDTH_MULTIPLE:
+            raise ValueError(
+                f"embedding_dim must be a positive multiple of {ROW_WIDTH_MULTIPLE} (FBGEMM TBE rows), got {self.dim}."
+            )
 
     @staticmethod
     def for_table(optimizer: EmbOptimType, table: Any) -> "RowLayout":
         """The layout of a TorchRec table config (its ``embedding_dim`` and ``data_type``).
 
         Raises:
-            ValueError: the table's data type is not one of ``WEIGHT_DTYPES``.
+            ValueError: the table's data type is not one of ``WEIGHT_DTYPES``, or its dim is
+                not a multiple of ``ROW_WIDTH_MULTIPLE`` (names the table).
         """
-        return RowLayout(optimizer, table.embedding_dim, weight_dtype_of(table))
+        dtype = weight_dtype_of(table)
+        try:
+            return RowLayout(optimizer, table.embedding_dim, dtype)
+        except ValueError as e:
+            raise ValueError(f"table {getattr(table, 'name', '?')!r}: {e}") from e
 
     @property
     def dtype_name(self) -> str:

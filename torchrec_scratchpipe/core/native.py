@@ -116,10 +116,15 @@ def enabled(prefer: Optional[bool] = None) -> bool:
 
 
 def main() -> None:
-    """Build the operator (``scripts/setup.sh`` runs this); print where it went."""
+    """Build the operator (``scripts/setup.sh`` runs this); print where it went. A failed
+    build exits 1 when ``SCRATCHPIPE_NATIVE=1`` (CI), else the PyTorch path is used."""
     try:
         path = build(verbose="-v" in sys.argv)
-    except Exception as e:  # no compiler, no ninja: the PyTorch path still works
+    except Exception as e:  # no compiler, no ninja: the PyTorch path still works, unless the op is required
+        if os.environ.get("SCRATCHPIPE_NATIVE", "auto").strip() == "1":
+            print(f"scratchpipe: native planner required (SCRATCHPIPE_NATIVE=1) but not built: {type(e).__name__}: {e}",
+                  file=sys.stderr)
+            raise SystemExit(1) from e
         print(f"scratchpipe: native planner not built ({type(e).__name__}: {e}); using the PyTorch path.")
         return
     print(f"scratchpipe: native planner built at {path}")
