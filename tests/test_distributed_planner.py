@@ -263,3 +263,34 @@ def test_perf_prefetch_follows_cache_params_stats() -> None:
         got = prefetch(MeasuredCacheStatistics([0.05], [miss], expected_lookups=lookups))
         assert got == pytest.approx([2 * miss * lookups / 2 * row / topo.hbm_to_ddr_mem_bw] * 2)
     assert plain[0] > 0 and plain[0] != pytest.approx(got[0])
+
+
+def _plan_two_column_shards_on_one_rank(rank: int, ws: int) -> str:
+    import torch.distributed as dist
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+    from torchrec.distributed.planner import Topology
+    from torchrec.distributed.planner.types import ParameterConstraints
+    from torchrec.distributed.types import CacheParams
+
+    import torchrec_scratchpipe.distributed as tsp
+
+    tables = [EmbeddingBagConfig(name="wide", embedding_dim=24, num_embeddings=1000, feature_names=["f"])]
+    ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+    constraints = {"wide": ParameterConstraints(compute_kernels=[tsp.SCRATCHPIPE], sharding_types=["column_wise"],
+                                                min_partition=8, cache_params=CacheParams(load_factor=0.5))}
+    planner = tsp.ShardingPlanner(topology=Topology(world_size=ws, compute_device="cpu"), constraints=constraints,
+                                  batch_size=8)
+    try:
+        plan = planner.collective_plan(ebc, tsp.get_sharders(), dist.GroupMember.WORLD)
+    except ValueError as e:
+        return str(e)
+    return f"planned: {plan}"
+
+
+@pytest.mark.slow
+def test_two_column_shards_on_one_rank_are_refused_at_plan_on_every_rank() -> None:
+    from dist_utils import spawn
+
+    messages = spawn(_plan_two_column_shards_on_one_rank, 2, timeout=120)
+    for rank, msg in enumerate(messages):
+        assert "column shards of it on rank" in msg and "min_partition" in msg, (rank, msg)

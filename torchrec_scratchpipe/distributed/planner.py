@@ -23,12 +23,16 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from dataclasses import dataclass
 from typing import Any, ContextManager, Dict, List, Optional, Set, Tuple
 
 import torch
+import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
+from torchrec.distributed.collective_utils import invoke_on_rank_and_broadcast_result
 from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.planner.types import ParameterConstraints, ShardingOption, Topology
 from torchrec.distributed.types import ModuleSharder, ParameterSharding, ShardingPlan, ShardingType
 from torchrec.distributed.utils import add_params_from_parameter_sharding, convert_to_fbgemm_types, merge_fused_params
@@ -51,7 +55,7 @@ from torchrec_scratchpipe.distributed.estimators import (
 )
 from torchrec_scratchpipe.distributed.kernel import TBE_DEFAULTS, engine_config
 from torchrec_scratchpipe.distributed.plan_stats import ScratchPipeStats
-from torchrec_scratchpipe.distributed.sharded_base import ScratchPipeSharderMixin
+from torchrec_scratchpipe.distributed.sharded_base import ScratchPipeSharderMixin, check_plan_entry
 from torchrec_scratchpipe.distributed.types import (
     FUSED_PARAMS_KEY,
     SCRATCHPIPE,
@@ -266,6 +270,13 @@ class ScratchPipeEnumerator(EmbeddingEnumerator):
         return None
 
 
+@dataclass(frozen=True)
+class _Refusal:
+    """What rank 0 broadcasts instead of a plan when planning raised a ValueError."""
+
+    message: str
+
+
 class ShardingPlanner(EmbeddingShardingPlanner):
     """``EmbeddingShardingPlanner`` that plans, costs and validates the ScratchPipe kernel.
 
@@ -321,8 +332,40 @@ class ShardingPlanner(EmbeddingShardingPlanner):
         return list(self._sp_stats.rows)
 
     def plan(self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]]) -> ShardingPlan:
-        """Plan as TorchRec does, with ``"scratchpipe"`` accepted as a kernel name."""
+        """Plan as TorchRec does, with ``"scratchpipe"`` accepted as a kernel name; a plan no
+        ScratchPipe kernel can run (``check_plan_entry``) is refused here."""
         if isinstance(self._enumerator, ScratchPipeEnumerator):
             self._enumerator.check(module, sharders)
         with scratchpipe_kernel_registered():
-            return super().plan(module, sharders)
+            plan = super().plan(module, sharders)
+        for module_plan in plan.plan.values():
+            for name, ps in module_plan.items():  # type: ignore[attr-defined]
+                if ps.compute_kernel == SCRATCHPIPE:
+                    check_plan_entry(name, ps)
+        return plan
+
+    def collective_plan(
+        self,
+        module: nn.Module,
+        sharders: Optional[List[ModuleSharder[nn.Module]]] = None,
+        pg: Optional[dist.ProcessGroup] = None,
+    ) -> ShardingPlan:
+        """Plan on rank 0 and broadcast the plan, as TorchRec does; but when rank 0 refuses
+        (a ``ValueError`` from ``plan``), every rank raises it, instead of the other ranks
+        waiting for a plan that never comes."""
+        if pg is None:
+            if not dist.is_initialized():
+                raise ValueError("collective_plan needs an initialized process group; use plan() on one process.")
+            pg = dist.GroupMember.WORLD
+        chosen = sharders if sharders is not None else get_default_sharders()
+
+        def plan_or_refusal() -> Any:
+            try:
+                return self.plan(module, chosen)
+            except ValueError as e:
+                return _Refusal(str(e))
+
+        result = invoke_on_rank_and_broadcast_result(pg, 0, plan_or_refusal)  # type: ignore[arg-type]
+        if isinstance(result, _Refusal):
+            raise ValueError(f"{result.message} (refused by rank 0's planner)")
+        return result

@@ -30,6 +30,31 @@ SCRATCHPIPE_SHARDING_TYPES: List[str] = [
 ]
 
 
+def check_plan_entry(name: str, ps: ParameterSharding) -> None:
+    """Raise a ValueError for a ScratchPipe plan entry no kernel can run: an unsupported
+    sharding type, or two column shards of one table on one rank (each rank's kernel holds
+    one shard per table). Every rank sees the same plan, so every rank raises alike.
+
+    Example::
+
+        >>> check_plan_entry("t", ParameterSharding("column_wise", "scratchpipe", ranks=[0, 0]))
+        Traceback (most recent call last):
+        ...
+        ValueError: table 't': the ScratchPipe plan puts 2 column shards of it on rank 0; ScratchPipe runs one shard of a table per rank. Raise the table's ParameterConstraints.min_partition (to the table's dim for one shard), use more ranks, or plan it table_wise/row_wise.
+    """
+    if ps.sharding_type not in SCRATCHPIPE_SHARDING_TYPES:
+        raise ValueError(f"table {name!r}: ScratchPipe supports {SCRATCHPIPE_SHARDING_TYPES}, the plan asks for {ps.sharding_type!r}.")
+    ranks = list(ps.ranks or [])
+    doubled = sorted({r for r in ranks if ranks.count(r) > 1})
+    if ps.sharding_type == ShardingType.COLUMN_WISE.value and doubled:
+        raise ValueError(
+            f"table {name!r}: the ScratchPipe plan puts {ranks.count(doubled[0])} column shards of it on rank "
+            f"{doubled[0]}; ScratchPipe runs one shard of a table per rank. Raise the table's "
+            "ParameterConstraints.min_partition (to the table's dim for one shard), use more ranks, or plan it "
+            "table_wise/row_wise."
+        )
+
+
 def unwrap(lookup: nn.Module) -> nn.Module:
     """The lookup inside TorchRec's DDP wrapper (data-parallel lookups are wrapped)."""
     while isinstance(lookup, DistributedDataParallel):
@@ -145,10 +170,6 @@ class ScratchPipeSharderMixin:
         """
         for name, ps in params.items():
             if is_scratchpipe(ps):
-                if ps.sharding_type not in SCRATCHPIPE_SHARDING_TYPES:
-                    raise ValueError(
-                        f"table {name!r}: ScratchPipe supports {SCRATCHPIPE_SHARDING_TYPES}, "
-                        f"the plan asks for {ps.sharding_type!r}."
-                    )
+                check_plan_entry(name, ps)
                 check_load_factor(ps.cache_params.load_factor if ps.cache_params else None, name)
         return {name: to_runtime_sharding(ps, self._sp_config) for name, ps in params.items()}
