@@ -275,3 +275,36 @@ def test_evaluation_mid_training_and_accumulation_match_fused(model: str) -> Non
     assert res["n"] == (16 + 12 + 4, 16 + 12 + 4), res
     assert res["diff"] <= TOL and res["state_diff"] <= TOL, res
     assert res["evictions"] > 0, res
+
+
+def _plain_forward_bad_global_id(rank: int, ws: int) -> Tuple[str, float]:
+    from torchrec import EmbeddingBagCollection
+
+    import torchrec_scratchpipe.distributed as tsp
+    from dist_utils import build_dmp, constraints_for, make_batch, make_tables
+
+    tables = make_tables()
+    ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+    model = build_dmp(ebc, constraints_for(tables, "row_wise", {t.name: 0.5 for t in tables}), tsp.get_sharders(), ws)
+    keys = [t.feature_names[0] for t in tables]
+    # Only rank 0's batch is bad: id 2000 of t_big (2000 rows), which the input dist would
+    # hand rank 1's shard as a local id; rank 1's batch is fine.
+    ids = torch.tensor([2000 if rank == 0 else 5])
+    lengths = torch.tensor([1] + [0] * (len(keys) * 8 - 1))
+    try:
+        model(KeyedJaggedTensor.from_lengths_sync(keys, ids, lengths))
+        message = "no error"
+    except ValueError as e:
+        message = str(e)
+    out = model(make_batch(0, rank, tables))  # training goes on
+    values = (out.wait() if hasattr(out, "wait") else out).values()
+    values.sum().backward()
+    return message, float(values.abs().sum())
+
+
+@pytest.mark.slow
+def test_plain_dmp_forward_names_a_bad_id_by_its_global_id_on_every_rank() -> None:
+    results = spawn(_plain_forward_bad_global_id, 2, timeout=120)
+    for rank, (message, trained) in enumerate(results):
+        assert "rank 0: id 2000 of feature 'f_big' is out of range for table 't_big' with 2000 rows" in message, (rank, message)
+        assert trained > 0, rank

@@ -106,6 +106,9 @@ class ScratchPipeTrainPipeline(TrainPipelineSparseDist):
         self._tables = _table_rows(model)
         self._required = sorted(self._tables)
         self._agreement = BatchAgreement(module_process_group(model))
+        for module in model.modules():  # this pipeline checks every batch's ids before the input dist
+            if hasattr(module, "ids_checked_upstream"):
+                module.ids_checked_upstream = True
         if not any(k.engine.queued() for k in self._kernels):
             self._claim()  # else another pipeline's batches are in flight: claim at the first training step
 

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from torchrec.distributed.types import (
     ShardingType,
 )
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_scratchpipe.compat import (
     EmbeddingSharding,
@@ -28,6 +29,7 @@ from torchrec_scratchpipe.compat import (
     replace_placement_with_meta_device,
 )
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
+from torchrec_scratchpipe.distributed.batch_check import BatchAgreement, out_of_range
 from torchrec_scratchpipe.distributed.lookup import SCRATCHPIPE_SHARDINGS
 from torchrec_scratchpipe.distributed.output_order import fused_embedding_names, fused_order_index, in_fused_order
 from torchrec_scratchpipe.distributed.sequence_sharder import ScratchPipeEmbeddingCollectionSharder
@@ -85,6 +87,34 @@ class ShardedScratchPipeEmbeddingBagCollection(ScratchPipeShardedMixin, ShardedE
         sharding = SCRATCHPIPE_SHARDINGS[sharding_type](sharding_infos, env, device, **kwargs)
         sharding.fused_embedding_names = fused_names
         return sharding
+
+    def _sp_id_check(self) -> Tuple[Dict[str, Tuple[str, int]], Optional[BatchAgreement]]:
+        """Feature -> (table, rows) of this module's ScratchPipe tables, and the ranks' agreement."""
+        if not hasattr(self, "_sp_ids"):
+            names = {n for n, ps in self.module_sharding_plan.items() if is_scratchpipe(ps)}
+            self._sp_ids = {
+                f: (c.name, c.num_embeddings) for c in self._embedding_bag_configs if c.name in names for f in c.feature_names
+            }
+            on_cpu = self._device is None or self._device.type == "cpu"
+            self._sp_agreement = BatchAgreement(self._env.process_group) if on_cpu and self._sp_ids else None
+        return self._sp_ids, self._sp_agreement
+
+    def input_dist(self, ctx: Any, features: Any) -> Any:
+        """TorchRec's input dist, after a check of the batch's global ids against the
+        ScratchPipe tables (after the dist, a row-wise shard would see only local ids), on
+        every rank alike (one 8-byte all-reduce), so a bad id is named by its global value
+        and no rank waits for another that refused. CPU only (on CUDA the check would wait
+        for the device; ``ScratchPipeTrainPipeline`` checks every batch on the host there),
+        and skipped for batches a ``ScratchPipeTrainPipeline`` has checked already."""
+        tables, agreement = self._sp_id_check()
+        if agreement is not None and not self.ids_checked_upstream and isinstance(features, KeyedJaggedTensor):
+            refusal = agreement.first_error(out_of_range(features, tables, agreement.rank))
+            if refusal is not None:
+                raise refusal
+        return super().input_dist(ctx, features)
+
+    #: Set by a ScratchPipeTrainPipeline that checks its batches' ids before the input dist.
+    ids_checked_upstream: bool = False
 
     def _create_output_dist(self) -> None:
         super()._create_output_dist()
