@@ -216,3 +216,17 @@ def test_user_guide_plan_example_is_quiet(tmp_path: Path) -> None:
     code = re.search(r"^```python[ \t]*\n(.*?)^```", section, flags=re.S | re.M).group(1)  # type: ignore[union-attr]
     (tmp_path / "plan.py").write_text(code)
     assert _quiet_run([str(tmp_path / "plan.py")], tmp_path) == ""
+
+
+def test_docs_name_what_the_package_exports() -> None:
+    """``tsp.NAME`` in the README and docs (``import torchrec_scratchpipe as tsp``) exists, and
+    the README's comment on ``cache_stats`` names real keys."""
+    import torchrec_scratchpipe as tsp
+    from torchrec_scratchpipe.core.stats import GroupStats
+
+    text = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+    names = set(re.findall(r"\btsp\.([A-Za-z_]+)", text))
+    assert names and not [n for n in names if not hasattr(tsp, n)], sorted(n for n in names if not hasattr(tsp, n))
+    line = next(line for line in (ROOT / "README.md").read_text().splitlines() if "cache_stats(model)[" in line)
+    keys = [k.strip() for k in line.split("#", 1)[1].split(",") if k.strip() != "..."]
+    assert keys and set(keys) <= set(GroupStats().as_dict()), keys
