@@ -24,16 +24,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from torchrec.datasets.utils import Batch
-from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from torchrec.distributed.types import CacheParams, ShardingEnv
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-import torchrec_scratchpipe.distributed as tsp
+import torchrec_scratchpipe.distributed as tsp  # before FBGEMM: compat mutes FBGEMM 1.6's import notice
 from torchrec_scratchpipe import defaults, make_topology, quiet_known_noise
 from torchrec_scratchpipe.cli import (
     HelpFormatter, fraction, non_negative_int, positive_float, positive_int, tool_window, user_errors,
@@ -42,6 +34,14 @@ from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.distributed.pipeline import ScratchPipeTrainPipeline
 from torchrec_scratchpipe.sequence_model import NextItemModel, sequence_batches
 from torchrec_scratchpipe.training import init_single_process_group
+from fbgemm_gpu.split_embedding_configs import EmbOptimType  # noqa: E402  (after the package, see above)
+from torchrec.datasets.utils import Batch  # noqa: E402
+from torchrec.distributed import DistributedModelParallel  # noqa: E402
+from torchrec.distributed.planner.types import ParameterConstraints  # noqa: E402
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist  # noqa: E402
+from torchrec.distributed.types import CacheParams, ShardingEnv  # noqa: E402
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper  # noqa: E402
+from torchrec.optim.optimizers import in_backward_optimizer_filter  # noqa: E402
 
 
 def synthetic_batches(args: argparse.Namespace, rank: int) -> List[Batch]:
