@@ -29,6 +29,9 @@ from tqdm import tqdm
 
 from torchrec_scratchpipe import cache_stats, defaults  # before torchrec: compat quiets FBGEMM 1.6's import notice
 from torchrec_scratchpipe.advise.stalls import stall_notes
+from torchrec_scratchpipe.cli import (
+    HelpFormatter, data_source, fraction, non_negative_int, positive_float, positive_int, tool_window, user_errors,
+)
 from torchrec_scratchpipe.core.layout import OPTIMIZERS_BY_NAME, WEIGHT_DTYPES
 from torchrec_scratchpipe.data.source import open_source
 from torchrec_scratchpipe.quiet import quiet_known_noise
@@ -37,40 +40,53 @@ from torchrec import EmbeddingBagConfig  # noqa: E402  (after the package, see a
 from torchrec.modules.embedding_configs import DataType  # noqa: E402
 
 
+PROG = "examples/train_dlrm.py"
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="synthetic", help="synthetic | trace:FILE | criteo:FILE[,FILE]")
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--data", type=data_source, default="synthetic", help="synthetic | trace:FILE | criteo:FILE[,FILE]")
     p.add_argument("--kernel", default="scratchpipe", choices=KERNELS, help="kernel for the big tables")
     p.add_argument("--table-kernel", action="append", default=[], metavar="TABLE=KERNEL",
                    help="per-table kernel, wins over --kernel (repeatable)")
-    p.add_argument("--big-table-rows", type=int, default=0,
+    p.add_argument("--big-table-rows", type=non_negative_int, default=0,
                    help="tables with at least this many rows are 'big' and get --kernel (0: all)")
-    p.add_argument("--load-factor", type=float, default=defaults.LOAD_FACTOR)
-    p.add_argument("--lookahead", type=int, default=defaults.LOOKAHEAD)
-    p.add_argument("--horizon", type=int, default=None, help=f"default {defaults.HORIZON} (at least L)")
-    p.add_argument("--sharding-type", default="table_wise", choices=["table_wise", "row_wise", "column_wise"])
-    p.add_argument("--tables", type=int, default=defaults.TABLES)
-    p.add_argument("--rows", type=int, default=defaults.ROWS)
-    p.add_argument("--dim", type=int, default=defaults.DIM)
+    p.add_argument("--load-factor", type=fraction, default=defaults.LOAD_FACTOR,
+                   help="scratchpad (or UVM cache) rows as a fraction of a table's rows")
+    p.add_argument("--lookahead", type=non_negative_int, default=defaults.LOOKAHEAD, help="ScratchPipe L")
+    p.add_argument("--horizon", type=non_negative_int, default=None,
+                   help=f"ScratchPipe H (default {defaults.HORIZON}, at least L)")
+    p.add_argument("--sharding-type", default="table_wise", choices=["table_wise", "row_wise", "column_wise"],
+                   help="sharding of every table")
+    p.add_argument("--tables", type=positive_int, default=defaults.TABLES, help="synthetic tables")
+    p.add_argument("--rows", type=positive_int, default=defaults.ROWS,
+                   help="rows per synthetic table (Criteo: hash size per table)")
+    p.add_argument("--dim", type=positive_int, default=defaults.DIM, help="embedding dim, a multiple of 4")
     p.add_argument("--data-type", default="fp32", choices=[n.lower() for n in WEIGHT_DTYPES],
                    help="weight dtype of every table (FP16 halves the weight bytes each moved row carries)")
-    p.add_argument("--pooling", type=int, default=defaults.POOLING)
-    p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE, help="samples per rank and step")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--optimizer", default=defaults.OPTIMIZER, choices=list(OPTIMIZERS_BY_NAME))
-    p.add_argument("--learning-rate", type=float, default=defaults.LEARNING_RATE)
-    p.add_argument("--seed", type=int, default=defaults.SEED)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (0: torch's default)")
+    p.add_argument("--pooling", type=positive_int, default=defaults.POOLING, help="synthetic ids per bag")
+    p.add_argument("--batch-size", type=positive_int, default=defaults.BATCH_SIZE, help="samples per rank and step")
+    p.add_argument("--steps", type=positive_int, default=100, help="training steps")
+    p.add_argument("--optimizer", default=defaults.OPTIMIZER, choices=list(OPTIMIZERS_BY_NAME),
+                   help="embedding optimizer")
+    p.add_argument("--learning-rate", type=positive_float, default=defaults.LEARNING_RATE, help="learning rate")
+    p.add_argument("--seed", type=non_negative_int, default=defaults.SEED, help="seed of the data and weights")
+    p.add_argument("--threads", type=non_negative_int, default=defaults.THREADS,
+                   help="torch CPU threads per process (0: torch's default)")
     p.add_argument("--save", default=None, help="write a checkpoint folder at the end")
     p.add_argument("--resume", default=None, help="start from a checkpoint folder")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     for item in args.table_kernel:
         name, _, kernel = item.partition("=")
         if not name or kernel not in KERNELS:
             p.error(f"--table-kernel takes TABLE=KERNEL with KERNEL in {KERNELS}, got {item!r}")
-    if args.steps <= 0:
-        p.error("--steps must be positive")
+    try:
+        args.horizon = tool_window(args.lookahead, args.horizon)
+    except ValueError as e:
+        p.error(str(e))
+    if args.resume and not os.path.isdir(args.resume):
+        p.error(f"--resume {args.resume}: no such checkpoint folder")
     return args
 
 
@@ -151,7 +167,7 @@ def run(args: argparse.Namespace) -> Tuple[Dict[str, float], Trainer]:
     overrides = dict(item.split("=", 1) for item in args.table_kernel)
     spec = ModelSpec(tables, dense_in_features=data.num_dense, optimizer=OPTIMIZERS_BY_NAME[args.optimizer],
                      learning_rate=args.learning_rate, batch_size=args.batch_size, pooling=float(args.pooling))
-    horizon = defaults.horizon_for(args.lookahead, args.horizon)
+    horizon = args.horizon
     choice = KernelChoice(args.kernel, args.load_factor, args.lookahead, horizon, big, overrides, args.sharding_type)
     trainer = build_trainer(spec, choice, device, spec.initial_state(args.seed))
     start = load_checkpoint(args.resume, trainer) if args.resume else 0
@@ -204,8 +220,9 @@ def run(args: argparse.Namespace) -> Tuple[Dict[str, float], Trainer]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
-    with quiet_known_noise():
-        return run(parse_args(argv))[0]
+    args = parse_args(argv)
+    with user_errors(PROG), quiet_known_noise():
+        return run(args)[0]
 
 
 if __name__ == "__main__":

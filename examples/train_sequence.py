@@ -24,22 +24,24 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from torchrec.datasets.utils import Batch
-from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.planner import Topology
-from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from torchrec.distributed.types import CacheParams, ShardingEnv
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-import torchrec_scratchpipe.distributed as tsp
-from torchrec_scratchpipe import defaults
+import torchrec_scratchpipe.distributed as tsp  # before FBGEMM: compat mutes FBGEMM 1.6's import notice
+from torchrec_scratchpipe import defaults, make_topology, quiet_known_noise
+from torchrec_scratchpipe.cli import (
+    HelpFormatter, fraction, non_negative_int, positive_float, positive_int, tool_window, user_errors,
+)
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.distributed.pipeline import ScratchPipeTrainPipeline
 from torchrec_scratchpipe.sequence_model import NextItemModel, sequence_batches
 from torchrec_scratchpipe.training import init_single_process_group
+from fbgemm_gpu.split_embedding_configs import EmbOptimType  # noqa: E402  (after the package, see above)
+from torchrec.datasets.utils import Batch  # noqa: E402
+from torchrec.distributed import DistributedModelParallel  # noqa: E402
+from torchrec.distributed.planner.types import ParameterConstraints  # noqa: E402
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist  # noqa: E402
+from torchrec.distributed.types import CacheParams, ShardingEnv  # noqa: E402
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper  # noqa: E402
+from torchrec.optim.optimizers import in_backward_optimizer_filter  # noqa: E402
 
 
 def synthetic_batches(args: argparse.Namespace, rank: int) -> List[Batch]:
@@ -58,11 +60,14 @@ def build(args: argparse.Namespace) -> tuple:
         cache_params=CacheParams(load_factor=args.load_factor) if args.kernel == tsp.SCRATCHPIPE else None,
         pooling_factors=[args.max_len / 2], batch_sizes=[args.batch_size],
     )
-    constraints = {"item": items, "category": ParameterConstraints(compute_kernels=["fused"])}
+    # category: fused, table-wise (naming only the kernel leaves TorchRec to try data_parallel,
+    # which has no fused kernel, and say so in a warning)
+    category = ParameterConstraints(compute_kernels=["fused"], sharding_types=["table_wise"])
+    constraints = {"item": items, "category": category}
     fused_params = {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": args.learning_rate}
     sharders = tsp.get_sharders(ScratchPipeConfig(lookahead=args.lookahead, horizon=args.horizon), fused_params)
     planner = tsp.ShardingPlanner(
-        topology=Topology(world_size=dist.get_world_size(pg), compute_device="cpu"), constraints=constraints,
+        topology=make_topology(world_size=dist.get_world_size(pg), compute_device="cpu"), constraints=constraints,
     )
     plan = planner.collective_plan(model, sharders, pg)
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(pg), plan=plan, sharders=sharders, device=device)
@@ -95,31 +100,41 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     return {"losses": losses, "seconds": seconds, "stats": stats, "model": model}
 
 
+PROG = "examples/train_sequence.py"
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--kernel", default=tsp.SCRATCHPIPE, choices=[tsp.SCRATCHPIPE, "fused"], help="kernel of the item table")
-    p.add_argument("--sharding-type", default="table_wise", choices=["table_wise", "row_wise", "column_wise"])
-    p.add_argument("--load-factor", type=float, default=defaults.LOAD_FACTOR)
-    p.add_argument("--lookahead", type=int, default=defaults.LOOKAHEAD)
-    p.add_argument("--horizon", type=int, default=None, help=f"default {defaults.HORIZON} (at least L)")
-    p.add_argument("--items", type=int, default=64_000)
-    p.add_argument("--categories", type=int, default=256)
-    p.add_argument("--dim", type=int, default=32)
-    p.add_argument("--max-len", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--learning-rate", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sharding-type", default="table_wise", choices=["table_wise", "row_wise", "column_wise"],
+                   help="sharding of the item table")
+    p.add_argument("--load-factor", type=fraction, default=defaults.LOAD_FACTOR,
+                   help="scratchpad rows as a fraction of the item table's rows")
+    p.add_argument("--lookahead", type=non_negative_int, default=defaults.LOOKAHEAD, help="ScratchPipe L")
+    p.add_argument("--horizon", type=non_negative_int, default=None,
+                   help=f"ScratchPipe H (default {defaults.HORIZON}, at least L)")
+    p.add_argument("--items", type=positive_int, default=64_000, help="rows of the item table")
+    p.add_argument("--categories", type=positive_int, default=256, help="rows of the category table")
+    p.add_argument("--dim", type=positive_int, default=32, help="embedding dim, a multiple of 4")
+    p.add_argument("--max-len", type=positive_int, default=20, help="longest history")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="samples per rank and step")
+    p.add_argument("--steps", type=positive_int, default=100, help="training steps")
+    p.add_argument("--learning-rate", type=positive_float, default=0.05, help="learning rate")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the data and weights")
     args = p.parse_args(argv)
-    args.horizon = defaults.horizon_for(args.lookahead, args.horizon)
+    try:
+        args.horizon = tool_window(args.lookahead, args.horizon)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("gloo")
-    res = run(args)
+    with user_errors(PROG), quiet_known_noise():
+        res = run(args)
     if dist.get_rank() == 0:
         ls = res["losses"]
         k = max(1, len(ls) // 5)

@@ -22,7 +22,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --stack) STACK=${2:?--stack needs a name}; shift 2 ;;
     --stack=*) STACK=${1#--stack=}; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;;  # the comment block above
     *) echo "setup.sh: unknown argument '$1' (use --stack default|cuda|oldest|newest)" >&2; exit 2 ;;
   esac
 done

@@ -67,7 +67,7 @@ def test_ab_sequence_model_scratchpipe_arms_match_fused(tmp_path: Path) -> None:
     [
         ({"arms": ["fused", "lru"]}, "unknown arms"),
         ({"load_factor": 0.0}, "load_factor must be in"),
-        ({"lookaheads": []}, "at least one ScratchPipe lookahead"),
+        ({"lookaheads": []}, "--lookaheads: name at least one ScratchPipe lookahead"),
         ({"lookaheads": [-1]}, "invalid window lookahead=-1"),
         ({"lookaheads": [4], "horizon": 2}, "invalid window lookahead=4, horizon=2"),
         ({"data": "parquet:x"}, "data must be"),

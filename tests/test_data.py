@@ -473,3 +473,56 @@ def test_trace_shorter_than_a_batch_says_so(tmp_path: Path) -> None:
         open_source(f"trace:{path}", 64)
     with pytest.raises(ValueError, match="for each of 2 ranks"):
         open_source(f"trace:{path}", 8, rank=1, world_size=2)
+
+
+# ----------------------------------------------------------------------------- bad files, named
+
+
+def test_criteo_non_utf8_byte_names_file_and_line(tmp_path: Path) -> None:
+    row = "\t".join(criteo_rows(1, seed=3)[0]) + "\n"
+    path = tmp_path / "day.tsv"
+    path.write_bytes(row.encode() + b"1\t\xff" + row.encode()[3:])
+    with pytest.raises(ValueError, match=r"day.tsv:2: not UTF-8 text \(byte 0xff at column 3\)"):
+        list(CriteoTsvReader(path, 4, 10))
+
+
+def test_criteo_truncated_gzip_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "day.tsv.gz"
+    rows = criteo_rows(400, seed=4)
+    with gzip.open(path, "wt") as f:
+        f.write("".join("\t".join(r) + "\n" for r in rows))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"day.tsv.gz: truncated or corrupt gzip data after line \d+"):
+        list(CriteoTsvReader(path, 16, 10))
+
+
+def test_criteo_label_must_be_0_or_1(tmp_path: Path) -> None:
+    row = criteo_rows(1, seed=5)[0]
+    path = tmp_path / "day.tsv"
+    path.write_text("\t".join(["1"] + row[1:]) + "\n" + "\t".join(["2"] + row[1:]) + "\n")
+    with pytest.raises(ValueError, match=r"day.tsv:2: the label \(first field\) must be 0 or 1 \(a click\), got '2'"):
+        list(CriteoTsvReader(path, 4, 10))
+
+
+def test_gzipped_trace_is_refused_before_it_fills_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tracemalloc
+
+    from torchrec_scratchpipe.data import trace as trace_module
+
+    monkeypatch.setattr(trace_module, "MIN_GZIP_LIMIT", 2**20)
+    bomb = tmp_path / "bomb.pt.gz"
+    with gzip.open(bomb, "wb") as f:
+        for _ in range(32):
+            f.write(bytes(2**20))  # 32 MiB of zeros: a few tens of KB on disk
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"bomb.pt.gz: invalid request trace: its gzip data inflates past"):
+            read_request_trace(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 * 2**20, peak  # refused within the limit (a few MB), not after inflating all 32 MiB
+    tr = random_trace(2, 6)  # a real gzipped trace still reads
+    tr.save(tmp_path / "ok.pt.gz")
+    assert read_request_trace(tmp_path / "ok.pt.gz").num_samples == tr.num_samples

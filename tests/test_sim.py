@@ -242,7 +242,7 @@ def test_cli_criteo(tmp_path):
 
 
 def test_cli_mrc_saves_curves_without_json(tmp_path, monkeypatch, capsys) -> None:
-    from torchrec_scratchpipe.sim.__main__ import DEFAULT_MRC_OUT
+    from torchrec_scratchpipe.defaults import SIM_MRC_OUT as DEFAULT_MRC_OUT
 
     monkeypatch.chdir(tmp_path)
     assert main(["--synthetic", "zipf:1.05", "--tables", "2x2000", "--steps", "6", "--batch-size", "32",

@@ -9,7 +9,10 @@ from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.core.engine import ScratchPipeEmbeddingBags
 from torchrec_scratchpipe.core.plan import CapacityError, SlotPlanner
 from torchrec_scratchpipe.core.window import PlanWindow
-from torchrec_scratchpipe.distributed import SCRATCHPIPE, ShardingPlanner, cache_stats, get_sharders
+from torchrec_scratchpipe.distributed import (
+    SCRATCHPIPE, ShardingPlanner, cache_stats, get_sharders, scratchpipe_kernel_registered, scratchpipe_kernels,
+    scratchpipe_modules,
+)
 from torchrec_scratchpipe.distributed.pipeline import ScratchPipeTrainPipeline
 from torchrec_scratchpipe.distributed.plan_stats import format_scratchpipe_plan
 from torchrec_scratchpipe.quiet import make_topology, quiet_known_noise
@@ -28,4 +31,7 @@ __all__ = [
     "get_sharders",
     "make_topology",
     "quiet_known_noise",
+    "scratchpipe_kernel_registered",
+    "scratchpipe_kernels",
+    "scratchpipe_modules",
 ]

@@ -26,6 +26,15 @@ can be reproduced with another without re-typing flags:
   on CPU and CUDA) and its rate (the dense SGD uses the same rate).
 - ``TABLES``, ``ROWS``, ``DIM``, ``POOLING``, ``BATCH_SIZE``, ``SEED``: the synthetic model
   and data.
+- ``THREADS`` (1): torch CPU threads of every tool. The ops are small, and on a busy
+  machine more threads than free cores slow CPU runs tenfold.
+
+**The simulator's and the advisor's** (``...sim``, ``...sim.goals``, ``...advise``): a
+stream at the scale of the Criteo/DLRM workloads their figures use,
+``SIM_TABLE_SIZES`` (26 tables of 100,000 rows) in steps of ``SIM_BATCH_SIZE`` (4096)
+samples, ``SIM_STEPS`` (100) steps (the goal table: ``GOALS_STEPS``, 200), and
+FBGEMM's cache geometry, ``SIM_WAYS`` (32 ways per set, as on NVIDIA GPUs). A miss-ratio
+curve without ``--json`` is written to ``SIM_MRC_OUT``.
 
 Every place that takes an L and an H checks them with :func:`check_window`.
 
@@ -38,7 +47,7 @@ Example:
     >>> defaults.check_window(3, 2)
     Traceback (most recent call last):
     ...
-    ValueError: invalid window lookahead=3, horizon=2: need 0 <= lookahead <= horizon <= 1024 (L batches are moved in ahead of the training batch, the ids of H batches ahead guide eviction, so H >= L). Lower the lookahead or raise the horizon.
+    ValueError: invalid window lookahead=3, horizon=2: need 0 <= lookahead <= horizon <= 1024 (L batches are moved in ahead of the training batch, the ids of H batches ahead guide eviction, so H >= L); the horizon 2 is below the lookahead 3: raise the horizon or lower the lookahead.
 """
 
 from __future__ import annotations
@@ -68,6 +77,15 @@ DIM: int = 32
 POOLING: int = 2
 BATCH_SIZE: int = 1024
 SEED: int = 0
+THREADS: int = 1
+
+# ------------------------------------------------------------------ simulator and advisor
+SIM_TABLE_SIZES: Tuple[int, ...] = (100_000,) * 26
+SIM_BATCH_SIZE: int = 4096
+SIM_STEPS: int = 100
+GOALS_STEPS: int = 200
+SIM_WAYS: int = 32
+SIM_MRC_OUT: str = "out/sim/mrc.json"
 
 
 def check_window(lookahead: int, horizon: Optional[int] = None) -> int:
@@ -82,13 +100,23 @@ def check_window(lookahead: int, horizon: Optional[int] = None) -> int:
     """
     h = lookahead if horizon is None else horizon
     ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (lookahead, h))
-    if not ok or not 0 <= lookahead <= h <= MAX_HORIZON:
-        raise ValueError(
-            f"invalid window lookahead={lookahead!r}, horizon={horizon!r}: need 0 <= lookahead <= "
-            f"horizon <= {MAX_HORIZON} (L batches are moved in ahead of the training batch, the ids "
-            "of H batches ahead guide eviction, so H >= L). Lower the lookahead or raise the horizon."
-        )
-    return h
+    if ok and 0 <= lookahead <= h <= MAX_HORIZON:
+        return h
+    if not ok:
+        fix = "give both as integers."
+    elif lookahead < 0:
+        fix = f"the lookahead {lookahead} is negative: use 0 or more."
+    elif h < lookahead:
+        fix = f"the horizon {h} is below the lookahead {lookahead}: raise the horizon or lower the lookahead."
+    elif horizon is None:
+        fix = f"the lookahead {lookahead} (the horizon too, when none is given) is too high: use {MAX_HORIZON} or less."
+    else:
+        fix = f"the horizon {h} is too high: use {MAX_HORIZON} or less."
+    raise ValueError(
+        f"invalid window lookahead={lookahead!r}, horizon={horizon!r}: need 0 <= lookahead <= "
+        f"horizon <= {MAX_HORIZON} (L batches are moved in ahead of the training batch, the ids "
+        f"of H batches ahead guide eviction, so H >= L); {fix}"
+    )
 
 
 def horizon_for(lookahead: int, horizon: Optional[int] = None) -> int:

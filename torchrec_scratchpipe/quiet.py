@@ -2,8 +2,8 @@
 
 A default run of any tool prints no warning line: real problems (a scratchpad that may be
 too small, a window that stalled, a trace shorter than a batch) are reported once, in one
-short line each, and nothing else. Three messages come from torch and TorchRec themselves
-and say nothing about the user's job:
+short line each, and nothing else. These four kinds of message come from torch and TorchRec
+themselves and say nothing about the user's job:
 
 - torch's one-time log "is_fx_tracing will return true for both ..." fires the first time
   any ``KeyedJaggedTensor`` (an fx-proxyable class) is built. :func:`quiet_known_noise`
@@ -17,7 +17,6 @@ and say nothing about the user's job:
   ``HeuristicalStorageReservation`` is used without a dense-tensor estimate: we avoid those
   instead, with :func:`make_topology` (TorchRec's ``TopologyFactory``) and
   :func:`default_storage_reservation`.
-
 - On the oldest stack, TorchRec 1.6.1's collectives call a torch helper that torch 2.11
   flags (``UserWarning``s about ``_get_pg_default_device``): ignored inside the block too;
   fbgemm-gpu 1.6.0's import-time notice that its own version table lacks torch 2.11 is

@@ -37,6 +37,7 @@ class ArmResult:
         peak_device_bytes: measured peak device memory (CUDA only).
         cache: ``cache_stats`` of the trained model (ScratchPipe arms; not serialized).
         notes: real problems found in this arm, one short line each (e.g. window stalls).
+        error: why the arm did not run to the end (None: it did); it then has no numbers.
         weights: final local table weights (not serialized).
     """
 
@@ -58,6 +59,7 @@ class ArmResult:
     peak_device_bytes: Optional[int] = None
     cache: Dict[str, Dict[str, object]] = field(default_factory=dict, repr=False)
     notes: List[str] = field(default_factory=list)
+    error: Optional[str] = None
     weights: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 

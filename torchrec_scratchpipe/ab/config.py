@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from torchrec_scratchpipe import defaults
+from torchrec_scratchpipe.cli import tool_window
 from torchrec_scratchpipe.core.layout import OPTIMIZERS_BY_NAME, WEIGHT_DTYPES
 from torchrec_scratchpipe.data.synthetic import ALPHA, DISTRIBUTION
 
@@ -84,36 +85,36 @@ class ABConfig:
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
-            raise ValueError(f"model must be one of {list(MODELS)}, got {self.model!r}.")
+            raise ValueError(f"--model must be one of {list(MODELS)}, got {self.model!r}.")
         if self.model == "sequence" and (self.data != "synthetic" or self.max_len < 1):
             raise ValueError("--model sequence trains on its own synthetic histories: leave --data synthetic "
                              f"and give --max-len >= 1 (got data={self.data!r}, max_len={self.max_len}).")
         if self.data_type not in DATA_TYPES:
-            raise ValueError(f"data_type must be one of {list(DATA_TYPES)}, got {self.data_type!r}.")
+            raise ValueError(f"--data-type must be one of {list(DATA_TYPES)}, got {self.data_type!r}.")
         if self.model == "sequence" and self.data_type != DATA_TYPES[0]:
             raise ValueError(f"--data-type {self.data_type} is for the DLRM tables; the sequence model trains in "
                              f"{DATA_TYPES[0]}: leave --data-type out with --model sequence.")
         bad = [a for a in self.arms if a not in ARMS]
         if bad:
-            raise ValueError(f"unknown arms {bad}; choose from {list(ARMS)}.")
+            raise ValueError(f"--arms: unknown arms {bad}; choose from {list(ARMS)}.")
         if not self.arms:
-            raise ValueError("name at least one arm.")
-        if self.load_factor <= 0 or self.load_factor > 1:
-            raise ValueError(f"load_factor must be in (0, 1], got {self.load_factor}.")
+            raise ValueError("--arms: name at least one arm.")
+        if not 0 < self.load_factor <= 1:  # nan too
+            raise ValueError(f"--load-factor: load_factor must be in (0, 1], got {self.load_factor}.")
         if not self.lookaheads:
-            raise ValueError("lookaheads must name at least one ScratchPipe lookahead.")
+            raise ValueError("--lookaheads: name at least one ScratchPipe lookahead.")
         for L in self.lookaheads:
-            defaults.check_window(L, self.horizon_for(L))
+            tool_window(L, self.horizon, "--lookaheads")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
+            raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
         if self.threads < 0:
-            raise ValueError(f"threads must be >= 0, got {self.threads}.")
+            raise ValueError(f"--threads must be >= 0, got {self.threads}.")
         if self.steps <= 0 or self.warmup < 0:
-            raise ValueError("steps must be > 0 and warmup >= 0.")
+            raise ValueError(f"--steps must be > 0 and --warmup >= 0, got {self.steps} and {self.warmup}.")
         if self.dim % 4:
-            raise ValueError(f"dim must be a multiple of 4 (FBGEMM TBE), got {self.dim}.")
+            raise ValueError(f"--dim must be a multiple of 4 (FBGEMM TBE), got {self.dim}.")
         if not (self.data == "synthetic" or self.data.startswith(("trace:", "criteo:"))):
-            raise ValueError(f"data must be 'synthetic', 'trace:PATH' or 'criteo:PATH', got {self.data!r}.")
+            raise ValueError(f"--data must be 'synthetic', 'trace:PATH' or 'criteo:PATH', got {self.data!r}.")
 
     def horizon_for(self, lookahead: int) -> int:
         """H of the ScratchPipe arm with lookahead ``lookahead``."""

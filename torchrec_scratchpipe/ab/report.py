@@ -24,6 +24,8 @@ def _pct(values: Sequence[float], q: float) -> float:
 def summarize(arm: ArmResult, batch_size: int, baseline: Optional[ArmResult]) -> Dict[str, Any]:
     """One row of the report: throughput, breakdown, traffic, memory, agreement."""
     row: Dict[str, Any] = {"arm": arm.label, "simulated": arm.simulated}
+    if arm.error is not None:
+        return {**row, "error": arm.error}
     if arm.step_s:
         med = statistics.median(arm.step_s)
         row["samples_per_s"] = batch_size / med
@@ -79,8 +81,9 @@ COLUMNS = [
 
 def headline(rows: List[Dict[str, Any]], on_cpu: bool) -> List[str]:
     """The report's opening: rows and bytes against the UVM arm, exactness, what timings mean."""
-    uvm = next((r for r in rows if r["arm"].startswith("fused_uvm_caching")), None)
-    sp = [r for r in rows if r["arm"].startswith("scratchpipe")]
+    ran = [r for r in rows if not r.get("error")]
+    uvm = next((r for r in ran if r["arm"].startswith("fused_uvm_caching")), None)
+    sp = [r for r in ran if r["arm"].startswith("scratchpipe")]
     lines = []
     if uvm is not None and sp and uvm["h2d_rows"]:
         best = min(sp, key=lambda r: r["h2d_rows"])
@@ -118,6 +121,9 @@ def markdown(rows: List[Dict[str, Any]], header: str, opening: Sequence[str] = (
         lines += [" ".join(opening), ""]
     lines += ["| " + " | ".join(c[1] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['arm']} | failed (see Problems found) |" + " |" * (len(COLUMNS) - 2))
+            continue
         cells = []
         for key, _ in COLUMNS:
             v = r.get(key)
@@ -183,7 +189,7 @@ def write_report(arms: List[ArmResult], batch_size: int, out: Path, header: str,
     baseline = next((a for a in arms if a.label == "fused"), None)
     rows = [summarize(a, batch_size, baseline) for a in arms]
     opening = headline(rows, meta.get("device_name") == "cpu")
-    notes = [n for a in arms for n in a.notes]
+    notes = [f"{a.label} failed: {a.error}" for a in arms if a.error is not None] + [n for a in arms for n in a.notes]
     (out / "report.md").write_text(markdown(rows, header, opening, notes))
     data = {"meta": meta, "headline": opening, "notes": notes, "arms": rows, "per_step": {a.label: {"h2d_rows": a.h2d_rows, "d2h_rows": a.d2h_rows, "h2d_bytes": a.h2d_bytes, "d2h_bytes": a.d2h_bytes, "loss": a.losses, "step_s": a.step_s} for a in arms}}
     (out / "report.json").write_text(json.dumps(data, indent=2, default=str))

@@ -21,40 +21,56 @@ from torchrec_scratchpipe.advise.render import constraints_text, format_advice
 from torchrec_scratchpipe.advise.search import Target, advise
 from torchrec_scratchpipe.advise.stats import MeasuredCacheStatistics
 from torchrec_scratchpipe.advise.working_set import working_set
+from torchrec_scratchpipe.cli import (
+    HelpFormatter, fraction, non_negative_int, positive_float, positive_int, tool_window, user_errors,
+)
 from torchrec_scratchpipe.sim.cli import add_stream_args, load_stream
+
+
+PROG = "python -m torchrec_scratchpipe.advise"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
-    p = argparse.ArgumentParser(prog="python -m torchrec_scratchpipe.advise", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     add_stream_args(p)
     goal = p.add_mutually_exclusive_group(required=True)
-    goal.add_argument("--target-rows-per-step", type=float, help="max rows moved in per step, per table")
-    goal.add_argument("--target-miss-ratio", type=float, help="max misses per distinct row looked up, per table")
-    p.add_argument("--lookahead", type=int, default=defaults.LOOKAHEAD, help="ScratchPipe L")
-    p.add_argument("--horizon", type=int, default=None,
+    goal.add_argument("--target-rows-per-step", type=positive_float, help="max rows moved in per step, per table")
+    goal.add_argument("--target-miss-ratio", type=fraction,
+                      help="max misses per distinct row looked up, per table, in (0, 1]")
+    p.add_argument("--lookahead", type=non_negative_int, default=defaults.LOOKAHEAD, help="ScratchPipe L")
+    p.add_argument("--horizon", type=non_negative_int, default=None,
                    help=f"ScratchPipe H (default {defaults.HORIZON}, at least L; the simulator's default too)")
-    p.add_argument("--warmup", type=int, default=None, help="leading steps not counted (default a quarter)")
-    p.add_argument("--points", type=int, default=10, help="capacities on each table's curve")
+    p.add_argument("--warmup", type=non_negative_int, default=None,
+                   help="leading steps not counted (default a quarter of the steps)")
+    p.add_argument("--points", type=positive_int, default=10, help="capacities on each table's curve")
     p.add_argument("--table-names", default=None, help="comma-separated names for the constraints dict")
     p.add_argument("--json", default=None, metavar="OUT", help="write advice and curves here")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point; returns the process exit code."""
+    """Entry point; returns the process exit code (2, with one line, for a user error)."""
     args = build_parser().parse_args(argv)
+    with user_errors(PROG):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    horizon = tool_window(args.lookahead, args.horizon)
     stream = load_stream(args)
     if args.table_names:
         names = [n.strip() for n in args.table_names.split(",")]
         if len(names) != len(stream.table_sizes):
-            raise SystemExit(f"--table-names has {len(names)} names for {len(stream.table_sizes)} tables")
+            raise ValueError(f"--table-names has {len(names)} names for {len(stream.table_sizes)} tables: "
+                             "give one name per table")
         stream.table_names = names
     target = (Target("rows_per_step", args.target_rows_per_step) if args.target_rows_per_step is not None
               else Target("miss_ratio", args.target_miss_ratio))
-    horizon = defaults.horizon_for(args.lookahead, args.horizon)
     warmup = args.warmup if args.warmup is not None else stream.num_steps // 4
+    if warmup >= stream.num_steps:
+        raise ValueError(f"--warmup {warmup} leaves none of the stream's {stream.num_steps} steps to count: "
+                         "lower --warmup or give more steps")
     result = advise(stream, target, args.lookahead, horizon, warmup, args.points)
     print(format_advice(result, target, working_set(stream, args.lookahead)))
     print()

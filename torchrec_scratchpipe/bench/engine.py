@@ -28,7 +28,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
@@ -37,6 +37,9 @@ from tqdm import tqdm
 
 from torchrec_scratchpipe.compat import ComputeDevice, EmbeddingLocation, PoolingMode, SplitTableBatchedEmbeddingBagsCodegen
 from torchrec_scratchpipe import defaults
+from torchrec_scratchpipe.cli import (
+    HelpFormatter, fraction, non_negative_int, positive_float, positive_int, user_errors,
+)
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.core.layout import OPTIMIZERS_BY_NAME
 from torchrec_scratchpipe.core.engine import ScratchPipeEmbeddingBags
@@ -166,8 +169,9 @@ def run(cfg: EngineBenchConfig) -> Dict[str, object]:
     device = torch.device(cfg.device)
     ahead = max(cfg.lookahead, cfg.horizon or 0) + 1  # announced batches: L planned, all within H ranked
     n = cfg.steps + cfg.warmup
+    emb = _engine(cfg, device)  # first: it refuses a bad table shape by name, before any work
     batches = [k.to(device) for k in _batches(cfg, n + ahead)]
-    tbe, emb = _full_tbe(cfg, device), _engine(cfg, device)
+    tbe = _full_tbe(cfg, device)
     group = next(iter(emb.groups.values()))
     base = group.store.offsets[:-1]
     group_ids = [k.values().cpu() + torch.repeat_interleave(base, torch.tensor(k.length_per_key())) for k in batches]
@@ -291,23 +295,50 @@ def format_table(result: Dict[str, Any]) -> str:
     return "\n".join(f"{a:<{width}}  {b}".rstrip() for a, b in rows)
 
 
+PROG = "python -m torchrec_scratchpipe.bench.engine"
+#: Help text and value type of every ``EngineBenchConfig`` flag.
+FLAGS: Dict[str, Tuple[str, Any]] = {
+    "tables": ("tables (all alike)", positive_int),
+    "rows": ("rows per table", positive_int),
+    "dim": ("embedding dim, a multiple of 4", positive_int),
+    "batch_size": ("samples per step", positive_int),
+    "pooling": ("ids per bag (--unpooled: the sequence length)", positive_int),
+    "alpha": ("Zipf exponent of the ids", positive_float),
+    "load_factor": ("scratchpad slots as a fraction of all rows, in (0, 1]", fraction),
+    "lookahead": ("L", non_negative_int),
+    "horizon": ("H (default: L)", non_negative_int),
+    "steps": ("timed steps", positive_int),
+    "warmup": ("untimed first steps", non_negative_int),
+    "block": ("steps run back to back before switching to the other contender", positive_int),
+    "device": ("cpu or cuda", str),
+    "seed": ("seed of the ids", non_negative_int),
+    "unpooled": ("unpooled tables (EmbeddingCollection style)", None),
+}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = EngineBenchConfig()
-    for name, value in asdict(defaults).items():
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
+    d = EngineBenchConfig()
+    for name, value in asdict(d).items():
+        flag = f"--{name.replace('_', '-')}"
         if name == "background_planning":
-            parser.add_argument("--background-planning", choices=["auto", "on", "off"], default="auto")
-            continue
-        if isinstance(value, bool):
-            parser.add_argument(f"--{name.replace('_', '-')}", action="store_true")
-            continue
-        kind = type(value) if value is not None else int
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
+            parser.add_argument(flag, choices=["auto", "on", "off"], default="auto",
+                                help="plan on a background thread (auto: ScratchPipeConfig's choice)")
+        elif name == "device":
+            parser.add_argument(flag, choices=["cpu", "cuda"], default=value, help="training device")
+        elif isinstance(value, bool):
+            parser.add_argument(flag, action="store_true", help=FLAGS[name][0])
+        else:
+            text, kind = FLAGS[name]
+            parser.add_argument(flag, type=kind, default=value, help=text)
     parser.add_argument("--json", type=Path, default=None, help="write the result here")
     args = vars(parser.parse_args(argv))
+    if args["device"] == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here; use --device cpu")
     out = args.pop("json")
     args["background_planning"] = {"auto": None, "on": True, "off": False}[args["background_planning"]]
-    result = run(EngineBenchConfig(**args))
+    with user_errors(PROG):
+        result = run(EngineBenchConfig(**args))
     print(format_table(result))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

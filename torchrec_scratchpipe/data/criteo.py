@@ -9,7 +9,7 @@ Transforms (the usual DLRM preprocessing, done per batch with tensor ops):
 - dense: ``log(1 + max(x, 0))``, missing -> 0;
 - categorical: ``int(hex, 16) % num_embeddings[t]``, missing -> 0 (so row 0 of each
   table also receives all missing values);
-- label: float 0/1.
+- label: 0 or 1 (any other value is refused, naming its line), as float.
 
 Column counts and default names (``cat_0..cat_25``) come from ``torchrec.datasets.criteo``.
 Why not its ``CriteoIterDataPipe`` (which does run here, without ``torchdata``): it yields
@@ -27,7 +27,7 @@ give every rank a full batch is dropped, so all ranks run the same number of ste
 """
 
 import gzip
-import io
+import zlib
 from pathlib import Path
 from typing import IO, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -63,6 +63,8 @@ def parse_criteo_line(line: str, source: str = "<line>") -> Tuple[int, List[int]
         dense = [int(x) if x else 0 for x in fields[1:1 + INT_FEATURE_COUNT]]
     except ValueError as e:
         raise ValueError(f"{source}: label and dense features must be integers ({e})") from e
+    if label not in (0, 1):
+        raise ValueError(f"{source}: the label (first field) must be 0 or 1 (a click), got {fields[0]!r}")
     try:
         cats = [int(x, 16) if x else 0 for x in fields[1 + INT_FEATURE_COUNT:]]
     except ValueError as e:
@@ -90,12 +92,42 @@ def dense_transform(raw: torch.Tensor) -> torch.Tensor:
     return torch.log1p(raw.clamp(min=0).to(torch.float32))
 
 
-def _open_text(path: PathLike) -> IO[str]:
+def _open_bytes(path: PathLike) -> IO[bytes]:
     with open(path, "rb") as probe:
         magic = probe.read(2)
     if magic == b"\x1f\x8b":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, "r", encoding="utf-8")
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")
+
+
+def read_lines(path: PathLike) -> Iterator[Tuple[str, str]]:
+    """``(line, "file:line")`` of every line of a text file (gzip allowed), as UTF-8.
+
+    Raises:
+        ValueError: naming the file and line: a byte that is not UTF-8, or gzip data that is
+            truncated or corrupt (the lines before it have been yielded).
+
+    Example:
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "x.tsv")
+        >>> _ = open(p, "wb").write(b"ok\\n\\xff\\n")
+        >>> list(read_lines(p))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: ...x.tsv:2: not UTF-8 text (byte 0xff at column 1): convert the file to UTF-8
+    """
+    lineno = 0
+    with _open_bytes(path) as f:
+        try:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    yield raw.decode("utf-8"), f"{path}:{lineno}"
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                     f"{e.start + 1}): convert the file to UTF-8") from None
+        except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            raise ValueError(f"{path}: truncated or corrupt gzip data after line {lineno} ({e}): the file ends "
+                             "early; download or compress it again") from None
 
 
 class CriteoTsvReader:
@@ -159,14 +191,13 @@ class CriteoTsvReader:
         """``(line, "file:line")`` of every sample line, up to ``max_samples``."""
         emitted = 0
         for path in self.paths:
-            with _open_text(path) as f:
-                for lineno, line in enumerate(f, 1):
-                    if self.max_samples is not None and emitted >= self.max_samples:
-                        return
-                    if not line.strip():
-                        continue
-                    yield line, f"{path}:{lineno}"
-                    emitted += 1
+            for line, source in read_lines(path):
+                if self.max_samples is not None and emitted >= self.max_samples:
+                    return
+                if not line.strip():
+                    continue
+                yield line, source
+                emitted += 1
 
     def _make_batch(self, labels: List[int], dense: List[int], cats: List[int]) -> Batch:
         b = len(labels)

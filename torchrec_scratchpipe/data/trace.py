@@ -7,7 +7,9 @@ A trace file holds a ``torch.save``d tuple ``(indices, offsets, lengths)``:
   1's, ... ``offsets[0] == 0`` and ``offsets[-1] == indices.numel()``;
 - ``indices``: int64 row ids, all bags concatenated in the same order.
 
-Files may be gzipped (detected by the gzip magic bytes when reading). Table-major order
+Files may be gzipped (detected by the gzip magic bytes when reading); a gzipped file is
+inflated in memory chunk by chunk and refused once it grows past ``MAX_GZIP_RATIO`` times
+its size (at least ``MIN_GZIP_LIMIT``), before a file that is no trace fills memory. Table-major order
 is exactly TorchRec's key-major ``KeyedJaggedTensor`` layout, so a trace converts to a
 KJT without copying.
 
@@ -25,6 +27,7 @@ Example:
 import gzip
 import io
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -235,16 +238,43 @@ def write_request_trace(path: PathLike, indices: torch.Tensor, offsets: torch.Te
         Path(path).write_bytes(data)
 
 
+#: Most bytes a gzipped trace may inflate to, per compressed byte. Request traces (int64
+#: ids, lengths and offsets) compress a few times, rarely tenfold; far more is a file that
+#: is not a trace (a run of zeros compresses a thousandfold), refused before it fills memory.
+MAX_GZIP_RATIO = 100
+#: The inflated size always allowed, however small the file.
+MIN_GZIP_LIMIT = 64 * 2**20
+_CHUNK = 2**20
+
+
+def _gunzip(path: PathLike, limit: Optional[int] = None) -> io.BytesIO:
+    """The decompressed bytes of a gzip file, read in chunks, refused past ``limit`` bytes
+    (default ``max(MIN_GZIP_LIMIT, MAX_GZIP_RATIO x the file's size)``)."""
+    size = os.path.getsize(path)
+    limit = max(MIN_GZIP_LIMIT, MAX_GZIP_RATIO * size) if limit is None else limit
+    out = io.BytesIO()
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                out.write(chunk)
+                if out.tell() > limit:
+                    raise ValueError(
+                        f"{path}: invalid request trace: its gzip data inflates past {limit:,} bytes "
+                        f"({limit / max(size, 1):.0f}x the file's {size:,}), far more than a trace compresses; "
+                        "if it is a trace, gunzip it and pass the uncompressed file")
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: invalid request trace: truncated or corrupt gzip data at byte {out.tell():,} "
+                         f"of the inflated stream ({e})") from e
+    out.seek(0)
+    return out
+
+
 def _load_tuple(path: PathLike) -> Tuple[object, ...]:
     with open(path, "rb") as f:
         magic = f.read(2)
     source: Union[str, io.BytesIO] = str(path)
     if magic == GZIP_MAGIC:  # torch.load needs a seekable file: decompress into memory
-        try:
-            with gzip.open(path, "rb") as f:
-                source = io.BytesIO(f.read())
-        except (OSError, EOFError) as e:
-            raise ValueError(f"{path}: invalid request trace: corrupt gzip data ({e})") from e
+        source = _gunzip(path)
     try:
         obj = torch.load(source, weights_only=True)
     except Exception as e:  # torch raises several types for non-torch files

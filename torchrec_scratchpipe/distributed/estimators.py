@@ -122,7 +122,10 @@ class ScratchPipeStorageEstimator(ShardEstimator):
         constraints: parameter constraints.
         pipeline_type: as for ``EmbeddingStorageEstimator``.
         config: ScratchPipe options (the lookahead sizes the staging buffers).
-        optimizers: EmbOptimType per table name (filled in by the planner).
+
+    Attributes:
+        optimizers: EmbOptimType per table name (set by the planner, not a constructor
+            argument).
     """
 
     def __init__(

@@ -25,6 +25,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 import torch
 from tqdm import tqdm
 
+from torchrec_scratchpipe import defaults
+from torchrec_scratchpipe.cli import HelpFormatter, converter, non_negative_int, positive_int
 from torchrec_scratchpipe.sim.policies import PolicyOptions, simulate
 from torchrec_scratchpipe.sim.sources import SyntheticSpec, parse_tables, synthetic_stream
 from torchrec_scratchpipe.sim.stream import BatchStream
@@ -50,18 +52,18 @@ class GoalConfig:
         seed: generator seed.
     """
 
-    table_sizes: Sequence[int] = (100_000,) * 26
-    batch_size: int = 4096
-    steps: int = 200
+    table_sizes: Sequence[int] = defaults.SIM_TABLE_SIZES
+    batch_size: int = defaults.SIM_BATCH_SIZE
+    steps: int = defaults.GOALS_STEPS
     capacities: Sequence[float] = (0.05, 0.10)
     alphas: Sequence[float] = (0.9, 1.05, 1.2)
     drift: Sequence[float] = (1.05, 10, 0.02)
-    far_horizon: int = 64
+    far_horizon: int = defaults.HORIZON
     lookaheads_a: Sequence[int] = (0, 1, 4)
     lookaheads_b: Sequence[int] = (0, 1, 4)
-    lookahead_c: int = 4
-    ways: int = 32
-    seed: int = 0
+    lookahead_c: int = defaults.LOOKAHEAD
+    ways: int = defaults.SIM_WAYS
+    seed: int = defaults.SEED
 
     def build_streams(self) -> List[SyntheticSpec]:
         """The synthetic specs of the stationary and drifting streams."""
@@ -176,20 +178,22 @@ def run_goals(cfg: GoalConfig, log: Optional[Any] = sys.stderr) -> List[Dict[str
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point."""
+    d = GoalConfig()
     p = argparse.ArgumentParser(prog="python -m torchrec_scratchpipe.sim.goals", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tables", default="26x100000", help="table sizes ('26x100000')")
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the ops are small; more threads lose badly on a busy machine)")
-    p.add_argument("--json", default=None, metavar="OUT")
+                                formatter_class=HelpFormatter)
+    p.add_argument("--tables", type=converter(parse_tables), default=list(d.table_sizes),
+                   help=f"table sizes, like 26x100000 (default {len(d.table_sizes)}x{d.table_sizes[0]})")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="samples per step")
+    p.add_argument("--steps", type=positive_int, default=d.steps, help="steps per stream")
+    p.add_argument("--seed", type=non_negative_int, default=d.seed, help="generator seed")
+    p.add_argument("--threads", type=non_negative_int, default=defaults.THREADS,
+                   help="torch CPU threads (0: torch's default; the ops are small, more threads lose badly on a "
+                        "busy machine)")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the rows and the config here")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = GoalConfig(table_sizes=parse_tables(args.tables), batch_size=args.batch_size, steps=args.steps,
-                     seed=args.seed)
+    cfg = GoalConfig(table_sizes=args.tables, batch_size=args.batch_size, steps=args.steps, seed=args.seed)
     rows = run_goals(cfg)
     print(format_rows(rows, cfg))
     if args.json:

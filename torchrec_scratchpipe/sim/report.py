@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
@@ -20,13 +21,17 @@ def parse_capacity(text: Union[str, float, int], num_rows: int) -> int:
         (50, 50, 64)
     """
     s = str(text).strip()
-    if s.endswith("%"):
-        frac = float(s[:-1]) / 100.0
-    else:
-        value = float(s)
-        if value > 1.0 or (value == 1.0 and "." not in s):
-            return int(value)
-        frac = value
+    try:
+        value = float(s[:-1]) / 100.0 if s.endswith("%") else float(s)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"expected cache rows (like 130000), a fraction (0.05) or a percentage (5%), got {text!r}")
+    if not s.endswith("%") and (value > 1.0 or (value == 1.0 and "." not in s)):
+        if value != int(value):
+            raise ValueError(f"a capacity above 1 counts rows and must be a whole number, got {text!r}")
+        return int(value)
+    frac = value
     if not 0.0 < frac <= 1.0:
         raise ValueError(f"capacity fraction must be in (0, 1], got {text!r}")
     return max(1, int(round(frac * num_rows)))

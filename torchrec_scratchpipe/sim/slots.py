@@ -11,6 +11,8 @@ from typing import Tuple
 
 import torch
 
+from torchrec_scratchpipe.core.plan import CapacityError
+
 _PROTECTED = torch.iinfo(torch.int64).max
 
 
@@ -57,10 +59,10 @@ class KeyedSlots:
             ``(misses, evictions)`` of this batch.
 
         Raises:
-            ValueError: the batch has more distinct rows than the cache has slots.
+            CapacityError: the batch has more distinct rows than the cache has slots.
         """
         if rows.numel() > self.capacity:
-            raise ValueError(f"a batch needs {rows.numel()} distinct rows but the cache has {self.capacity} slots")
+            raise CapacityError(f"a batch needs {rows.numel()} distinct rows but the cache has {self.capacity} slots")
         slots = self.row_slot.index_select(0, rows)
         miss = slots < 0
         miss_rows = rows[miss]

@@ -11,6 +11,7 @@ from typing import Any, Iterator, List, Optional, Sequence
 
 import torch
 
+from torchrec_scratchpipe import defaults
 from torchrec_scratchpipe.data.synthetic import SyntheticClickLog, SyntheticConfig
 from torchrec_scratchpipe.data.trace import PathLike, RequestTrace, read_request_trace
 from torchrec_scratchpipe.sim.stream import BatchStream, _offsets
@@ -103,18 +104,19 @@ def parse_tables(spec: str) -> List[int]:
         >>> parse_tables("2x10"), parse_tables("5,7")
         ([10, 10], [5, 7])
     """
-    spec = spec.strip()
-    if "x" in spec:
-        count, size = spec.split("x", 1)
-        return [int(size)] * int(count)
-    return [int(s) for s in spec.split(",") if s]
-
-
-#: Tables of a synthetic simulator stream unless ``table_sizes`` says otherwise: the scale of
-#: the Criteo/DLRM workloads the simulator's figures use (26 tables of 100,000 rows).
-SIM_TABLE_SIZES: Sequence[int] = (100_000,) * 26
-#: Samples per step of a synthetic simulator stream (``--batch-size``'s default).
-SIM_BATCH_SIZE: int = 4096
+    text = spec.strip()
+    try:
+        if "x" in text:
+            count, size = text.split("x", 1)
+            sizes = [int(size)] * int(count)
+        else:
+            sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"expected COUNTxROWS (like 26x100000) or a comma list of row counts (like 1000,2000), "
+                         f"all positive, got {spec!r}")
+    return sizes
 
 
 class SyntheticSpec(SyntheticConfig):
@@ -129,8 +131,8 @@ class SyntheticSpec(SyntheticConfig):
     Args:
         distribution: ``"zipf"``, ``"uniform"`` or ``"drift"`` (moving hot set).
         alpha: Zipf exponent (None: ``SyntheticConfig``'s).
-        table_sizes: rows per table (``num_embeddings``; default ``SIM_TABLE_SIZES``).
-        batch_size: samples per step (default ``SIM_BATCH_SIZE``).
+        table_sizes: rows per table (``num_embeddings``; default ``defaults.SIM_TABLE_SIZES``).
+        batch_size: samples per step (default ``defaults.SIM_BATCH_SIZE``).
         steps: number of steps.
         **config: any other ``SyntheticConfig`` field (``pooling``, ``seed``,
             ``drift_period``, ``drift_fraction``, ...).
@@ -146,9 +148,9 @@ class SyntheticSpec(SyntheticConfig):
         self,
         distribution: str = "zipf",
         alpha: Optional[float] = None,
-        table_sizes: Sequence[int] = SIM_TABLE_SIZES,
-        batch_size: int = SIM_BATCH_SIZE,
-        steps: int = 100,
+        table_sizes: Sequence[int] = defaults.SIM_TABLE_SIZES,
+        batch_size: int = defaults.SIM_BATCH_SIZE,
+        steps: int = defaults.SIM_STEPS,
         **config: Any,
     ) -> None:
         if alpha is not None:
@@ -186,16 +188,19 @@ def parse_synthetic(text: str, **kw: Any) -> SyntheticSpec:
     """
     head, *opts = text.split(",")
     kind, _, alpha = head.partition(":")
-    if alpha:
-        kw["alpha"] = float(alpha)
     names = {"period": ("drift_period", int), "fraction": ("drift_fraction", float),
              "pooling": ("pooling", float), "seed": ("seed", int)}
+    pairs = [("alpha", "alpha", float, alpha)] if alpha else []
     for opt in opts:
         key, _, value = opt.partition("=")
         if key.strip() not in names:
             raise ValueError(f"unknown synthetic option {key!r}; known: {sorted(names)}")
-        attr, cast = names[key.strip()]
-        kw[attr] = cast(value)
+        pairs.append((key.strip(), *names[key.strip()], value))
+    for key, attr, cast, value in pairs:
+        try:
+            kw[attr] = cast(value)
+        except ValueError:
+            raise ValueError(f"{key} takes a {cast.__name__}, got {value!r}") from None
     return SyntheticSpec(distribution=kind.strip(), **kw)
 
 
