@@ -155,7 +155,7 @@ def test_advise_and_bench_flag_errors(capsys: pytest.CaptureFixture) -> None:
     assert "argument --load-factor" in line
     line = _error_line(bench_main, ["--dim", "6", "--tables", "2", "--rows", "100", "--batch-size", "8",
                                     "--steps", "1", "--warmup", "0"], capsys)
-    assert "embedding_dim 6 must be a multiple of 4" in line
+    assert "embedding_dim must be a positive multiple of 4 (FBGEMM TBE rows), got 6" in line
 
 
 def test_examples_flag_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
