@@ -5,7 +5,7 @@ compute kernel (``SCRATCHPIPE``) that users pick in their sharding plan.
 """
 
 from torchrec_scratchpipe import compat  # noqa: F401  (first: it imports FBGEMM and TorchRec)
-from torchrec_scratchpipe.core.config import ScratchPipeConfig
+from torchrec_scratchpipe.core.config import TBE_OPTIONS, ScratchPipeConfig
 from torchrec_scratchpipe.core.engine import ScratchPipeEmbeddingBags
 from torchrec_scratchpipe.core.plan import CapacityError, SlotPlanner
 from torchrec_scratchpipe.core.window import PlanWindow
@@ -26,6 +26,7 @@ __all__ = [
     "ScratchPipeTrainPipeline",
     "ShardingPlanner",
     "SlotPlanner",
+    "TBE_OPTIONS",
     "cache_stats",
     "format_scratchpipe_plan",
     "get_sharders",
