@@ -66,7 +66,7 @@ def test_ab_sequence_model_scratchpipe_arms_match_fused(tmp_path: Path) -> None:
     "kwargs,message",
     [
         ({"arms": ["fused", "lru"]}, "unknown arms"),
-        ({"load_factor": 0.0}, "load_factor must be in"),
+        ({"load_factor": 0.0}, "--load-factor must be a fraction"),
         ({"lookaheads": []}, "--lookaheads: name at least one ScratchPipe lookahead"),
         ({"lookaheads": [-1]}, "invalid window lookahead=-1"),
         ({"lookaheads": [4], "horizon": 2}, "invalid window lookahead=4, horizon=2"),

@@ -117,7 +117,9 @@ def test_background_planning_is_refused_on_cuda() -> None:
     "kwargs,message",
     [
         ({"cache_rows": 0}, "cache_rows must be positive"),
-        ({"load_factor": 0.0}, "load_factor must be > 0"),
+        ({"load_factor": 0.0}, r"load_factor must be a fraction of the table.s rows in \(0, 1\]"),
+        ({"load_factor": float("inf")}, "load_factor must be a fraction"),
+        ({"load_factor": 1.5}, "load_factor must be a fraction"),
         ({"lookahead": -1}, "invalid window lookahead=-1, horizon=None: need 0 <= lookahead"),
         ({"lookahead": 3, "horizon": 2}, "invalid window lookahead=3, horizon=2: need 0 <= lookahead <= horizon"),
         ({"lookahead": 1, "horizon": 2000}, "horizon <= 1024"),

@@ -29,6 +29,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from torchrec_scratchpipe import defaults
+from torchrec_scratchpipe.core.capacity import check_load_factor
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.core.layout import OPTIMIZERS_BY_NAME
 from torchrec_scratchpipe.distributed import SCRATCHPIPE, ShardingPlanner, get_sharders
@@ -72,8 +73,7 @@ class KernelChoice:
         for k in [self.kernel, *self.overrides.values()]:
             if k not in KERNELS:
                 raise ValueError(f"kernel must be one of {KERNELS}, got {k!r}.")
-        if self.load_factor <= 0:
-            raise ValueError(f"load_factor must be > 0, got {self.load_factor}.")
+        check_load_factor(self.load_factor, "load_factor")
         defaults.check_window(self.lookahead, self.horizon)
 
     @property

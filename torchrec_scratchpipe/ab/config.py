@@ -8,6 +8,7 @@ from typing import List, Optional
 
 from torchrec_scratchpipe import defaults
 from torchrec_scratchpipe.cli import tool_window
+from torchrec_scratchpipe.core.capacity import check_load_factor
 from torchrec_scratchpipe.core.layout import OPTIMIZERS_BY_NAME, WEIGHT_DTYPES
 from torchrec_scratchpipe.data.synthetic import ALPHA, DISTRIBUTION
 
@@ -99,8 +100,7 @@ class ABConfig:
             raise ValueError(f"--arms: unknown arms {bad}; choose from {list(ARMS)}.")
         if not self.arms:
             raise ValueError("--arms: name at least one arm.")
-        if not 0 < self.load_factor <= 1:  # nan too
-            raise ValueError(f"--load-factor: load_factor must be in (0, 1], got {self.load_factor}.")
+        check_load_factor(self.load_factor, "--load-factor")
         if not self.lookaheads:
             raise ValueError("--lookaheads: name at least one ScratchPipe lookahead.")
         for L in self.lookaheads:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from torchrec_scratchpipe.advise.working_set import working_set
+from torchrec_scratchpipe.core.capacity import load_factor_for
 from torchrec_scratchpipe.sim.mrc import MissRatioCurve, miss_ratio_curve
 from torchrec_scratchpipe.sim.policies import PolicyOptions
 from torchrec_scratchpipe.sim.scratchpipe import simulate_scratchpipe
@@ -76,16 +77,6 @@ class TableAdvice:
         return out
 
 
-def load_factor_for(capacity: int, num_rows: int, digits: int = 6) -> float:
-    """Smallest ``digits``-decimal load factor whose ``ceil(lf * rows)`` is >= ``capacity``.
-
-    Example::
-
-        >>> load_factor_for(3, 7)
-        0.428572
-    """
-    lf = math.ceil(capacity / num_rows * 10**digits) / 10**digits
-    return min(lf, 1.0)
 
 
 def _measure(stream: BatchStream, capacity: int, lookahead: int, horizon: int, warmup: int) -> Tuple[float, float]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -10,8 +10,9 @@ import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMode
 
+from torchrec_scratchpipe.core.capacity import check_load_factor, resolve_load_factor, slots_for_rows
 from torchrec_scratchpipe.core.policy import VictimPolicy
-from torchrec_scratchpipe.defaults import LIBRARY_LOAD_FACTOR, LIBRARY_LOOKAHEAD, check_window
+from torchrec_scratchpipe.defaults import LIBRARY_LOOKAHEAD, check_window
 
 
 #: Ids per batch (in one table group) from which a CPU engine plans in the background by
@@ -121,10 +122,8 @@ class ScratchPipeConfig:
         # set with object.__setattr__(self, name, value): the dataclass is frozen.
         if self.cache_rows is not None and self.cache_rows <= 0:
             raise ValueError(f"cache_rows must be positive, got {self.cache_rows}.")
-        if self.load_factor is not None and not 0.0 < self.load_factor:
-            raise ValueError(
-                f"load_factor must be > 0 (a fraction of the table's rows), got {self.load_factor}."
-            )
+        if self.load_factor is not None:
+            object.__setattr__(self, "load_factor", check_load_factor(self.load_factor))
         check_window(self.lookahead, self.horizon)
         options = dict(self.tbe_options)
         check_tbe_options(options)
@@ -148,8 +147,7 @@ class ScratchPipeConfig:
         """Scratchpad slots for a group of ``num_rows`` rows (never more than the rows)."""
         if self.cache_rows is not None:
             return min(self.cache_rows, num_rows)
-        factor = LIBRARY_LOAD_FACTOR if self.load_factor is None else self.load_factor
-        return max(1, min(num_rows, math.ceil(factor * num_rows)))
+        return slots_for_rows(num_rows, resolve_load_factor(self.load_factor))
 
     def tbe_kwargs(self) -> Dict[str, Any]:
         """Keyword arguments for FBGEMM's TBE constructor: the optimizer, its

@@ -41,6 +41,7 @@ from torchrec.distributed.planner.types import (
 from torchrec.distributed.types import PipelineType, ShardingType
 from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS
 
+from torchrec_scratchpipe.core.capacity import slots_for_rows
 from torchrec_scratchpipe.compat import (
     BIGINT_DTYPE,
     EmbeddingPerfEstimator,
@@ -111,7 +112,7 @@ def rows_moved_per_batch(
 
 def slots_of(so: ShardingOption, shard_rows: int) -> int:
     """Scratchpad slots of one shard: ``ceil(load_factor * rows)``, at least 1."""
-    return max(1, min(shard_rows, math.ceil(load_factor_of(so) * shard_rows)))
+    return slots_for_rows(shard_rows, load_factor_of(so))
 
 
 class ScratchPipeStorageEstimator(ShardEstimator):

@@ -12,15 +12,14 @@ the kernel through the table's fused params (TorchRec calls it for that kernel o
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.types import ParameterSharding
 
+from torchrec_scratchpipe.core import capacity
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
-from torchrec_scratchpipe.defaults import LIBRARY_LOAD_FACTOR
 
 #: The kernel name users put in ``ParameterConstraints(compute_kernels=[...])``.
 SCRATCHPIPE: str = "scratchpipe"
@@ -57,8 +56,7 @@ class ScratchPipeTableParams:
     @staticmethod
     def build(load_factor: Optional[float], config: Optional[ScratchPipeConfig]) -> "ScratchPipeTableParams":
         """Params for a table with ``load_factor`` (None: ``defaults.LIBRARY_LOAD_FACTOR``) under ``config``."""
-        lf = LIBRARY_LOAD_FACTOR if load_factor is None else float(load_factor)
-        check_load_factor(lf, "")
+        lf = capacity.resolve_load_factor(load_factor, "CacheParams.load_factor")
         options: Tuple[Tuple[str, Any], ...] = ()
         if config is not None:
             options = tuple(
@@ -72,20 +70,16 @@ class ScratchPipeTableParams:
 
 
 def check_load_factor(load_factor: Optional[float], table: str) -> None:
-    """Raise a ValueError unless ``0 < load_factor`` (values above 1 are capped at 1).
+    """Raise a ValueError naming the table unless ``load_factor`` is None (the default) or a
+    finite fraction in (0, 1] (``core.capacity.check_load_factor``).
 
     Args:
         load_factor: ``CacheParams.load_factor`` of the table (None means the default).
         table: table name for the message.
     """
-    if load_factor is None:
-        return
-    if not (isinstance(load_factor, (int, float)) and math.isfinite(load_factor) and load_factor > 0):
-        where = f" for table {table!r}" if table else ""
-        raise ValueError(
-            f"ScratchPipe needs CacheParams.load_factor > 0{where} (the scratchpad holds "
-            f"load_factor x the shard's rows), got {load_factor!r}."
-        )
+    if load_factor is not None:
+        where = f"CacheParams.load_factor of table {table!r}" if table else "CacheParams.load_factor"
+        capacity.check_load_factor(load_factor, f"{where} (the scratchpad holds load_factor x the shard's rows)")
 
 
 @dataclass
