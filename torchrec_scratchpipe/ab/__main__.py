@@ -113,7 +113,8 @@ def run_ab(cfg: ABConfig) -> Dict[str, Any]:
         if arm == "scratchpipe":
             for L in cfg.lookaheads:
                 H = cfg.horizon_for(L)
-                choice = KernelChoice("scratchpipe", cfg.load_factor, lookahead=L, horizon=H, tables=work.cached)
+                choice = KernelChoice("scratchpipe", cfg.load_factor, lookahead=L, horizon=H, tables=work.cached,
+                                      store=cfg.store_spec)
                 arms.append(run_arm(spec, choice, batches, cfg.warmup, device, initial, cfg.progress))
                 arms[-1].notes = stall_notes(arms[-1].cache, work.id_batches, work.feature_names,
                                              work.table_names, work.table_sizes, L, H, arms[-1].label)
@@ -138,6 +139,7 @@ def run_ab(cfg: ABConfig) -> Dict[str, Any]:
     header = (
         f"{work.header}, {len(batches) - cfg.warmup} timed steps after {cfg.warmup} warm-up, "
         f"device budget load_factor {cfg.load_factor}, on {name}"
+        f", ScratchPipe store {cfg.store_spec.label}"
     )
     meta = {k: str(v) for k, v in dataclasses.asdict(cfg).items()}
     meta["device_name"] = name
@@ -168,12 +170,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> ABConfig:
     p.add_argument("--learning-rate", type=float, default=d.learning_rate)
     p.add_argument("--out", type=Path, default=d.out)
     p.add_argument("--no-progress", action="store_true")
+    # -- backing store (issue 22) --
+    p.add_argument("--store", default=d.store, help="ScratchPipe backing store: host | file:DIR (a file per table "
+                   "group in DIR, behind a host cache)")
+    p.add_argument("--host-cache-mb", type=int, default=d.host_cache_mb,
+                   help="host-memory cache of --store file:DIR, MiB per table")
     a = p.parse_args(argv)
     return ABConfig(
         model=a.model, max_len=a.max_len, arms=[x for x in a.arms.split(",") if x], lookaheads=[int(x) for x in a.lookaheads.split(",") if x],
         horizon=a.horizon, load_factor=a.load_factor, data=a.data, tables=a.tables, rows=a.rows, dim=a.dim,
         pooling=a.pooling, distribution=a.distribution, alpha=a.alpha, data_type=a.data_type, batch_size=a.batch_size, steps=a.steps,
         warmup=a.warmup, device=a.device, optimizer=a.optimizer, learning_rate=a.learning_rate, seed=a.seed, out=a.out, threads=a.threads, progress=not a.no_progress,
+        store=a.store, host_cache_mb=a.host_cache_mb,
     )
 
 

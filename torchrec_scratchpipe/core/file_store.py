@@ -40,7 +40,8 @@ import torch
 import torch.distributed as dist
 
 from torchrec_scratchpipe.core.layout import RowLayout
-from torchrec_scratchpipe.core.row_file import FileIO, RowFile, wait_all
+from torchrec_scratchpipe.core.row_file import BLOCK, FileIO, RowFile, wait_all
+from torchrec_scratchpipe.core.store import gather_rows, scatter_rows
 from torchrec_scratchpipe.core.store_api import RowStore, StoreError, StoreSpec
 
 #: Paths of the files this process has open (a second engine over the same tables gets the next index).
@@ -113,7 +114,7 @@ class FileStore(RowStore):
             views = self.views(views.pop("packed"))
         self.weights: torch.Tensor = views.pop("weights")
         self.states: Dict[str, torch.Tensor] = views
-        k = max(1, min(n, int(spec.host_cache_bytes or 0) * len(self.table_rows) // row))
+        k = sum(max(1, min(r, int(spec.host_cache_bytes or 0) // row)) for r in self.table_rows)  # per table
         self.cache = torch.empty((k, row), dtype=torch.uint8)  # pages are allocated as slots are first used
         self.row_slot = torch.full((n,), -1, dtype=torch.int32)
         self.slot_row = torch.full((k,), -1, dtype=torch.int64)
@@ -122,10 +123,24 @@ class FileStore(RowStore):
         self.want = torch.full((k,), -1, dtype=torch.int64)  # last step that will collect the slot's row
         self._watermark = 0  # batches before this step have collected their rows
         self._hand = 0
-        self._reads: Deque[Tuple[List["Future[None]"], torch.Tensor]] = deque()
+        self._reads: Deque[Tuple[List["Future[None]"], torch.Tensor]] = deque()  # (jobs, cache slots)
+        self._writes: Deque[Tuple[List["Future[None]"], torch.Tensor]] = deque()  # (jobs, rows) of evicted rows
         self.counters: Dict[str, int] = {k_: 0 for k_ in (
             "read_ahead_rows", "read_ahead_skipped_rows", "gather_hits", "gather_file_rows", "scatter_rows",
             "evicted_dirty_rows", "written_through_rows")}
+
+    @staticmethod
+    def host_bytes(rows: int, row_bytes: int, cache_bytes: int) -> int:
+        """Host memory of a store of ``rows`` rows of ``row_bytes`` with ``cache_bytes`` of cache
+        (what ``nbytes`` reports): the cache, 18 bytes of bookkeeping a slot, 4 a row."""
+        k = max(1, min(rows, cache_bytes // row_bytes))
+        return k * (row_bytes + 8 + 1 + 1 + 8) + 4 * rows
+
+    @staticmethod
+    def file_bytes(rows: int, layout: RowLayout, packed: bool) -> int:
+        """Bytes of the file of ``rows`` rows: the header and each region, 4 KiB aligned."""
+        sizes = [layout.bytes_per_row] if packed else [v.nbytes for v in layout.values]
+        return BLOCK + sum((rows * s + BLOCK - 1) // BLOCK * BLOCK for s in sizes)
 
     @property
     def reads_ahead(self) -> bool:
@@ -163,6 +178,18 @@ class FileStore(RowStore):
             finally:
                 self.pending[slots] = False
 
+    def _landed(self, rows: Optional[torch.Tensor] = None) -> None:
+        """Finish completed write-backs and wait for those of any of ``rows`` (None: all), so
+        a read of the file sees them. A failed write raises a ``StoreError``."""
+        keep: Deque[Tuple[List["Future[None]"], torch.Tensor]] = deque()
+        while self._writes:
+            futures, written = self._writes.popleft()
+            if rows is None or all(f.done() for f in futures) or bool(torch.isin(written, rows).any()):
+                wait_all(futures)
+            else:
+                keep.append((futures, written))
+        self._writes = keep
+
     def _drop(self, slots: torch.Tensor) -> None:
         rows = self.slot_row[slots]
         self.row_slot[rows[rows >= 0]] = -1
@@ -189,8 +216,10 @@ class FileStore(RowStore):
             old = self.slot_row[slots]
             out = self.dirty[slots] & (old >= 0)
             if bool(out.any()):
-                self.file.write(old[out], self.cache.index_select(0, slots[out]))  # raises before anything changes
-                self.counters["evicted_dirty_rows"] += int(out.sum())
+                rows = old[out]
+                self._landed(rows)  # an older write of one of them must not land after this one
+                self._writes.append((self.file.write_async(rows, gather_rows(self.cache, slots[out])), rows))
+                self.counters["evicted_dirty_rows"] += rows.numel()
             self._drop(slots)
         return slots
 
@@ -217,6 +246,7 @@ class FileStore(RowStore):
         if not got.numel():
             return
         new = new[: got.numel()]
+        self._landed(new)
         self._place(new, got)
         self.want[got] = step
         self.pending[got] = True
@@ -235,11 +265,12 @@ class FileStore(RowStore):
         if at.numel():
             held = slots[at]
             self._reap(held)
-            dst.index_copy_(0, at, self.cache.index_select(0, held))
+            scatter_rows(dst, at, gather_rows(self.cache, held))
             self._drop(held)  # the scratchpad holds these rows now
             self.counters["gather_hits"] += at.numel()
         miss = (~hit).nonzero().squeeze(1)
         if miss.numel():
+            self._landed(rows[miss])
             wait_all(self.file.read_into(rows[miss], dst, miss))
             self.counters["gather_file_rows"] += miss.numel()
         return dst
@@ -252,9 +283,10 @@ class FileStore(RowStore):
         slots = self.row_slot.index_select(0, rows).long()
         hit = slots >= 0
         if bool(hit.any()):
-            held = slots[hit]
+            at = hit.nonzero().squeeze(1)
+            held = slots[at]
             self._reap(held)
-            self.cache.index_copy_(0, held, packed[hit])
+            scatter_rows(self.cache, held, gather_rows(packed, at))
             self.dirty[held] = True
         miss = (~hit).nonzero().squeeze(1)
         if not miss.numel():
@@ -263,10 +295,11 @@ class FileStore(RowStore):
         into, rest = miss[: got.numel()], miss[got.numel():]
         if into.numel():
             self._place(rows[into], got)
-            self.cache.index_copy_(0, got, packed.index_select(0, into))
+            scatter_rows(self.cache, got, gather_rows(packed, into))
             self.dirty[got] = True
         if rest.numel():  # every slot is wanted by a queued batch: straight to the file
-            self.file.write(rows[rest], packed.index_select(0, rest))
+            self._landed(rows[rest])
+            self.file.write(rows[rest], gather_rows(packed, rest))
             self.counters["written_through_rows"] += rest.numel()
 
     def weights_of(self, rows: torch.Tensor) -> torch.Tensor:
@@ -274,22 +307,25 @@ class FileStore(RowStore):
         hit = (slots >= 0).nonzero().squeeze(1)
         self._reap(slots[hit])
         packed = self.empty_rows(rows.numel())
-        packed.index_copy_(0, hit, self.cache.index_select(0, slots[hit]))
+        scatter_rows(packed, hit, gather_rows(self.cache, slots[hit]))
         miss = (slots < 0).nonzero().squeeze(1)
         if miss.numel():
+            self._landed(rows[miss])
             wait_all(self.file.read_into(rows[miss], packed, miss))
         return self.views(packed)["weights"].clone()
 
     def flush(self) -> None:
         """Write every dirty cached row to the file (they stay cached, clean)."""
+        self._landed()
         slots = self.dirty.nonzero().squeeze(1)
         if slots.numel():
-            self.file.write(self.slot_row[slots], self.cache.index_select(0, slots))
+            self.file.write(self.slot_row[slots], gather_rows(self.cache, slots))
             self.dirty[slots] = False
 
     def invalidate(self) -> None:
         """Drop every cached row (clean or not) and read-ahead: the file is the truth now."""
         try:
+            self._landed()
             while self._reads:
                 self._reap(self._reads[0][1])
         finally:
@@ -302,6 +338,7 @@ class FileStore(RowStore):
     def close(self) -> None:
         """Wait for reads, then close and delete the file (views of it stay readable)."""
         try:
+            self._landed()
             while self._reads:
                 futures, _ = self._reads.popleft()
                 wait_all(futures)

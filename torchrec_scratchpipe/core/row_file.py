@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from torchrec_scratchpipe.core.layout import RowLayout
+from torchrec_scratchpipe.core.store import scatter_rows
 from torchrec_scratchpipe.core.store_api import StoreError
 
 #: Bytes of the header, and the alignment of every region (and of ``O_DIRECT`` reads).
@@ -275,11 +276,11 @@ class RowFile:
                 words = buf.view(torch.int32).unfold(0, seg.nbytes // 4, 1)
                 got_rows = words.index_select(0, pos // 4).view(torch.uint8)
             if packed is None:
-                dest.index_copy_(0, dest_rows, got_rows)
+                scatter_rows(dest, dest_rows, got_rows)
             else:
                 packed[:, seg.at : seg.at + seg.nbytes] = got_rows
         if packed is not None:
-            dest.index_copy_(0, dest_rows, packed)
+            scatter_rows(dest, dest_rows, packed)
 
     def write(self, rows: torch.Tensor, packed: torch.Tensor) -> None:
         """Write packed rows to ``rows`` (distinct) and wait.
@@ -287,13 +288,19 @@ class RowFile:
         Raises:
             StoreError: a write failed (names the file and the cause, e.g. a full disk).
         """
+        wait_all(self.write_async(rows, packed))
+
+    def write_async(self, rows: torch.Tensor, packed: torch.Tensor) -> List["Future[None]"]:
+        """Start writing packed rows (``packed`` is not touched by the caller afterwards)."""
         if not rows.numel():
-            return
+            return []
         order = torch.argsort(rows)
         rows, packed = rows[order], packed.index_select(0, order)
-        futures = [self.pool.submit(self._write_job, rows[a:b], packed[a:b]) for a, b in self._jobs(rows.numel())]
-        wait_all(futures)
-        self._written += rows.numel() * self.layout.bytes_per_row
+        self._note_written(rows.numel() * self.layout.bytes_per_row)
+        return [self.pool.submit(self._write_job, rows[a:b], packed[a:b]) for a, b in self._jobs(rows.numel())]
+
+    def _note_written(self, nbytes: int) -> None:
+        self._written += nbytes
         if self._written >= _DROP_EVERY and hasattr(os, "posix_fadvise"):
             self._written = 0
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)  # written pages need not stay cached
