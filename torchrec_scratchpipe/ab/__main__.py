@@ -173,7 +173,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> ABConfig:
     # -- backing store (issue 22) --
     p.add_argument("--store", default=d.store, help="ScratchPipe backing store: host | file:DIR (a file per table "
                    "group in DIR, behind a host cache)")
-    p.add_argument("--host-cache-mb", type=int, default=d.host_cache_mb,
+    p.add_argument("--host-cache-mb", type=float, default=d.host_cache_mb,
                    help="host-memory cache of --store file:DIR, MiB per table")
     a = p.parse_args(argv)
     return ABConfig(

@@ -88,7 +88,7 @@ class ABConfig:
     progress: bool = True
     # -- backing store of the ScratchPipe arms (issue 22) --
     store: str = "host"
-    host_cache_mb: Optional[int] = None
+    host_cache_mb: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:

@@ -33,6 +33,7 @@ import os
 import re
 import weakref
 from collections import deque
+from dataclasses import dataclass
 from concurrent.futures import Future
 from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -61,6 +62,15 @@ def file_name(directory: str, name: str, index: int) -> str:
     if len(safe) > 80:
         safe = safe[:60] + "-" + hashlib.sha1(name.encode()).hexdigest()[:12]
     return os.path.join(directory, f"scratchpipe-{safe}-r{rank}-{index}.rows")
+
+
+@dataclass
+class _Write:
+    """A write-back in flight: its jobs (None: failed, to be tried again), rows and data."""
+
+    futures: Optional[List["Future[None]"]]
+    rows: torch.Tensor
+    packed: torch.Tensor
 
 
 class FileStore(RowStore):
@@ -124,7 +134,7 @@ class FileStore(RowStore):
         self._watermark = 0  # batches before this step have collected their rows
         self._hand = 0
         self._reads: Deque[Tuple[List["Future[None]"], torch.Tensor]] = deque()  # (jobs, cache slots)
-        self._writes: Deque[Tuple[List["Future[None]"], torch.Tensor]] = deque()  # (jobs, rows) of evicted rows
+        self._writes: Deque[_Write] = deque()  # write-backs of evicted rows, oldest first
         self.counters: Dict[str, int] = {k_: 0 for k_ in (
             "read_ahead_rows", "read_ahead_skipped_rows", "gather_hits", "gather_file_rows", "scatter_rows",
             "evicted_dirty_rows", "written_through_rows")}
@@ -180,15 +190,30 @@ class FileStore(RowStore):
 
     def _landed(self, rows: Optional[torch.Tensor] = None) -> None:
         """Finish completed write-backs and wait for those of any of ``rows`` (None: all), so
-        a read of the file sees them. A failed write raises a ``StoreError``."""
-        keep: Deque[Tuple[List["Future[None]"], torch.Tensor]] = deque()
-        while self._writes:
-            futures, written = self._writes.popleft()
-            if rows is None or all(f.done() for f in futures) or bool(torch.isin(written, rows).any()):
-                wait_all(futures)
-            else:
-                keep.append((futures, written))
-        self._writes = keep
+        a read of the file sees them.
+
+        Raises:
+            StoreError: a write failed (e.g. a full disk). Its rows are kept in memory and
+                written again at the next call (nothing is lost while the process lives).
+        """
+        keep: Deque[_Write] = deque()
+        try:
+            while self._writes:
+                w = self._writes.popleft()
+                if w.futures is None:  # failed before: try again
+                    w.futures = self.file.write_async(w.rows, w.packed)
+                if rows is None or all(f.done() for f in w.futures) or bool(torch.isin(w.rows, rows).any()):
+                    try:
+                        wait_all(w.futures)
+                    except StoreError:
+                        w.futures = None
+                        keep.append(w)
+                        raise
+                else:
+                    keep.append(w)
+        finally:
+            keep.extend(self._writes)
+            self._writes = keep
 
     def _drop(self, slots: torch.Tensor) -> None:
         rows = self.slot_row[slots]
@@ -218,7 +243,8 @@ class FileStore(RowStore):
             if bool(out.any()):
                 rows = old[out]
                 self._landed(rows)  # an older write of one of them must not land after this one
-                self._writes.append((self.file.write_async(rows, gather_rows(self.cache, slots[out])), rows))
+                packed = gather_rows(self.cache, slots[out])
+                self._writes.append(_Write(self.file.write_async(rows, packed), rows, packed))
                 self.counters["evicted_dirty_rows"] += rows.numel()
             self._drop(slots)
         return slots

@@ -255,7 +255,7 @@ class RowFile:
             raw = torch.empty(total + self.align, dtype=torch.uint8)
             skip = (-raw.data_ptr()) % self.align
             buf = raw[skip : skip + total]
-            mv = memoryview(buf.numpy())
+            mv = memoryview(buf.numpy())  # type: ignore[arg-type]
             at = 0
             for s, n in zip(start.tolist(), length.tolist()):
                 try:
@@ -310,7 +310,7 @@ class RowFile:
             data = packed[:, seg.at : seg.at + seg.nbytes].contiguous().view(-1)
             start, length, _ = runs(seg.base + rows * seg.nbytes, seg.nbytes, 1)
             bases = torch.cumsum(length, 0) - length  # each run's rows, one after the other in ``data``
-            mv = memoryview(data.numpy())
+            mv = memoryview(data.numpy())  # type: ignore[arg-type]
             for s, n, p in zip(start.tolist(), length.tolist(), bases.tolist()):
                 done = 0
                 while done < n:
@@ -319,8 +319,8 @@ class RowFile:
                     except OSError as e:
                         raise StoreError(
                             f"file store {self.path!r}: writing {n} bytes at offset {s} failed: {_describe(e)}. "
-                            "Training cannot go on; free space, then resume from your last checkpoint (this file "
-                            "is a working copy, not a checkpoint)."
+                            "The rows stay in memory and are written again at the next flush or read of them; "
+                            "free space there (or stop and resume from your last checkpoint)."
                         ) from e
             self._count("write_calls", "write_bytes", start.numel(), data.numel())
 

@@ -87,7 +87,7 @@ class StoreSpec:
             raise ValueError(f"store io_threads must be an int in [1, 1024], got {self.io_threads!r}.")
 
     @staticmethod
-    def parse(text: str, host_cache_mb: Optional[int] = None) -> "StoreSpec":
+    def parse(text: str, host_cache_mb: Optional[float] = None) -> "StoreSpec":
         """``"host"`` or ``"file:DIR"`` (as ``--store`` takes it), with a cache of ``host_cache_mb`` MiB."""
         if text == "host":
             if host_cache_mb is not None:
@@ -96,7 +96,7 @@ class StoreSpec:
         if text.startswith("file:") and len(text) > 5:
             if host_cache_mb is None:
                 raise ValueError("--store file:DIR needs --host-cache-mb N (the host-memory cache per table, MiB).")
-            return StoreSpec("file", text[5:], int(host_cache_mb) << 20)
+            return StoreSpec("file", text[5:], int(float(host_cache_mb) * (1 << 20)))
         raise ValueError(f"store must be 'host' or 'file:DIR', got {text!r}.")
 
     @property
