@@ -9,6 +9,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any, List
 
@@ -77,10 +78,10 @@ def test_random_moves_match_the_host_store(tmp_path: Path, packed: bool, direct:
 def test_read_ahead_rows_are_protected_until_collected(tmp_path: Path) -> None:
     store = FileStore(_spec(tmp_path, cache_rows=8), [100], LAYOUT, True, "t")
     store.read_ahead(torch.arange(8), step=5)
+    store.weights_of(torch.arange(8))  # waits for their reads: only batch 5's claim protects them now
     store.read_ahead(torch.arange(8, 16), step=6)  # every slot wanted by batch 5: nothing read now
     assert store.stats()["read_ahead_rows"] == 8 and store.stats()["read_ahead_skipped_rows"] == 8
     store.collected(5)
-    store.weights_of(torch.arange(8))  # waits for their reads (rows being read are never victims)
     store.read_ahead(torch.arange(8, 12), step=6)  # batch 5 collected: its rows may go
     assert store.stats()["read_ahead_rows"] == 12
     store.gather(torch.arange(8, 12))
@@ -110,6 +111,31 @@ class _Faulty(FileIO):
         if self.fallocate_errno:
             raise OSError(self.fallocate_errno, os.strerror(self.fallocate_errno))
         super().fallocate(fd, offset, length)
+
+
+class _SlowFirstWrite(FileIO):
+    """The first row write takes a while: a later write of the same row would overtake it."""
+
+    def __init__(self) -> None:
+        self.slow = True
+
+    def pwrite(self, fd: int, data: memoryview, offset: int) -> int:
+        if offset > 0 and self.slow:
+            self.slow = False
+            time.sleep(0.3)
+        return super().pwrite(fd, data, offset)
+
+
+def test_write_backs_of_one_row_land_in_order(tmp_path: Path) -> None:
+    store = FileStore(_spec(tmp_path, cache_rows=1), [100], LAYOUT, True, "t", io=_SlowFirstWrite())
+    v = torch.randint(0, 255, (3, LAYOUT.bytes_per_row), dtype=torch.uint8)
+    store.scatter(torch.tensor([7]), v[:1])  # cached, dirty (a flush: row 7 stays resident)
+    store.scatter(torch.tensor([8]), v[1:2])  # evicts 7: its (slow) write-back starts
+    store.scatter(torch.tensor([7]), v[2:3])  # evicts 8; row 7 again, newer
+    store.scatter(torch.tensor([9]), v[1:2])  # evicts 7 again: this write must land last
+    store.flush()
+    assert torch.equal(store.gather(torch.tensor([7])), v[2:3])
+    store.close()
 
 
 def test_full_disk_at_creation_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
