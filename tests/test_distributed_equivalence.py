@@ -8,7 +8,7 @@ learning-rate change, plan swapping through state dicts in both directions, pipe
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import pytest
 import torch
@@ -82,8 +82,19 @@ def _swap_checkpoints(
     return res
 
 
+def _sp_sharders(fp: Dict[str, Any], store_dir: Optional[str]) -> List[Any]:
+    """ScratchPipe's sharders; with ``store_dir``, its tables in files there (host cache 16 rows a table)."""
+    import torchrec_scratchpipe.distributed as tsp
+    from torchrec_scratchpipe.core.config import ScratchPipeConfig
+    from torchrec_scratchpipe.core.store_api import StoreSpec
+
+    cfg = ScratchPipeConfig(store=StoreSpec("file", store_dir, 16 * 68)) if store_dir else None
+    return tsp.get_sharders(cfg, fused_params=fp)
+
+
 def _equivalence(
-    rank: int, ws: int, sharding: str, ebc: Any, full: Dict[str, torch.Tensor], steps: int = STEPS
+    rank: int, ws: int, sharding: str, ebc: Any, full: Dict[str, torch.Tensor], steps: int = STEPS,
+    store_dir: Optional[str] = None,
 ) -> Dict[str, Any]:
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 
@@ -94,7 +105,7 @@ def _equivalence(
     lfs = _load_factors(tables, sharding, ws)
     # column-wise: t_big (dim 16) splits into two 8-column shards, one per rank
     extra: Dict[str, Any] = {"min_partition": 8} if sharding == "column_wise" else {}
-    sp = build_dmp(ebc, constraints_for(tables, sharding, lfs, **extra), tsp.get_sharders(fused_params=fp), ws)
+    sp = build_dmp(ebc, constraints_for(tables, sharding, lfs, **extra), _sp_sharders(fp, store_dir), ws)
     ref = build_dmp(
         ebc, constraints_for(tables, sharding, {}, **extra), [EmbeddingBagCollectionSharder(fused_params=fp)], ws,
         plan_sharders=tsp.get_sharders(fused_params=fp),
@@ -119,7 +130,7 @@ def _equivalence(
     # Plan swap: ScratchPipe checkpoint -> fresh fused model, fused checkpoint -> a ScratchPipe
     # model that already has (stale) rows resident in its scratchpads.
     to_fused = build_dmp(ebc, constraints_for(tables, sharding, {}, **extra), tsp.get_sharders(fused_params=fp), ws)
-    to_sp = build_dmp(ebc, constraints_for(tables, sharding, lfs, **extra), tsp.get_sharders(fused_params=fp), ws)
+    to_sp = build_dmp(ebc, constraints_for(tables, sharding, lfs, **extra), _sp_sharders(fp, store_dir), ws)
     res.update(_swap_checkpoints(sp, ref, to_sp, to_fused, rank, tables, range(steps, steps + 20), weight, lr=0.05))
     return res
 
@@ -207,13 +218,15 @@ def _capacity_error(rank: int, ws: int, ebc: Any) -> str:
     return "no error"
 
 
-def _all_checks(rank: int, ws: int) -> Dict[str, Any]:
+def _all_checks(rank: int, ws: int, store_dir: Optional[str] = None) -> Dict[str, Any]:
     from torchrec import EmbeddingBagCollection
 
     torch.manual_seed(0)
     ebc = EmbeddingBagCollection(tables=make_tables(), device=torch.device("cpu"))
     full = {k: v.detach().clone() for k, v in ebc.state_dict().items()}
-    out: Dict[str, Any] = {s: _equivalence(rank, ws, s, ebc, full) for s in ("table_wise", "row_wise")}
+    out: Dict[str, Any] = {s: _equivalence(rank, ws, s, ebc, full, store_dir=store_dir) for s in ("table_wise", "row_wise")}
+    if store_dir is not None:  # the file store: table- and row-wise, plan swaps with fused
+        return out
     if ws > 1:  # column-wise needs two ranks to split a table; fewer steps keep it quick
         out["column_wise"] = _equivalence(rank, ws, "column_wise", ebc, full, steps=40)
     out["lookahead"] = _lookahead(rank, ws, ebc, full)
@@ -223,8 +236,8 @@ def _all_checks(rank: int, ws: int) -> Dict[str, Any]:
     return out
 
 
-def _check(results: List[Dict[str, Any]], ws: int) -> None:
-    shardings = ["table_wise", "row_wise"] + (["column_wise"] if ws > 1 else [])
+def _check(results: List[Dict[str, Any]], ws: int, store: bool = False) -> None:
+    shardings = ["table_wise", "row_wise"] + (["column_wise"] if ws > 1 and not store else [])
     for sharding in shardings:  # every ScratchPipe table runs somewhere
         assert {t for res in results for k in res[sharding]["kernels"] for t in k} == set(SP_TABLES)
     for rank, res in enumerate(results):
@@ -243,6 +256,8 @@ def _check(results: List[Dict[str, Any]], ws: int) -> None:
             if sharding == "column_wise":
                 shards["t_big"] = 2
             assert r["stats"] == {t: (0, True, shards[t]) for t in SP_TABLES}, (where, r["stats"])
+        if store:
+            continue
         la = res["lookahead"]
         assert la["out"] <= TOL and la["final"] <= TOL, la
         assert la["train_misses"] == 0 and set(la["steps"].values()) == {30}, la
@@ -262,3 +277,10 @@ def test_equivalence_world_size_1() -> None:
 @pytest.mark.slow
 def test_equivalence_world_size_2() -> None:
     _check(spawn(_all_checks, 2), 2)
+
+
+@pytest.mark.slow
+def test_equivalence_world_size_2_file_store(tmp_path: Any) -> None:
+    """Both ranks keep their ScratchPipe shards in files (table- and row-wise, plan swaps)."""
+    _check(spawn(_all_checks, 2, str(tmp_path)), 2, store=True)
+    assert list(tmp_path.iterdir()) == []

@@ -64,7 +64,7 @@ def _criteo_file(path: Path, lines: int) -> Path:
     (["--data", "parquet:x"], "argument --data: expected synthetic, trace:FILE or criteo:FILE"),
     (["--horizon", "2000"], "the horizon 2000 is too high: use 1024 or less"),
     (["--lookaheads", "8", "--horizon", "4"], "--lookaheads 8 with --horizon 4"),
-    (["--dim", "6"], "--dim must be a multiple of 4"),
+    (["--dim", "6"], "--dim: embedding_dim must be a positive multiple of 4"),
 ])
 def test_ab_flag_errors(argv: List[str], needle: str, capsys: pytest.CaptureFixture) -> None:
     line = _error_line(ab_main, argv, capsys)

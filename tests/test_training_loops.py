@@ -1,11 +1,14 @@
 """The engine in the loops users write: accumulation, no-grad forwards, live loads.
 
-Ground truth: plain FBGEMM TBE over the full tables, run through the same loop.
+Ground truth: plain FBGEMM TBE over the full tables, run through the same loop. Every test
+runs on both backing stores: host memory, and a file behind a host cache too small for
+the tables (``store`` fixture).
 """
 
 from __future__ import annotations
 
-from typing import List
+from pathlib import Path
+from typing import List, Optional
 
 import pytest
 import torch
@@ -15,16 +18,23 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from engine_utils import FullTableReference, make_tables, power_law_stream, window_capacity
 from torchrec_scratchpipe import ScratchPipeConfig, ScratchPipeEmbeddingBags
 from torchrec_scratchpipe.core.plan import CapacityError
+from torchrec_scratchpipe.core.store_api import StoreSpec
 
 ROWS = [2000, 600]
 OPT = EmbOptimType.EXACT_ROWWISE_ADAGRAD
 TOL = dict(atol=0, rtol=0)  # bit for bit with fused
 
 
-def _pair(cache_rows: int, lookahead: int = 0):
+@pytest.fixture(params=["host", "file"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Optional[StoreSpec]:
+    """The backing store: host memory, or a file with a host cache of 64 rows per table."""
+    return None if request.param == "host" else StoreSpec("file", str(tmp_path), 64 * 36)
+
+
+def _pair(cache_rows: int, lookahead: int = 0, store: Optional[StoreSpec] = None):
     tables = make_tables(ROWS, [8, 8])
     emb = ScratchPipeEmbeddingBags(
-        tables, ScratchPipeConfig(cache_rows=cache_rows, lookahead=lookahead, optimizer=OPT, learning_rate=0.1)
+        tables, ScratchPipeConfig(cache_rows=cache_rows, lookahead=lookahead, optimizer=OPT, learning_rate=0.1, store=store)
     )
     ref = FullTableReference(tables, OPT, lr=0.1)
     ref.load(emb.table_weights())
@@ -52,11 +62,11 @@ def _held(emb: ScratchPipeEmbeddingBags) -> int:
 
 
 @pytest.mark.parametrize("lookahead", [0, 2])
-def test_k_forwards_then_one_backward_train_like_full_tables(lookahead: int) -> None:
+def test_k_forwards_then_one_backward_train_like_full_tables(lookahead: int, store: Optional[StoreSpec]) -> None:
     k = 3
     stream = power_law_stream(ROWS, 36, 8, seed=3)
     # Just room for the k batches of one accumulation step: every slot is needed, rows keep moving.
-    emb, ref = _pair(max(_union(stream[s : s + k]) for s in range(0, len(stream), k)), lookahead)
+    emb, ref = _pair(max(_union(stream[s : s + k]) for s in range(0, len(stream), k)), lookahead, store)
     assert emb.groups["dim8_sum"].capacity < sum(ROWS) // 4
     for b in stream[: lookahead + 1]:
         emb.prefetch(b)
@@ -77,9 +87,9 @@ def test_k_forwards_then_one_backward_train_like_full_tables(lookahead: int) -> 
     _assert_same(emb, ref)
 
 
-def test_accumulated_batches_that_do_not_fit_are_refused_before_any_change() -> None:
+def test_accumulated_batches_that_do_not_fit_are_refused_before_any_change(store: Optional[StoreSpec]) -> None:
     stream = power_law_stream(ROWS, 3, 8, seed=5)
-    emb, ref = _pair(window_capacity(stream, ROWS, 0))  # one batch fits, two do not
+    emb, ref = _pair(window_capacity(stream, ROWS, 0), store=store)  # one batch fits, two do not
     first = emb(stream[0]).values()
     expect = ref(stream[0])
     held = _held(emb)
@@ -99,10 +109,10 @@ def test_accumulated_batches_that_do_not_fit_are_refused_before_any_change() -> 
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "eval"])
-def test_forwards_without_backward_hold_nothing_and_change_nothing(mode: str) -> None:
+def test_forwards_without_backward_hold_nothing_and_change_nothing(mode: str, store: Optional[StoreSpec]) -> None:
     stream = power_law_stream(ROWS, 12, 8, seed=7)
     others = power_law_stream(ROWS, 3, 8, seed=8)  # never prefetched
-    emb, ref = _pair(window_capacity(stream, ROWS, 2), lookahead=2)
+    emb, ref = _pair(window_capacity(stream, ROWS, 2), lookahead=2, store=store)
     for b in stream[:3]:
         emb.prefetch(b)
     for i, b in enumerate(stream):
@@ -129,9 +139,9 @@ def test_forwards_without_backward_hold_nothing_and_change_nothing(mode: str) ->
     _assert_same(emb, ref)
 
 
-def test_no_grad_forward_of_the_prefetched_batch_releases_it_at_once() -> None:
+def test_no_grad_forward_of_the_prefetched_batch_releases_it_at_once(store: Optional[StoreSpec]) -> None:
     stream = power_law_stream(ROWS, 2, 8, seed=9)
-    emb, ref = _pair(window_capacity(stream, ROWS, 1), lookahead=1)
+    emb, ref = _pair(window_capacity(stream, ROWS, 1), lookahead=1, store=store)
     for b in stream:
         emb.prefetch(b)
     with torch.no_grad():
@@ -141,9 +151,9 @@ def test_no_grad_forward_of_the_prefetched_batch_releases_it_at_once() -> None:
     _assert_same(emb, ref)
 
 
-def test_loads_into_the_store_reach_the_next_forward() -> None:
+def test_loads_into_the_store_reach_the_next_forward(store: Optional[StoreSpec]) -> None:
     stream = power_law_stream(ROWS, 10, 8, seed=11)
-    emb, ref = _pair(window_capacity(stream, ROWS, 1), lookahead=1)
+    emb, ref = _pair(window_capacity(stream, ROWS, 1), lookahead=1, store=store)
     emb.prefetch(stream[0])
     emb.prefetch(stream[1])
     for i in range(4):  # rows resident and updated since the last flush
@@ -179,7 +189,7 @@ def test_loads_into_the_store_reach_the_next_forward() -> None:
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-def test_reads_in_place_match_the_scratchpad_for_mean_pooling_weights_and_groups(weighted: bool) -> None:
+def test_reads_in_place_match_the_scratchpad_for_mean_pooling_weights_and_groups(weighted: bool, store: Optional[StoreSpec]) -> None:
     from torchrec import PoolingType
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
@@ -187,7 +197,7 @@ def test_reads_in_place_match_the_scratchpad_for_mean_pooling_weights_and_groups
         EmbeddingBagConfig(name="a", embedding_dim=8, num_embeddings=50, feature_names=["fa"], pooling=PoolingType.MEAN),
         EmbeddingBagConfig(name="b", embedding_dim=4, num_embeddings=30, feature_names=["fb", "fc"]),
     ]
-    emb = ScratchPipeEmbeddingBags(tables, ScratchPipeConfig(cache_rows=40, lookahead=1))
+    emb = ScratchPipeEmbeddingBags(tables, ScratchPipeConfig(cache_rows=40, lookahead=1, store=store))
     g = torch.Generator().manual_seed(int(weighted))
 
     def batch() -> KeyedJaggedTensor:

@@ -10,7 +10,7 @@ loads and the evaluation run on a DLRM (bag tables) and on the sequence model of
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -45,9 +45,11 @@ def _batches(rank: int, n: int, seed: int = 0, model: str = "dlrm") -> List[Any]
 
 
 def _trainers(world_size: int, sharding: str = "table_wise", lookahead: int = 2, horizon: int = 3,
-              model: str = "dlrm") -> Tuple[Any, Any]:
+              model: str = "dlrm", store_dir: Optional[str] = None) -> Tuple[Any, Any]:
     """(fused, ScratchPipe) trainers from the same weights; the sequence model's small
-    category table stays on fused in both."""
+    category table stays on fused in both. ``store_dir``: ScratchPipe's tables in files
+    there, behind a host cache of 64 rows per table."""
+    from torchrec_scratchpipe.core.store_api import StoreSpec
     from torchrec_scratchpipe.training import KernelChoice, build_trainer
 
     spec = _spec(model)
@@ -56,7 +58,8 @@ def _trainers(world_size: int, sharding: str = "table_wise", lookahead: int = 2,
     cpu = torch.device("cpu")
     ref = build_trainer(spec, KernelChoice("fused", sharding_type=sharding), cpu, init)
     sp = build_trainer(spec, KernelChoice("scratchpipe", 0.06 * world_size if sharding == "row_wise" else 0.06,
-                                          lookahead=lookahead, horizon=horizon, sharding_type=sharding, tables=tables), cpu, init)
+                                          lookahead=lookahead, horizon=horizon, sharding_type=sharding, tables=tables,
+                                          store=StoreSpec("file", store_dir, 64 * 36) if store_dir else None), cpu, init)
     return ref, sp
 
 
@@ -110,10 +113,10 @@ def _params(model: Any) -> Dict[str, Any]:
     return {name: p for k in scratchpipe_kernels(model) for name, p in k.named_parameters_by_table()}
 
 
-def _live_loads(rank: int, world_size: int, tmp: str, model: str) -> Dict[str, Any]:
+def _live_loads(rank: int, world_size: int, tmp: str, model: str, store_dir: Optional[str]) -> Dict[str, Any]:
     import torch.distributed.checkpoint as dcp
 
-    ref, sp = _trainers(world_size, model=model)
+    ref, sp = _trainers(world_size, model=model, store_dir=store_dir)
     batches = _batches(rank, 22, model=model)
     its = {"ref": iter(batches), "sp": iter(batches)}
     out: Dict[str, Any] = {}
@@ -146,7 +149,7 @@ def _live_loads(rank: int, world_size: int, tmp: str, model: str) -> Dict[str, A
     out["logit_diff"] = _diff(logits["ref"], logits["sp"])
     out["state_diff"] = max_diff(_state(ref.model), _state(sp.model))
     # Resume into a fresh model: bitwise.
-    _, fresh = _trainers(world_size, model=model)
+    _, fresh = _trainers(world_size, model=model, store_dir=store_dir)
     fresh.model.load_state_dict(copy.deepcopy(sp.model.state_dict()))
     fresh.model.fused_optimizer.load_state_dict(copy.deepcopy(sp.model.fused_optimizer.state_dict()))
     out["resume_diff"] = max_diff(_state(fresh.model), _state(sp.model))
@@ -154,9 +157,14 @@ def _live_loads(rank: int, world_size: int, tmp: str, model: str) -> Dict[str, A
     return out
 
 
-@pytest.mark.parametrize("model", ["dlrm", "sequence"])
-def test_live_checkpoint_loads_match_fused(tmp_path: Any, model: str) -> None:
-    (res,) = spawn(_live_loads, 1, str(tmp_path), model)
+@pytest.mark.parametrize("model,store", [("dlrm", "host"), ("sequence", "host"), ("dlrm", "file")])
+def test_live_checkpoint_loads_match_fused(tmp_path: Any, model: str, store: str) -> None:
+    store_dir = tmp_path / "store" if store == "file" else None
+    if store_dir is not None:
+        store_dir.mkdir()
+    (res,) = spawn(_live_loads, 1, str(tmp_path), model, str(store_dir) if store_dir else None)
+    if store_dir is not None:
+        assert list(store_dir.iterdir()) == []  # the process ended: its working copies are gone
     assert res["n_steps"] == (22, 22), res
     assert res["saved_diff"] <= TOL, res
     assert res["logit_diff"] <= TOL, res
@@ -235,12 +243,12 @@ def test_bad_batch_on_one_rank_is_dropped_by_every_rank_row_wise() -> None:
 
 
 # ---------------------------------------------------------------- evaluation
-def _evaluation(rank: int, world_size: int, model: str) -> Dict[str, Any]:
+def _evaluation(rank: int, world_size: int, model: str, store_dir: Optional[str] = None) -> Dict[str, Any]:
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
     from torchrec_scratchpipe.distributed.pipeline import ScratchPipeTrainPipeline
 
-    ref, sp = _trainers(world_size, model=model)
+    ref, sp = _trainers(world_size, model=model, store_dir=store_dir)
     train, val = _batches(rank, 16, model=model), _batches(rank, 4, seed=100, model=model)
     got: Dict[str, List[torch.Tensor]] = {"ref": [], "sp": []}
     for name, t in (("ref", ref), ("sp", sp)):
@@ -269,9 +277,9 @@ def _evaluation(rank: int, world_size: int, model: str) -> Dict[str, Any]:
             "state_diff": max_diff(_state(ref.model), _state(sp.model))}
 
 
-@pytest.mark.parametrize("model", ["dlrm", "sequence"])
-def test_evaluation_mid_training_and_accumulation_match_fused(model: str) -> None:
-    (res,) = spawn(_evaluation, 1, model)
+@pytest.mark.parametrize("model,store", [("dlrm", "host"), ("sequence", "host"), ("dlrm", "file")])
+def test_evaluation_mid_training_and_accumulation_match_fused(tmp_path: Any, model: str, store: str) -> None:
+    (res,) = spawn(_evaluation, 1, model, str(tmp_path) if store == "file" else None)
     assert res["n"] == (16 + 12 + 4, 16 + 12 + 4), res
     assert res["diff"] <= TOL and res["state_diff"] <= TOL, res
     assert res["evictions"] > 0, res

@@ -8,6 +8,7 @@ from torchrec_scratchpipe import compat  # noqa: F401  (first: it imports FBGEMM
 from torchrec_scratchpipe.core.config import TBE_OPTIONS, ScratchPipeConfig
 from torchrec_scratchpipe.core.engine import ScratchPipeEmbeddingBags
 from torchrec_scratchpipe.core.plan import CapacityError, SlotPlanner
+from torchrec_scratchpipe.core.store_api import StoreError, StoreSpec
 from torchrec_scratchpipe.core.window import PlanWindow
 from torchrec_scratchpipe.distributed import (
     SCRATCHPIPE, ShardingPlanner, cache_stats, get_sharders, scratchpipe_kernel_registered, scratchpipe_kernels,
@@ -27,6 +28,8 @@ __all__ = [
     "ShardingPlanner",
     "SlotPlanner",
     "TBE_OPTIONS",
+    "StoreError",
+    "StoreSpec",
     "cache_stats",
     "format_scratchpipe_plan",
     "get_sharders",

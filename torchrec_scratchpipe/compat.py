@@ -382,3 +382,29 @@ def _alias_tables(tbe: SplitTableBatchedEmbeddingBagsCodegen, tables: int) -> No
         if isinstance(buffer, torch.Tensor):
             with torch.no_grad():
                 buffer.zero_()
+
+
+def host_tbe_over(weights: torch.Tensor, **kwargs: Any) -> SplitTableBatchedEmbeddingBagsCodegen:
+    """A CPU TBE of one table (HOST placement) training ``weights`` ``[rows, dim]`` in place,
+    e.g. a shared mapping of a file larger than memory (the file-store benchmark's ``fused``
+    over ``mmap``). Built with a one-row weight block (the constructor would allocate and
+    zero the whole table), then pointed at ``weights``; only optimizers without per-row
+    state (``EXACT_SGD``) are accepted, as their state would be allocated in full.
+
+    Example::
+
+        >>> from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        >>> w = torch.zeros(10, 4)
+        >>> tbe = host_tbe_over(w, optimizer=EmbOptimType.EXACT_SGD)
+        >>> tbe.weights_host.data_ptr() == w.data_ptr()
+        True
+    """
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+    if kwargs.get("optimizer") != EmbOptimType.EXACT_SGD:
+        raise ValueError(f"host_tbe_over needs optimizer=EXACT_SGD (no per-row state), got {kwargs.get('optimizer')}.")
+    rows, dim = weights.shape
+    with _OneBlockAllocation({rows * dim: dim}):
+        tbe = SplitTableBatchedEmbeddingBagsCodegen([(rows, dim, EmbeddingLocation.HOST, ComputeDevice.CPU)], **kwargs)
+    tbe.weights_host.data = weights.view(-1)
+    return tbe

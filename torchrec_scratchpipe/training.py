@@ -31,6 +31,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec_scratchpipe import defaults
 from torchrec_scratchpipe.core.capacity import check_load_factor
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
+from torchrec_scratchpipe.core.store_api import StoreSpec
 from torchrec_scratchpipe.core.layout import OPTIMIZERS_BY_NAME
 from torchrec_scratchpipe.distributed import SCRATCHPIPE, ShardingPlanner, get_sharders
 from torchrec_scratchpipe.distributed.pipeline import ScratchPipeTrainPipeline
@@ -57,6 +58,7 @@ class KernelChoice:
         victim_policy: ScratchPipe victim policy.
         background_planning: ScratchPipe's ``ScratchPipeConfig.background_planning``
             (None: automatic).
+        store: ScratchPipe's backing store (``StoreSpec``; None: host memory).
     """
 
     kernel: str = SCRATCHPIPE
@@ -68,6 +70,7 @@ class KernelChoice:
     sharding_type: str = "table_wise"
     victim_policy: str = "future"
     background_planning: Optional[bool] = None
+    store: Optional[StoreSpec] = None
 
     def __post_init__(self) -> None:
         for k in [self.kernel, *self.overrides.values()]:
@@ -220,7 +223,7 @@ def build_trainer(
         fused_params["gather_uvm_cache_stats"] = True
     sp_config = ScratchPipeConfig(
         lookahead=choice.lookahead, horizon=choice.horizon, victim_policy=choice.victim_policy,
-        background_planning=choice.background_planning,
+        background_planning=choice.background_planning, store=choice.store,
     )
     sharders = get_sharders(sp_config, fused_params=fused_params)
     planner = ShardingPlanner(

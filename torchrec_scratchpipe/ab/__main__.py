@@ -149,7 +149,8 @@ def run_ab(cfg: ABConfig) -> Dict[str, Any]:
         if arm == "scratchpipe":
             for L in cfg.lookaheads:
                 H = cfg.horizon_for(L)
-                choice = KernelChoice("scratchpipe", cfg.load_factor, lookahead=L, horizon=H, tables=work.cached)
+                choice = KernelChoice("scratchpipe", cfg.load_factor, lookahead=L, horizon=H, tables=work.cached,
+                                      store=cfg.store_spec)
                 try:
                     arms.append(run_arm(spec, choice, batches, cfg.warmup, device, initial, cfg.progress))
                 except ValueError as e:  # CapacityError too: the report keeps the arms that ran
@@ -178,6 +179,7 @@ def run_ab(cfg: ABConfig) -> Dict[str, Any]:
     header = (
         f"{work.header}, {len(batches) - cfg.warmup} timed steps after {cfg.warmup} warm-up, "
         f"device budget load_factor {cfg.load_factor}, on {name}"
+        f", ScratchPipe store {cfg.store_spec.label}"
     )
     meta = {k: str(v) for k, v in dataclasses.asdict(cfg).items()}
     meta["device_name"] = name
@@ -232,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
     train.add_argument("--threads", type=non_negative_int, default=d.threads,
                        help="torch CPU threads (0: torch's default; more than the free cores slow CPU runs)")
+    store = p.add_argument_group("backing store of the ScratchPipe arms")
+    store.add_argument("--store", default=d.store,
+                       help="host (tables in host memory) | file:DIR (a file per table group in DIR, behind a host cache)")
+    store.add_argument("--host-cache-mb", type=positive_float, default=d.host_cache_mb,
+                       help="host-memory cache of --store file:DIR, MiB per table")
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, default=d.out, help="folder for report.md, report.json and the plots")
     out.add_argument("--no-progress", action="store_true", help="no progress bars")

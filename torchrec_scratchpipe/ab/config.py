@@ -9,7 +9,8 @@ from typing import List, Optional
 from torchrec_scratchpipe import defaults
 from torchrec_scratchpipe.cli import tool_window
 from torchrec_scratchpipe.core.capacity import check_load_factor
-from torchrec_scratchpipe.core.layout import OPTIMIZERS_BY_NAME, WEIGHT_DTYPES
+from torchrec_scratchpipe.core.layout import OPTIMIZERS_BY_NAME, WEIGHT_DTYPES, RowLayout
+from torchrec_scratchpipe.core.store_api import StoreSpec
 from torchrec_scratchpipe.data.synthetic import ALPHA, DISTRIBUTION
 
 ARMS = ("fused", "fused_uvm_caching", "scratchpipe")
@@ -51,6 +52,9 @@ class ABConfig:
         threads: torch CPU threads (0: torch's default). One is the default: the ops are
             small, and on a busy machine more threads than free cores slow CPU runs tenfold.
         progress: show tqdm bars.
+        store, host_cache_mb: the ScratchPipe arms' backing store, ``"host"`` or
+            ``"file:DIR"`` with a host cache of ``host_cache_mb`` MiB per table
+            (``StoreSpec.parse``); ``fused`` always keeps its tables in memory.
 
     Example::
 
@@ -83,6 +87,9 @@ class ABConfig:
     out: Path = Path("out/ab")
     threads: int = 1
     progress: bool = True
+    # -- backing store of the ScratchPipe arms (issue 22) --
+    store: str = "host"
+    host_cache_mb: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -111,10 +118,18 @@ class ABConfig:
             raise ValueError(f"--threads must be >= 0, got {self.threads}.")
         if self.steps <= 0 or self.warmup < 0:
             raise ValueError(f"--steps must be > 0 and --warmup >= 0, got {self.steps} and {self.warmup}.")
-        if self.dim % 4:
-            raise ValueError(f"--dim must be a multiple of 4 (FBGEMM TBE), got {self.dim}.")
+        try:
+            RowLayout(OPTIMIZERS_BY_NAME[self.optimizer], self.dim)  # the row-width rule, stated once
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"--dim: {e}") from e
         if not (self.data == "synthetic" or self.data.startswith(("trace:", "criteo:"))):
             raise ValueError(f"--data must be 'synthetic', 'trace:PATH' or 'criteo:PATH', got {self.data!r}.")
+        self.store_spec  # --store / --host-cache-mb
+
+    @property
+    def store_spec(self) -> StoreSpec:
+        """The ScratchPipe arms' ``StoreSpec`` (raises a ValueError naming the flag)."""
+        return StoreSpec.parse(self.store, self.host_cache_mb)
 
     def horizon_for(self, lookahead: int) -> int:
         """H of the ScratchPipe arm with lookahead ``lookahead``."""

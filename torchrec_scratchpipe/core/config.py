@@ -12,6 +12,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMo
 
 from torchrec_scratchpipe.core.capacity import check_load_factor, resolve_load_factor, slots_for_rows
 from torchrec_scratchpipe.core.policy import VictimPolicy
+from torchrec_scratchpipe.core.store_api import StoreSpec
 from torchrec_scratchpipe.defaults import LIBRARY_LOOKAHEAD, check_window
 
 
@@ -94,6 +95,9 @@ class ScratchPipeConfig:
             large share of the step, and FBGEMM's CPU TBE keeps only about 1.4 of 2 cores busy;
             for smaller batches the second thread's contention costs more than it hides.
             On CUDA the host already plans while the device trains, and True is refused.
+        store: where each table group keeps its full tables (``StoreSpec``): None or
+            ``kind="host"`` in host memory; ``kind="file"`` in a file in ``directory``
+            behind a host cache of ``host_cache_bytes`` per table (``core/file_store.py``).
 
     Example::
 
@@ -116,6 +120,7 @@ class ScratchPipeConfig:
     tbe_options: Tuple[Tuple[str, Any], ...] = ()
     victim_policy: VictimPolicy = VictimPolicy.FUTURE
     background_planning: Optional[bool] = None
+    store: Optional[StoreSpec] = None
 
     def __post_init__(self) -> None:
         # Validation only. A field normalized here (e.g. a string turned into an enum) must be
@@ -131,6 +136,8 @@ class ScratchPipeConfig:
         object.__setattr__(self, "victim_policy", VictimPolicy.parse(self.victim_policy, "victim_policy"))
         if not isinstance(self.optimizer, EmbOptimType):
             raise ValueError(f"optimizer must be an fbgemm EmbOptimType, got {self.optimizer!r}.")
+        if self.store is not None and not isinstance(self.store, StoreSpec):
+            raise ValueError(f"store must be a StoreSpec (or None for host memory), got {self.store!r}.")
 
     @property
     def effective_horizon(self) -> int:

@@ -185,8 +185,9 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             g.stats.lookups += ids.numel()
             g.stats.unique_rows += rows.numel()
             t1 = time.perf_counter()
-            g.window.push(rows, GroupBatch(ids, offsets, weights), fill=False, checked=True)  # next-use links: planner time
+            entry = g.window.push(rows, GroupBatch(ids, offsets, weights), fill=False, checked=True)  # next-use links: planner time
             g.stats.planner_s += time.perf_counter() - t1
+            g.read_ahead(entry)
         token = next(self._tokens)
         self._queue.append(_Queued(token, batch.kjt))
         return token
@@ -343,6 +344,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         self._sync()
         for g in self.groups.values():
             g.mover.flush(*(g.resident() if self._dirty else (torch.empty(0, dtype=torch.int64),) * 2))
+            g.store.flush()  # a file store writes its cached updates through: the views are current
         self._dirty = False
 
     def purge(self) -> None:
@@ -360,6 +362,9 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         from it now. Updates not flushed before are dropped, as a load overwrites them."""
         self._dirty = False
         self._stale = True
+        self._worker.wait()
+        for g in self.groups.values():
+            g.store.invalidate()  # a file store's cached copies predate the load
         self._sync()
 
     def _locate(self, name: str) -> Tuple[TableGroup, int]:

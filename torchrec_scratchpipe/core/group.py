@@ -18,7 +18,7 @@ from torchrec_scratchpipe.core.mover import Mover
 from torchrec_scratchpipe.core.plan import SlotPlanner
 from torchrec_scratchpipe.core.scratchpad import Scratchpad
 from torchrec_scratchpipe.core.stats import GroupStats
-from torchrec_scratchpipe.core.store import BackingStore
+from torchrec_scratchpipe.core.store_api import open_store
 from torchrec_scratchpipe.core.window import PlanWindow, WindowEntry
 
 #: TorchRec pooling -> the scratchpad TBE's pooling mode.
@@ -36,15 +36,17 @@ class GroupBatch:
 
 
 class TableGroup:
-    """Tables that share dim, pooling and weight dtype: one store, one scratchpad, one
-    planner, one window, one mover and the group's statistics.
+    """Tables that share dim, pooling and weight dtype: one store (``config.store``: host
+    memory or a file), one scratchpad, one planner, one window, one mover and the group's
+    statistics.
 
     Args:
         name: the group's key (e.g. ``"dim64_sum"``), used in messages and statistics.
         tables: its table configs (same ``embedding_dim``, pooling and ``data_type``).
         config: the engine's settings.
         device: where the scratchpad lives.
-        packed_store: see ``BackingStore(packed=...)``.
+        packed_store: rows packed in the store, or one contiguous region per value
+            (see ``BackingStore(packed=...)``).
 
     Example::
 
@@ -62,7 +64,9 @@ class TableGroup:
         self.features: List[str] = [f for t in tables for f in t.feature_names]
         self.feature_table = torch.tensor([i for i, t in enumerate(tables) for _ in t.feature_names])
         self.layout = RowLayout.for_table(config.optimizer, tables[0])
-        self.store = BackingStore([t.num_embeddings for t in tables], self.layout, packed=packed_store)
+        self.store = open_store(
+            config.store, [t.num_embeddings for t in tables], self.layout, packed_store, "+".join(t.name for t in tables)
+        )
         self.capacity = config.slots_for(self.store.num_rows)
         self.pad = Scratchpad(
             self.capacity, self.layout, [len(t.feature_names) for t in tables], POOLING[pooling_of(tables[0])],
@@ -85,7 +89,17 @@ class TableGroup:
         self.stats.evictions += plan.victim_rows.numel()
         self.stats.peak_held_rows = max(self.stats.peak_held_rows, plan.held_after)
         entry.payload.ready = self.mover.move_in(plan)
+        self.store.collected(entry.step)
         self.stats.mover_s += time.perf_counter() - t0
+
+    def read_ahead(self, entry: WindowEntry) -> None:
+        """A store that reads ahead starts reading the rows of a just-queued batch that are
+        not resident now (they are collected when the batch is planned)."""
+        if self.store.reads_ahead:
+            t0 = time.perf_counter()
+            rows = entry.rows
+            self.store.read_ahead(rows[self.planner.row_to_slot.index_select(0, rows) < 0], entry.step)
+            self.stats.mover_s += time.perf_counter() - t0
 
     def rows_of(self, ids: torch.Tensor, per_feature: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(distinct group rows, group row of each id) of this group's ``ids``, ``per_feature`` ids per feature."""
@@ -119,7 +133,7 @@ class TableGroup:
         """
         rows, inverse = torch.unique(group_ids, return_inverse=True)
         self.mover.land_all()  # evicted rows have landed in the store
-        table = self.store.weights.index_select(0, rows).to(device)
+        table = self.store.weights_of(rows).to(device)
         slots = self.planner.row_to_slot.index_select(0, rows).long()
         resident = (slots >= 0).nonzero().squeeze(1)
         for entry in self.window.planned:  # rows moved in for planned batches have arrived

@@ -29,18 +29,18 @@ from torchrec_scratchpipe.core.plan import SlotPlan
 from torchrec_scratchpipe.core.scratchpad import Scratchpad
 from torchrec_scratchpipe.core.staging import StagingBuffer, StagingRing
 from torchrec_scratchpipe.core.stats import GroupStats
-from torchrec_scratchpipe.core.store import BackingStore
+from torchrec_scratchpipe.core.store_api import RowStore
 
 _Incoming = Tuple[torch.Tensor, torch.Tensor]  # device slots, device packed rows
 
 
-def staging_ring(store: BackingStore, capacity: int, pin: bool = True, **kw: int) -> StagingRing:
+def staging_ring(store: RowStore, capacity: int, pin: bool = True, **kw: int) -> StagingRing:
     """The staging ring a mover of ``store`` with ``capacity`` slots uses (see ``StagingRing``)."""
     return StagingRing(store.layout.bytes_per_row, capacity, pin=pin, **kw)
 
 
 class Mover:
-    """Moves rows between a ``BackingStore`` and a ``Scratchpad`` as plans dictate.
+    """Moves rows between a ``RowStore`` (host or file) and a ``Scratchpad`` as plans dictate.
 
     Args:
         store: host-side full tables (pageable memory).
@@ -57,7 +57,7 @@ class Mover:
     """
 
     def __init__(
-        self, store: BackingStore, pad: Scratchpad, stats: GroupStats, ring: Optional[StagingRing] = None
+        self, store: RowStore, pad: Scratchpad, stats: GroupStats, ring: Optional[StagingRing] = None
     ) -> None:
         self.store = store
         self.pad = pad

@@ -30,6 +30,7 @@ import torch
 
 from torchrec_scratchpipe.core import native as _native
 from torchrec_scratchpipe.core.layout import RowLayout
+from torchrec_scratchpipe.core.store_api import RowStore
 
 #: Size of a transparent huge page on x86-64 and aarch64 Linux (4 KiB base pages).
 HUGE_PAGE = 1 << 21
@@ -192,8 +193,9 @@ def _advise_huge_pages(t: torch.Tensor) -> None:
         pass
 
 
-class BackingStore:
-    """Host-resident rows of one table group: weights plus optimizer state per row.
+class BackingStore(RowStore):
+    """Host-resident rows of one table group: weights plus optimizer state per row
+    (the default ``RowStore``; ``core/store_api.py``).
 
     Tables are concatenated into one row space; table ``t`` owns rows
     ``[offsets[t], offsets[t + 1])``. By default the store is *packed*: ``packed`` holds
@@ -235,18 +237,10 @@ class BackingStore:
         self.weights: torch.Tensor = views.pop("weights")
         self.states: Dict[str, torch.Tensor] = views
 
-    @property
-    def num_rows(self) -> int:
-        return int(self.offsets[-1])
-
     def nbytes(self) -> int:
         """Bytes the store allocates."""
         tensors = [self.packed] if self.packed is not None else [self.weights, *self.states.values()]
         return sum(t.untyped_storage().nbytes() for t in tensors if t is not None)
-
-    def table_view(self, tensor: torch.Tensor, t: int) -> torch.Tensor:
-        """Rows of table ``t`` in ``tensor`` (a view, no copy)."""
-        return tensor[int(self.offsets[t]) : int(self.offsets[t + 1])]
 
     def gather(self, rows: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Packed rows ``[len(rows), bytes_per_row]`` of ``rows`` (collect).
@@ -273,15 +267,6 @@ class BackingStore:
 
     def _value(self, name: str) -> torch.Tensor:
         return self.weights if name == "weights" else self.states[name]
-
-    def views(self, packed: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Typed views (weights, states) of packed rows of this store's layout."""
-        return row_views(packed, self.layout)
-
-    def empty_rows(self, n: int, device: Optional[torch.device] = None, pin: bool = False) -> torch.Tensor:
-        """``n`` packed rows of this store's layout, e.g. a buffer for ``gather(out=...)``
-        (see ``empty_rows``)."""
-        return empty_rows(n, self.layout, device, pin)
 
 
 def _zeros(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:

@@ -12,6 +12,10 @@ Storage of one ScratchPipe shard (``r`` rows, ``d`` columns, ``C = ceil(lf * r)`
   scratch, about ``36 C`` for the slot -> row map, last uses and the recency queue),
   plus on CUDA the mover's ring of pinned staging buffers (``StagingRing.host_bytes``:
   4 buffers of ``min(C, 16 MiB / (row + 8))`` rows, each rounded up to a power of two).
+- with a file store (``ScratchPipeConfig.store``, ``core/file_store.py``) the backing
+  store's host part is its cache, ``min(r, host_cache_bytes / row)`` rows, and its row ->
+  cache-slot map (``FileStore.host_bytes``); the file, ``r * row`` plus its header, is
+  counted as ``ssd`` storage (``FileStore.file_bytes``).
 
 On a CPU topology both live in DDR. Perf: the scratchpad trains at device-memory
 bandwidth, so forward/backward/comms are TorchRec's estimate for ``fused`` (as TorchRec
@@ -51,6 +55,7 @@ from torchrec_scratchpipe.compat import (
     get_num_poolings,
 )
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
+from torchrec_scratchpipe.core.file_store import FileStore
 from torchrec_scratchpipe.core.layout import TBE_DEFAULT_OPTIMIZER, RowLayout
 from torchrec_scratchpipe.core.plan import SlotPlanner
 from torchrec_scratchpipe.core.staging import StagingRing
@@ -172,12 +177,24 @@ class ScratchPipeStorageEstimator(ShardEstimator):
             is_pooled=so.is_pooled,
         )
         on_device = topo.compute_device in {"cuda", "mtia"}
+        store = self.config.store if self.config is not None else None
+        on_file = store is not None and store.kind == "file"
+        if on_file:
+            assert store is not None
+            store.check_directory()  # a missing or read-only directory is refused at plan time
         parts = []
         for shard, in_size, out_sz in zip(so.shards, input_sizes, output_sizes):
             rows, cols = shard.size[0], shard.size[1]
             row = row_layout_of(so, optimizer, cols).bytes_per_row
             slots = slots_of(so, rows)
             staged = min(slots, math.ceil(ids_per_batch(so, rows, topo.world_size, self._constraints)))
+            layout = row_layout_of(so, optimizer, cols)
+            store_bytes = rows * row
+            file_bytes = 0
+            if on_file:
+                assert store is not None
+                store_bytes = FileStore.host_bytes(rows, row, int(store.host_cache_bytes or 0))
+                file_bytes = FileStore.file_bytes(rows, layout, packed=False)  # the kernel's store is unpacked
             parts.append(
                 {
                     "rows": rows,
@@ -185,9 +202,10 @@ class ScratchPipeStorageEstimator(ShardEstimator):
                     "row_bytes": row,
                     "scratchpad_bytes": slots * row,
                     "staging_bytes": 2 * (lookahead + 1) * staged * row,
-                    "store_bytes": rows * row,
+                    "store_bytes": store_bytes,
+                    "file_bytes": file_bytes,
                     "planner_bytes": SlotPlanner.host_bytes(rows, slots),
-                    "backing_store_bytes": rows * row + SlotPlanner.host_bytes(rows, slots),
+                    "backing_store_bytes": store_bytes + SlotPlanner.host_bytes(rows, slots),
                     "host_staging_bytes": StagingRing.host_bytes(slots, row) if on_device else 0,
                     "input_bytes": int(in_size),
                     "output_bytes": int(out_sz),
@@ -203,11 +221,13 @@ class ScratchPipeStorageEstimator(ShardEstimator):
             device = p["scratchpad_bytes"] + p["staging_bytes"]
             if on_device:
                 io = calculate_pipeline_io_cost(p["input_bytes"], p["output_bytes"], p["input_bytes"], self._pipeline_type, None)
-                storages.append(Storage(hbm=device + io, ddr=p["backing_store_bytes"] + p["host_staging_bytes"]))
-            else:
                 storages.append(
-                    Storage(hbm=0, ddr=device + p["backing_store_bytes"] + p["input_bytes"] + p["output_bytes"])
+                    Storage(hbm=device + io, ddr=p["backing_store_bytes"] + p["host_staging_bytes"], ssd=p["file_bytes"])
                 )
+            else:
+                storages.append(Storage(
+                    hbm=0, ddr=device + p["backing_store_bytes"] + p["input_bytes"] + p["output_bytes"], ssd=p["file_bytes"]
+                ))
         return storages
 
 

@@ -81,8 +81,9 @@ def format_scratchpipe_plan(rows: List[Dict[str, Any]]) -> str:
     """The plan printout's ScratchPipe part: one line per shard, device and host bytes.
 
     Device: the scratchpad (slots x (weights + optimizer state)) and the staging buffers
-    that carry rows in and out; host: the backing store (every row of the shard) and the
-    planner's maps and recency queue, and (CUDA) the pinned staging ring.
+    that carry rows in and out; host: the backing store (every row of the shard, or with a
+    file store its host cache and map) and the planner's maps and recency queue, and (CUDA)
+    the pinned staging ring; disk: a file store's file.
 
     Args:
         rows: ``ShardingPlanner.scratchpipe_summary`` (or ``ScratchPipeStats.rows``).
@@ -99,7 +100,7 @@ def format_scratchpipe_plan(rows: List[Dict[str, Any]]) -> str:
             r["table"], r["sharding"], r["rank"], r["rows"], r["load_factor"], r["slots"],
             f"{r['scratchpad_bytes'] / _MB:.3f}", f"{r['staging_bytes'] / _MB:.3f}",
             f"{r['store_bytes'] / _MB:.3f}", f"{r['planner_bytes'] / _MB:.3f}",
-            f"{r['host_staging_bytes'] / _MB:.3f}",
+            f"{r['host_staging_bytes'] / _MB:.3f}", f"{r.get('file_bytes', 0) / _MB:.3f}",
         ]
         for r in rows
     ]
@@ -107,5 +108,6 @@ def format_scratchpipe_plan(rows: List[Dict[str, Any]]) -> str:
         "table", "sharding", "rank", "rows", "load factor", "slots",
         f"device: scratchpad MB ({device_mem})", f"device: staging MB ({device_mem})",
         "host: store MB (DDR)", "host: planner MB (DDR)", "host: pinned staging MB (DDR)",
+        "disk: file store MB",
     ]
     return f"ScratchPipe tables (kernel '{SCRATCHPIPE}'), memory per shard:\n" + tabulate(table, header)  # type: ignore[arg-type]
