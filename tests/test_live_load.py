@@ -75,3 +75,27 @@ def test_live_load_refreshes_every_group() -> None:
     _assert_resident_slots_hold_the_store(emb)
     for name, w in ref.weights().items():
         torch.testing.assert_close(emb.table_weights()[name], w, atol=1e-5, rtol=1e-5)
+
+
+def test_writes_into_the_store_after_purge_reach_the_next_forward() -> None:
+    """``purge()`` alone makes the store the truth: values written into the store views
+    after it are what the next forward reads, in every group, with no ``reload()``."""
+    lookahead = 1
+    tables = make_tables(ROWS, DIMS)
+    stream = power_law_stream(ROWS, 8, 8, seed=5)
+    cfg = ScratchPipeConfig(cache_rows=window_capacity(stream, ROWS, lookahead), lookahead=lookahead,
+                            optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.1, background_planning=False)
+    emb = ScratchPipeEmbeddingBags(tables, cfg)
+    ref = FullTableReference(tables, cfg.optimizer, lr=0.1)
+    ref.load(emb.table_weights())
+    views = emb.table_weights()  # views on the store, taken before the purge
+
+    def write_after_purge(i: int) -> None:
+        if i == 3:
+            weights, _ = _new_values(emb, seed=12)  # made first: reading the engine's tables applies the purge
+            emb.purge()
+            for name, w in weights.items():
+                views[name].copy_(w)
+            ref.load(weights)
+
+    train_and_compare(emb, ref, stream, lookahead, on_step=write_after_purge, seed=6)

@@ -46,3 +46,19 @@ def test_time_counters_are_durations_within_the_run(background: bool) -> None:
     if not background:  # one thread did it all
         assert sum(s["planner_s"] + s["mover_s"] for s in stats.values()) <= elapsed
         assert all(s["planner_background_s"] == s["mover_background_s"] == s["blocked_s"] == 0 for s in stats.values())
+
+
+def test_a_batch_s_checking_time_is_shared_out_once_among_the_groups() -> None:
+    """``prepare`` (checks, de-duplication) is timed once per batch and each of the three
+    groups gets a share: what the groups' ``planner_s`` gain from queueing a batch lies
+    between that time and the wall time of ``prepare`` plus ``enqueue``."""
+    emb = ScratchPipeEmbeddingBags(make_tables(ROWS, [4, 8, 12]), ScratchPipeConfig(cache_rows=12, lookahead=1))
+    assert len(emb.groups) == 3
+    for k in power_law_stream(ROWS, 4, 3, max_len=2):
+        before = sum(g.stats.planner_s for g in emb.groups.values())
+        t0 = time.perf_counter()
+        batch = emb.prepare(k)
+        emb.enqueue(batch)
+        wall = time.perf_counter() - t0
+        gained = sum(g.stats.planner_s for g in emb.groups.values()) - before
+        assert batch.seconds * (1 - 1e-9) <= gained <= wall, (batch.seconds, gained, wall)
