@@ -199,7 +199,7 @@ def classify(module: str, dump: str, source: List[str], equivalents: List[Dict[s
             counts["timeouts"] += "timeout" in (result.get("output") or "").lower()
         else:
             eq = next((e for e in equivalents if e["module"] == module and e["operator"] == op and e["line"] == text
-                       and e.get("col", col) == col), None)
+                       and e.get("col", col) == col and e.get("function", desc["function"]) == desc["function"]), None)
             if eq is not None:
                 counts["equivalent"] += 1
                 equivalent.append(dict(desc, reason=eq["reason"]))
