@@ -13,27 +13,15 @@ three dims beside the same model on TorchRec's ``fused`` kernel, trained alike.
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Tuple
 
-import pytest
 import torch
-import torch.distributed as dist
 
 from dist_utils import build_dmp, constraints_for, load_full, local_tensors, make_batch, make_tables
+from one_rank import one_rank  # noqa: F401  (fixture)
 
 SP_LOAD_FACTORS = {"t_big": 0.03, "t_mid": 0.06, "t_odd": 0.04}  # 60, 60 and 60 slots: constant eviction
 STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def one_rank() -> Iterator[None]:
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _pair() -> Tuple[Any, Any, list]:
