@@ -57,3 +57,18 @@ def test_a_bad_table_is_refused_naming_the_kernel_s_tables(one_rank: None) -> No
     ebc = EmbeddingBagCollection(tables=tables, device=torch.device("cpu"))
     with pytest.raises(ValueError, match=r"^ScratchPipe tables \['t_odd'\]: table 't_odd': embedding_dim 6 must be a multiple of 4"):
         build_dmp(ebc, constraints_for(tables, "table_wise", {"t_odd": 0.5}), tsp.get_sharders(), 1)
+
+
+def test_hyper_parameter_updates_reach_the_engine_or_are_refused_by_name(one_rank: None) -> None:
+    import torchrec_scratchpipe.distributed as tsp
+
+    sp, _, _ = _pair()
+    for kernel in tsp.scratchpipe_kernels(sp):
+        assert kernel.config.embedding_tables[0].name in kernel.table_names
+        kernel.fused_optimizer.update_hyper_parameters({"learning_rate": 0.25})
+        assert abs(kernel.engine.get_learning_rate() - 0.25) < 1e-7
+        kernel.fused_optimizer.update_hyper_parameters({"lr": 0.125})
+        assert abs(kernel.engine.get_learning_rate() - 0.125) < 1e-7
+        with pytest.raises(ValueError, match=r"can only update the learning rate, got \['eps', 'lr'\]"):
+            kernel.fused_optimizer.update_hyper_parameters({"lr": 0.5, "eps": 0.1})
+        assert abs(kernel.engine.get_learning_rate() - 0.125) < 1e-7  # refused before any change
