@@ -52,7 +52,7 @@ def test_known_equivalent_mutants_point_at_current_lines() -> None:
 
 def test_classify_counts_equivalents_by_module_operator_and_line() -> None:
     source = ["x = a + b", "y = a + b"]
-    item = lambda row: {"mutations": [{"operator_name": "core/ReplaceBinaryOperator_Add_Sub", "start_pos": [row, 6],
+    item = lambda row: {"job_id": f"j{row}", "mutations": [{"operator_name": "core/ReplaceBinaryOperator_Add_Sub", "start_pos": [row, 6],
                                         "definition_name": None}]}  # noqa: E731
     survived = {"worker_outcome": "normal", "test_outcome": "survived", "output": ""}
     killed = {"worker_outcome": "normal", "test_outcome": "killed", "output": ""}

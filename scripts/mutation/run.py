@@ -186,7 +186,8 @@ def classify(module: str, dump: str, source: List[str], equivalents: List[Dict[s
         row, col = m["start_pos"]
         text = source[row - 1].strip()
         op = m["operator_name"].removeprefix("core/")
-        desc = {"operator": op, "line_no": row, "col": col, "line": text, "function": m.get("definition_name")}
+        desc = {"operator": op, "line_no": row, "col": col, "line": text, "function": m.get("definition_name"),
+                "job": item["job_id"]}
         if result is None or result["worker_outcome"] == "skipped":
             counts["skipped"] += 1
             continue
@@ -267,8 +268,8 @@ def collect() -> Dict[str, Dict[str, Any]]:
 
 
 def retest_module(module: str, entry: Dict[str, Any]) -> Dict[str, Any]:
-    """Run the survivors of the module's last run again, with the tests as they are now
-    (after tests were added to kill them); the other results are kept."""
+    """Run the survivors of the module's last run again (not those listed as equivalent), with
+    the tests as they are now (after tests were added to kill them); the other results are kept."""
     t0 = time.perf_counter()
     name = module.replace("/", "__").removesuffix(".py")
     prev_path, config, session = OUT / f"{name}.json", OUT / f"{name}.toml", OUT / f"{name}.sqlite"
@@ -281,8 +282,10 @@ def retest_module(module: str, entry: Dict[str, Any]) -> Dict[str, Any]:
     if prev.get("source_sha") not in (None, _sha(work / PACKAGE / module)):
         raise SystemExit(f"{module} changed since its run: run it again in full, not --retest.")
     write_config(config, module, test_command(module, entry, work), max(30.0, 3.0 * prev["baseline_s"] + 15.0))
+    before = classify(module, cosmic("dump", str(session), cwd=work), source, load_equivalents())
+    jobs = [s["job"] for s in before["survivors"]]  # not the known equivalent ones
     with sqlite3.connect(session) as db:
-        n = db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'").rowcount
+        n = sum(db.execute("DELETE FROM work_results WHERE job_id = ?", (j,)).rowcount for j in jobs)
     print(f"[mutation] {module}: retesting {n} survivors...", flush=True)
     cosmic("exec", str(config), str(session), cwd=work)
     res = classify(module, cosmic("dump", str(session), cwd=work), source, load_equivalents())
