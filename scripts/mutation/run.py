@@ -311,11 +311,31 @@ def summarize(modules: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     return dict(tool="cosmic-ray 8.7.0", packages=packages, modules=modules)
 
 
+def markdown(summary: Dict[str, Any]) -> str:
+    """The per-module and per-package tables of docs/benchmarks.md, and the survivors."""
+    rate = lambda r: "-" if r.get("kill_rate") is None else f"{100 * r['kill_rate']:.1f}%"  # noqa: E731
+    lines = ["| module | mutants run | killed | survived | equivalent | errors | kill rate (non-equivalent) | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in sorted(summary["modules"].items()):
+        run = r.get("killed", 0) + r.get("survived", 0) + r.get("equivalent", 0) + r.get("errors", 0)
+        lines.append(f"| `{name}` | {run} | {r.get('killed', 0)} | {r.get('survived', 0)} | {r.get('equivalent', 0)} "
+                     f"| {r.get('errors', 0)} | {rate(r)} | {r.get('seconds', 0):.0f} |")
+    lines += ["", "| package | modules run | killed | survived | equivalent | kill rate (non-equivalent) |", "|---|---|---|---|---|---|"]
+    for name, p in sorted(summary["packages"].items()):
+        lines.append(f"| `{name}/` | {p['modules']} | {p['killed']} | {p['survived']} | {p['equivalent']} | {rate(p)} |")
+    surv = [(n, s) for n, r in sorted(summary["modules"].items()) for s in r.get("survivors", [])]
+    if surv:
+        lines += ["", "Survivors:", ""]
+        lines += [f"- `{n}` line {s['line_no']}, {s['operator']}: `{s['line']}`" for n, s in surv]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("modules", nargs="*")
     ap.add_argument("--list", action="store_true", help="print the module -> tests map and stop")
     ap.add_argument("--retest", action="store_true", help="rerun only the survivors of each module's last run")
+    ap.add_argument("--markdown", action="store_true", help="print summary.json as docs/benchmarks.md's tables and stop")
     ap.add_argument("--count", action="store_true", help="count each module's mutants (no tests run) and stop")
     ap.add_argument("--max-mutants", type=int, default=None, help="run at most N mutants per module (the rest are skipped, and reported)")
     args = ap.parse_args()
@@ -326,6 +346,9 @@ def main() -> None:
             print(f"{m}: {' '.join(modmap[m]['tests']) or '(none)'}")
         return
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.markdown:
+        print(markdown(summarize(collect())))
+        return
     if args.count:
         for m in todo:
             print(f"{m}: {count_mutants(m)} mutants")
