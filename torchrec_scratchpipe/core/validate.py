@@ -83,6 +83,17 @@ def host_ids(kjt: KeyedJaggedTensor, stream: Optional["torch.cuda.Stream"] = Non
     return host
 
 
+def id_out_of_range(bad_id: int, feature: str, table: str, rows: int) -> str:
+    """The one message for an id outside its table (the engine's checks and the pipeline's).
+
+    Example::
+
+        >>> id_out_of_range(12, "f", "t", 10)
+        "id 12 of feature 'f' is out of range for table 't' with 10 rows (valid ids: 0..9)."
+    """
+    return f"id {bad_id} of feature {feature!r} is out of range for table {table!r} with {rows} rows (valid ids: 0..{rows - 1})."
+
+
 def check_kjt(
     kjt: Union[KeyedJaggedTensor, HostIds],
     feature_names: Sequence[str],
@@ -147,10 +158,7 @@ def check_kjt(
         if bool(bad.any()):
             f = present[int(bad.nonzero()[0])]
             ids, rows = chunks[f], int(feature_rows[f])
-            raise ValueError(
-                f"id {int(ids[(ids < 0) | (ids >= rows)][0])} of feature {keys[f]!r} is out of range for table "
-                f"{feature_tables[f]!r} with {rows} rows (valid ids: 0..{rows - 1})."
-            )
+            raise ValueError(id_out_of_range(int(ids[(ids < 0) | (ids >= rows)][0]), keys[f], feature_tables[f], rows))
     return B, per_feature
 
 

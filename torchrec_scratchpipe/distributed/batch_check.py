@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_scratchpipe.core.validate import id_out_of_range
+
 
 def out_of_range(kjt: KeyedJaggedTensor, tables: Dict[str, Tuple[str, int]], rank: int = 0) -> Optional[str]:
     """The first id of ``kjt`` outside its table, described, or None when all fit.
@@ -43,10 +45,7 @@ def out_of_range(kjt: KeyedJaggedTensor, tables: Dict[str, Tuple[str, int]], ran
     i = int(bad[0, 0])
     f = int(torch.searchsorted(per_key.cumsum(0), i, right=True))
     table, rows = tables[keys[f]]
-    return (
-        f"rank {rank}: id {int(ids[i])} of feature {keys[f]!r} is out of range for table {table!r} "
-        f"with {rows} rows (valid ids: 0..{rows - 1})."
-    )
+    return f"rank {rank}: {id_out_of_range(int(ids[i]), keys[f], table, rows)}"
 
 
 class BatchAgreement:
