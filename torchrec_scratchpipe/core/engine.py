@@ -329,6 +329,31 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         self._sync()
         return {name: dict(g.stats.as_dict(), capacity=g.capacity) for name, g in self.groups.items()}
 
+    def _apply(self, fn: Any, recurse: bool = True) -> "ScratchPipeEmbeddingBags":
+        """``Module._apply`` (``.to``, ``.cuda``, ``.half``, ``to_empty``, TorchRec's DDP
+        wrapping): nothing of the engine is moved, cast or copied.
+
+        The backing store stays in host memory (tables larger than device memory are the
+        point), and the scratchpad, its streams and staging buffers stay on the device the
+        engine was built for, with the tables' own precision (their ``data_type``; a cast
+        such as ``.half()`` changes the model's other tensors only). A call that keeps the
+        device, as DDP's ``.to(device)`` does, is therefore a no-op here; one that asks for
+        another device raises (the engine changes nothing).
+
+        Raises:
+            ValueError: ``fn`` moves tensors to another device than the scratchpad's.
+        """
+        pad = next(iter(self.groups.values())).pad.weights
+        probe = torch.empty(0, dtype=pad.dtype, device=pad.device)
+        moved = fn(probe)
+        if isinstance(moved, torch.Tensor) and moved.device != probe.device:
+            raise ValueError(
+                f"ScratchPipe tables {[t.name for t in self.tables]} cannot move from {probe.device} to "
+                f"{moved.device}: the backing store stays in host memory and the scratchpad on the device "
+                "the engine (or the DMP) was built with. Build it with that device instead."
+            )
+        return self
+
     def __getstate__(self) -> Dict[str, Any]:
         """Copies (deepcopy, pickling) are taken once the background planner is idle, so
         no group is copied halfway through a plan."""
