@@ -36,6 +36,19 @@ class PreparedBatch:
     per_group: List[Tuple[_Bags, torch.Tensor, torch.Tensor]]  # ((offsets, weights), rows, ids) per group
     seconds: float
 
+    def hand_to(self, stream: Any) -> None:
+        """Hand the batch's device tensors (bag offsets, per-sample weights), made on the
+        current stream, to the CUDA ``stream`` its forward will run on: ``stream`` waits
+        for the current stream's work so far, and the allocator keeps the tensors until
+        ``stream``'s use of them is done (``record_stream``). Nothing to do on CPU.
+        """
+        tensors = [t for (offsets, weights), _, _ in self.per_group for t in (offsets, weights) if t is not None and t.is_cuda]
+        if not tensors:
+            return
+        stream.wait_stream(torch.cuda.current_stream(tensors[0].device))
+        for t in tensors:
+            t.record_stream(stream)
+
 
 @dataclass
 class _Queued:

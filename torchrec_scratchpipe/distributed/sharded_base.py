@@ -31,6 +31,17 @@ SCRATCHPIPE_SHARDING_TYPES: List[str] = [
 ]
 
 
+#: Why a TorchRec train pipeline that prefetches cannot drive ScratchPipe tables, and what to use.
+PREFETCH_PIPELINE_REFUSED = (
+    "ScratchPipe tables are prefetched by torchrec_scratchpipe's ScratchPipeTrainPipeline "
+    "(torchrec_scratchpipe.distributed.pipeline), not by TorchRec's PrefetchTrainPipelineSparseDist: "
+    "that pipeline announces one batch ahead on its own stream and has ranks agree on nothing, while a "
+    "scratchpad plans L batches ahead with H in view and drops a batch any rank refuses on every rank. "
+    "Use ScratchPipeTrainPipeline(model, optimizer, device, lookahead, horizon); it also prefetches "
+    "TorchRec's fused_uvm_caching tables in the same model."
+)
+
+
 def unwrap(lookup: nn.Module) -> nn.Module:
     """The lookup inside TorchRec's DDP wrapper (data-parallel lookups are wrapped)."""
     while isinstance(lookup, DistributedDataParallel):
@@ -129,6 +140,18 @@ class ScratchPipeShardedMixin:
         """Reload resident slots from the store views (after a state dict was loaded)."""
         for kernel in self.scratchpipe_kernels():
             kernel.reload()
+
+    def prefetch(self, dist_input: KJTList, forward_stream: Optional[Any] = None, ctx: Optional[Any] = None) -> None:
+        """Announce a batch's input-dist output to every kernel (``prepare_prefetch``, then
+        ``commit_prefetch``), as TorchRec's ``prefetch`` does for its caching kernels.
+
+        Raises:
+            RuntimeError: called by one of TorchRec's train pipelines (they pass ``ctx``),
+                e.g. ``PrefetchTrainPipelineSparseDist``, on a module with ScratchPipe tables.
+        """
+        if ctx is not None and self.scratchpipe_kernels():
+            raise RuntimeError(PREFETCH_PIPELINE_REFUSED)
+        self.commit_prefetch(dist_input, self.prepare_prefetch(dist_input), forward_stream)
 
     def prepare_prefetch(self, dist_input: KJTList) -> List[Any]:
         """Validate a batch's input-dist output for every ScratchPipe kernel; nothing changes.

@@ -169,3 +169,14 @@ def test_engine_apply_keeps_store_and_scratchpad() -> None:
     assert all(t is now and torch.equal(t, was) for (t, was), now in zip(before, (g.store.packed, g.pad.weights)))
     with pytest.raises(ValueError, match="cannot move from cpu to meta"):
         engine.to("meta")
+
+
+def test_torchrec_prefetch_pipeline_is_refused() -> None:
+    """TorchRec's pipelines call ``prefetch(ctx=..., dist_input=..., forward_stream=...)``
+    (``PrefetchTrainPipelineSparseDist`` does not run on CPU at all, with ``fused`` either):
+    a module with ScratchPipe tables refuses, naming the pipeline to use."""
+    from torchrec_scratchpipe.distributed import scratchpipe_modules
+
+    ((_, sharded),) = scratchpipe_modules(_build("scratchpipe", cuda_plan=False))
+    with pytest.raises(RuntimeError, match="use ScratchPipeTrainPipeline|Use ScratchPipeTrainPipeline"):
+        sharded.prefetch(dist_input=None, forward_stream=None, ctx=object())
