@@ -18,7 +18,7 @@ from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.core.layout import RowLayout, check_optimizer, state_names
 from torchrec_scratchpipe.core.group import POOLING, GroupBatch, TableGroup, check_unpooled, pooling_of
 from torchrec_scratchpipe.core.plan import CapacityError
-from torchrec_scratchpipe.core.validate import HostIds, check_kjt, host_ids, split_groups
+from torchrec_scratchpipe.core.validate import HostIds, check_kjt, host_ids, split_groups, to_device
 from torchrec_scratchpipe.core.window import WindowEntry
 from torchrec_scratchpipe.core.worker import PlanWorker
 from torchrec_scratchpipe.defaults import check_window
@@ -35,6 +35,7 @@ class PreparedBatch:
     kjt: KeyedJaggedTensor
     per_group: List[Tuple[_Bags, torch.Tensor, torch.Tensor]]  # ((offsets, weights), rows, ids) per group
     seconds: float
+    counts: List[int] = dataclasses.field(default_factory=list)  # ids per feature, from the host copy
 
     def hand_to(self, stream: Any) -> None:
         """Hand the batch's device tensors (bag offsets, per-sample weights), made on the
@@ -56,6 +57,7 @@ class _Queued:
 
     token: int
     kjt: KeyedJaggedTensor
+    counts: List[int]  # ids per feature (host): what an unpooled forward splits by
 
 
 class ScratchPipeEmbeddingBags(torch.nn.Module):
@@ -147,18 +149,22 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         self._dirty = False  # slots may hold updates the store has not seen (flush writes them back)
         self._stale = False  # the store was loaded: resident slots must be refreshed from it
         self.owner: Any = None  # the pipeline whose batches are queued (set by that pipeline)
+        self._counts: List[int] = []  # ids per feature of the batch the latest forward looked up
         for g in self.groups.values():
             g.init_weights()
 
     # ---------------------------------------------------------------- batches in
-    def _rows(self, kjt: KeyedJaggedTensor, host: Optional[HostIds] = None) -> List[Tuple[_Bags, torch.Tensor, torch.Tensor]]:
+    def _rows(
+        self, kjt: KeyedJaggedTensor, host: Optional[HostIds] = None
+    ) -> Tuple[List[Tuple[_Bags, torch.Tensor, torch.Tensor]], List[int]]:
         """Validate on the host copy; return, per group, ((offsets, weights) on the device,
-        distinct rows, group row of each id)."""
+        distinct rows, group row of each id), and the ids of each feature."""
         host = host if host is not None else host_ids(kjt, self.intake_stream)
         per_feature = check_kjt(host, self.feature_names, self._feature_tables, self._feature_rows)[1]
         counts = per_feature[self._split_order].split(self._split_sizes)
         parts = split_groups(kjt, host, per_feature, self._group_features, self.device)
-        return [((offsets, weights), *g.rows_of(ids, n)) for g, (ids, offsets, weights), n in zip(self.groups.values(), parts, counts)]
+        per_group = [((offsets, weights), *g.rows_of(ids, n)) for g, (ids, offsets, weights), n in zip(self.groups.values(), parts, counts)]
+        return per_group, per_feature.tolist()  # a host tensor: no device sync
 
     def prefetch(self, kjt: KeyedJaggedTensor, host: Optional[HostIds] = None) -> int:
         """Announce a future batch; return its token (pass it to ``pooled`` to name the batch).
@@ -185,10 +191,10 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             ValueError, CapacityError: as ``prefetch``.
         """
         t0 = time.perf_counter()
-        per_group = self._rows(kjt, host)
+        per_group, counts = self._rows(kjt, host)
         for g, (_, rows, _) in zip(self.groups.values(), per_group):
             g.window.check_fits(rows)  # the batch's one capacity check, before any group queues it
-        return PreparedBatch(kjt, per_group, time.perf_counter() - t0)
+        return PreparedBatch(kjt, per_group, time.perf_counter() - t0, counts)
 
     def enqueue(self, batch: PreparedBatch) -> int:
         """Queue a prepared batch (see ``prefetch``); return its token."""
@@ -203,7 +209,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             g.window.push(rows, GroupBatch(ids, offsets, weights), fill=False, checked=True)  # next-use links: planner time
             g.stats.planner_s += time.perf_counter() - t1
         token = next(self._tokens)
-        self._queue.append(_Queued(token, batch.kjt))
+        self._queue.append(_Queued(token, batch.kjt, batch.counts))
         return token
 
     def _plan_ahead(self) -> None:
@@ -255,7 +261,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         if head is not None and (head.token == token if token is not None else head.kjt is kjt):
             return self._train_head(train)
         if not train:
-            parts = self._rows(kjt)
+            parts, self._counts = self._rows(kjt)
             return self._join([g.lookup(ids, *dev, self.device) for g, (dev, _, ids) in zip(self.groups.values(), parts)])
         if head is not None or token is not None:
             raise ValueError(
@@ -274,7 +280,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         for g in self.groups.values():
             if not g.window.plan_head():
                 raise CapacityError(g.capacity_message(g.window.pending[0]))
-        self._queue.popleft()
+        self._counts = self._queue.popleft().counts
         entries = [g.window.take(fill=False) for g in self.groups.values()]
         plan_first = train and self._background  # the thread plans ahead while this batch trains
         if plan_first:
@@ -287,7 +293,8 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
                 g.stats.train_misses += int((g.planner.slot_to_row[plan.slots] != plan.rows).sum())
                 g.stats.steps += 1
                 g.mover.wait_ready(batch.ready)
-                slot_idx = g.planner.row_to_slot.index_select(0, batch.ids).to(self.device, torch.int64, non_blocking=True)
+                # through pinned memory on CUDA: a pageable copy would make the host wait
+                slot_idx = to_device(g.planner.row_to_slot.index_select(0, batch.ids), self.device).to(self.device, torch.int64)
                 out = g.pad(slot_idx, batch.offsets, batch.weights)
                 node = _update_node(out) if train else None
                 if node is None:  # no update will run: the slots are free once the reads are issued
@@ -332,8 +339,10 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         pooled embeddings, or for unpooled tables ``{feature: JaggedTensor}`` as
         TorchRec's ``EmbeddingCollection`` returns."""
         if self.unpooled:
-            values = torch.split(self.embeddings(kjt), kjt.length_per_key())
-            return {f: JaggedTensor(values=v, lengths=kjt[f].lengths()) for f, v in zip(self.feature_names, values)}
+            # split by the host copy's counts and a view of the lengths: no device sync
+            values = torch.split(self.embeddings(kjt), self._counts)
+            lengths = kjt.lengths().view(len(self.feature_names), -1)
+            return {f: JaggedTensor(values=v, lengths=n) for f, v, n in zip(self.feature_names, values, lengths)}
         return KeyedTensor(keys=self.feature_names, length_per_key=self._dims, values=self.pooled(kjt))
 
     # ---------------------------------------------------------------- state
