@@ -123,6 +123,17 @@ def test_cuda_plan_shards_are_placed_on_the_store_device() -> None:
             assert {s.placement.device() for s in st.metadata().shards_metadata} == {STORE_DEVICE}, key
 
 
+def test_plan_sizes_the_staging_rings() -> None:
+    """The planner's rows per step (its estimate of the rows a step moves) reach each mover."""
+    from torchrec_scratchpipe.distributed import scratchpipe_kernels
+
+    model = _build("scratchpipe", cuda_plan=True)
+    groups = [g for k in scratchpipe_kernels(model) for g in k.engine.groups.values()]
+    assert groups and all(g.mover.rows_per_step for g in groups)
+    # 8 samples x 2 ids per table, 80% of them missing a load factor 0.2 scratchpad: 13 rows each way
+    assert sorted(g.mover.rows_per_step for g in groups) == [26]
+
+
 def test_cuda_plan_trains_like_fused() -> None:
     batches = _batches()
     ref = _train(_build("fused", cuda_plan=False), batches)

@@ -81,6 +81,9 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             writes the whole packed store, ``.clone()`` it first). False: one contiguous
             tensor per value (what TorchRec's ``ShardedTensor`` needs; the TorchRec
             kernel uses it).
+        staging_rows: rows a step is expected to move into (and out of) each table, by
+            name (e.g. the planner's estimate); a group's staging rings on CUDA are sized
+            for the sum over its tables. None: their default size.
 
     Example::
 
@@ -103,6 +106,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         config: ScratchPipeConfig,
         device: Optional[torch.device] = None,
         packed_store: bool = True,
+        staging_rows: Optional[Dict[str, int]] = None,
     ) -> None:
         super().__init__()
         self.device = device or torch.device("cpu")
@@ -124,7 +128,10 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
                 raise ValueError(f"table {t.name!r}: embedding_dim {t.embedding_dim} must be a multiple of 4 (FBGEMM TBE).")
             tag = RowLayout.for_table(config.optimizer, t).group_tag  # weight dtypes train apart
             by_key.setdefault(f"dim{t.embedding_dim}_{pooling_of(t).name.lower()}{tag}", []).append(t)
-        self.groups: Dict[str, TableGroup] = {k: TableGroup(k, v, config, self.device, packed_store) for k, v in by_key.items()}
+        per_step = {k: sum((staging_rows or {}).get(t.name, 0) for t in v) or None for k, v in by_key.items()}
+        self.groups: Dict[str, TableGroup] = {
+            k: TableGroup(k, v, config, self.device, packed_store, per_step[k]) for k, v in by_key.items()
+        }
         for i, g in enumerate(self.groups.values()):
             self.add_module(f"scratchpad_{i}", g.pad)
         self.tables = list(tables)

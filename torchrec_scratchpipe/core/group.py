@@ -45,6 +45,8 @@ class TableGroup:
         config: the engine's settings.
         device: where the scratchpad lives.
         packed_store: see ``BackingStore(packed=...)``.
+        rows_per_step: rows a step is expected to move each way (sizes the mover's
+            staging rings on CUDA; None: their default size).
 
     Example::
 
@@ -55,7 +57,13 @@ class TableGroup:
     """
 
     def __init__(
-        self, name: str, tables: List[Any], config: ScratchPipeConfig, device: torch.device, packed_store: bool = True
+        self,
+        name: str,
+        tables: List[Any],
+        config: ScratchPipeConfig,
+        device: torch.device,
+        packed_store: bool = True,
+        rows_per_step: Optional[int] = None,
     ) -> None:
         self.name = name
         self.tables = tables
@@ -70,7 +78,7 @@ class TableGroup:
         )
         self.stats = GroupStats()
         self.planner = SlotPlanner(self.store.num_rows, self.capacity, config.victim_policy)
-        self.mover = Mover(self.store, self.pad, self.stats)
+        self.mover = Mover(self.store, self.pad, self.stats, rows_per_step=rows_per_step)
         self.window = PlanWindow(
             self.planner, config.lookahead, config.effective_horizon, self._on_planned,
             name=f"table group {name!r} (tables {[t.name for t in tables]})", stats=self.stats,

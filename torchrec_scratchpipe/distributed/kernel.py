@@ -161,6 +161,12 @@ class _EngineTable:
     init_fn: Optional[Callable[[torch.Tensor], Any]] = field(default=None, repr=False)
 
 
+def _staging_rows(config: GroupedEmbeddingConfig) -> Dict[str, int]:
+    """Rows a step is expected to move per table of ``config`` (the plan's estimate)."""
+    params = (config.fused_params or {}).get(FUSED_PARAMS_KEY)
+    return dict(params.staging_rows) if params is not None else {}
+
+
 class _EngineAdapter:
     """What ``EmbeddingFusedOptimizer`` expects of a TBE, answered by the engine."""
 
@@ -282,7 +288,9 @@ class ScratchPipeEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
         self._device = device if device is not None else torch.device("cpu")
         try:
             # ShardedTensor local shards must be contiguous: one tensor per value, not packed rows
-            self._engine = ScratchPipeEmbeddingBags(engine_tables, self._sp_config, self._device, packed_store=False)
+            self._engine = ScratchPipeEmbeddingBags(
+                engine_tables, self._sp_config, self._device, packed_store=False, staging_rows=_staging_rows(config)
+            )
         except ValueError as e:
             raise ValueError(f"ScratchPipe tables {self._names}: {e}") from e
         self._state_names: List[str] = state_names(self._sp_config.optimizer)

@@ -20,6 +20,7 @@ names outside its enum, so during ``plan()`` (and only then)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -30,7 +31,7 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.types import ParameterConstraints, ShardingOption, Topology
-from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
+from torchrec.distributed.types import ModuleSharder, ParameterSharding, ShardingPlan, ShardingType
 
 from torchrec_scratchpipe.compat import (
     EmbeddingEnumerator,
@@ -50,7 +51,7 @@ from torchrec_scratchpipe.distributed.estimators import (
 from torchrec_scratchpipe.distributed.kernel import TBE_DEFAULTS
 from torchrec_scratchpipe.distributed.plan_stats import ScratchPipeStats
 from torchrec_scratchpipe.distributed.sharded_base import ScratchPipeSharderMixin
-from torchrec_scratchpipe.distributed.types import SCRATCHPIPE, check_load_factor
+from torchrec_scratchpipe.distributed.types import SCRATCHPIPE, ScratchPipeParameterSharding, check_load_factor
 from torchrec_scratchpipe.quiet import default_storage_reservation
 
 logger: logging.Logger = logging.getLogger(__name__)
@@ -72,6 +73,22 @@ def scratchpipe_kernel_registered() -> ContextManager[None]:
         ...     pass  # EmbeddingShardingPlanner.plan(...) accepts "scratchpipe" here
     """
     return compute_kernels_accepted([SCRATCHPIPE])
+
+
+def with_staging_rows(plan: ShardingPlan, summary: List[Dict[str, Any]]) -> ShardingPlan:
+    """``plan`` with every ``"scratchpipe"`` entry carrying the rows a step is expected to
+    move per shard of each ScratchPipe table (the estimator's ``rows_per_step``, the most
+    over a table's shards): the kernels size their staging rings with them."""
+    per_table: Dict[str, int] = {}
+    for r in summary:
+        per_table[r["table"]] = max(per_table.get(r["table"], 0), int(r["rows_per_step"]))
+    rows = tuple(sorted(per_table.items()))
+    for module_plan in plan.plan.values():
+        for name, ps in list(module_plan.items()):  # type: ignore[attr-defined]
+            if ps.compute_kernel == SCRATCHPIPE:
+                fields = {f.name: getattr(ps, f.name) for f in dataclasses.fields(ParameterSharding)}
+                module_plan[name] = ScratchPipeParameterSharding(**fields, staging_rows=rows)  # type: ignore[index]
+    return plan
 
 
 def scratchpipe_tables(constraints: Optional[Dict[str, ParameterConstraints]]) -> List[str]:
@@ -295,4 +312,5 @@ class ShardingPlanner(EmbeddingShardingPlanner):
         if isinstance(self._enumerator, ScratchPipeEnumerator):
             self._enumerator.check(module, sharders)
         with scratchpipe_kernel_registered():
-            return super().plan(module, sharders)
+            plan = super().plan(module, sharders)
+        return with_staging_rows(plan, self.scratchpipe_summary)
