@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU check, at most ~8 minutes on one GPU: versions, the CUDA tests, the engine benchmark
-# and the A/B against fused / fused_uvm_caching. Everything goes under OUT_DIR; the last file
+# One GPU check, at most ~8 minutes on one GPU: versions, the CUDA tests, the A/B against fused,
+# the real fused_uvm_caching and ScratchPipe, then the engine benchmark. Everything goes under OUT_DIR; the last file
 # written is OUT_DIR/summary.txt (one line per step) and OUT_DIR/summary.json.
 #
 # Usage (from anywhere; the project is imported from this checkout through PYTHONPATH only):
@@ -12,9 +12,16 @@
 #   GPU_CHECK_DEVICE     "cuda" (default); "cpu" runs the benchmark and A/B steps on CPU instead
 #                        of skipping them (a rehearsal of their command lines, with SCALE=small)
 # Steps that need CUDA report "skipped: no CUDA" without it; a failing step never stops the next.
+# A test step whose tests were all skipped reports "skipped", never "ok".
 set -uo pipefail
 
-OUT=${1:?usage: bash scripts/gpu_check.sh OUT_DIR}
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+case "${1:-}" in
+  -h|--help) usage; exit 0 ;;
+  "") usage >&2; exit 2 ;;
+  -*) echo "gpu_check.sh: unknown option '$1' (usage: bash scripts/gpu_check.sh OUT_DIR)" >&2; exit 2 ;;
+esac
+OUT=$1
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
 SCALE=${GPU_CHECK_SCALE:-full}
@@ -64,20 +71,45 @@ step() {
     124 | 137) status="timeout after ${limit}s" ;;
     *) status="failed (exit $rc)" ;;
   esac
+  if [ -f "$OUT/$name.xml" ] && [ "$rc" != 124 ] && [ "$rc" != 137 ]; then
+    status=$(junit_status "$OUT/$name.xml" "$status")
+  fi
   printf '%s\t%s\t%s\n' "$name" "$status" "$(($(date +%s) - t0))" >> "$STEPS_TSV"
   echo "$name: $status in $(($(date +%s) - t0))s (log: $name.log)" | tee -a "$SUMMARY"
 }
 
+# junit_status XML STATUS: a pytest step's status from its counts: "skipped (N of N tests
+# skipped)" when nothing ran, else STATUS with the counts ("ok: 20 passed, 2 skipped").
+junit_status() {
+  timeout 60 "$PY" - "$1" "$2" <<'EOF' 2>/dev/null || echo "$2"
+import sys
+import xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+suites = [root] if root.tag == "testsuite" else list(root)
+n = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+ran = n["tests"] - n["skipped"]
+if n["tests"] and ran == 0:
+    print(f"skipped ({n['skipped']} of {n['tests']} tests skipped)")
+else:
+    bad = f", {n['failures']} failed, {n['errors']} errors" if n["failures"] or n["errors"] else ""
+    print(f"{sys.argv[2]}: {ran - n['failures'] - n['errors']} passed{bad}, {n['skipped']} skipped")
+EOF
+}
+
+THREADS=()
+[ "$DEVICE" = cuda ] && THREADS=(--threads 0)  # the host's own thread count next to a GPU
+
 if [ "$SCALE" = small ]; then
   BENCH_ARGS=(--tables 2 --rows 20000 --dim 16 --batch-size 256 --steps 6 --warmup 2 --block 3)
-  AB_ARGS=(--tables 2 --rows 20000 --dim 16 --batch-size 256 --steps 6 --warmup 2)
+  AB_ARGS=(--tables 2 --rows 20000 --dim 16 --batch-size 256 --lookaheads 1,2 --horizon 3 --steps 12 --warmup 4)
 else
   # 26 tables x 200k rows, 5% on the device (20x the budget); Zipf(1.05) ids
   BENCH_ARGS=(--tables 26 --rows 200000 --dim 64 --batch-size 4096 --load-factor 0.05 --lookahead 4
               --steps 30 --warmup 5 --block 10)
-  # 8 tables x 500k rows, 5% on the device (20x the budget); batch 4096, Zipf(1.05)
-  AB_ARGS=(--tables 8 --rows 500000 --dim 64 --batch-size 4096 --load-factor 0.05 --steps 40 --warmup 8
-           --alpha 1.05 --distribution zipf)
+  # 8 tables x 500k rows, 5% on the device (20x the budget); batch 4096, Zipf(1.05);
+  # timed steps 4H after a warm-up that fills the window (H+1 batches)
+  AB_ARGS=(--tables 8 --rows 500000 --dim 64 --batch-size 4096 --load-factor 0.05 --lookaheads 1,4 --horizon 16
+           --steps 64 --warmup 20 --alpha 1.05 --distribution zipf)
 fi
 
 step versions 60 0 "$PY" - "$OUT/versions.json" <<'EOF'
@@ -109,13 +141,15 @@ json.dump(info, open(sys.argv[1], "w"), indent=2)
 print(json.dumps(info, indent=2))
 EOF
 
-step test_cuda 180 0 "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/test_cuda.xml" tests/test_cuda.py
+step test_cuda 150 0 "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/test_cuda.xml" \
+  tests/test_cuda.py tests/test_cuda_races.py
+
+# the A/B before the benchmark: a run that runs out of budget still ends with its report
+step ab 200 $NEEDS_CUDA "$PY" -m torchrec_scratchpipe.ab --device "$DEVICE" --arms fused,fused_uvm_caching,scratchpipe \
+  "${AB_ARGS[@]}" "${THREADS[@]}" --no-progress --out "$OUT/ab"
 
 step bench_engine 80 $NEEDS_CUDA "$PY" -m torchrec_scratchpipe.bench.engine --device "$DEVICE" "${BENCH_ARGS[@]}" \
   --json "$OUT/bench_engine.json"
-
-step ab 180 $NEEDS_CUDA "$PY" -m torchrec_scratchpipe.ab --device "$DEVICE" --arms fused,fused_uvm_caching,scratchpipe \
-  --lookaheads 1,4 --horizon 64 "${AB_ARGS[@]}" --no-progress --out "$OUT/ab"
 
 # summary.json: the steps, the test counts and the headline numbers (plain Python, no project import)
 timeout 60 "$PY" - "$OUT" "$HAS_CUDA" "$(($(date +%s) - START))" <<'EOF' >> "$SUMMARY" 2>&1

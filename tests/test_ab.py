@@ -113,7 +113,7 @@ def test_main_job_as_documented_is_quiet_and_shows_the_point(tmp_path: Path) -> 
     root = Path(__file__).resolve().parent.parent
     # A fresh shell's environment: no rendezvous port inherited from this test process's group.
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    env["PYTHONPATH"] = str(root)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)  # this checkout first
     proc = subprocess.run([sys.executable, "-m", "torchrec_scratchpipe.ab", "--out", str(tmp_path), "--no-progress"],
                           capture_output=True, text=True, timeout=600, cwd=root, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

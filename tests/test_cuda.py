@@ -144,8 +144,8 @@ def test_staging_ring_is_pinned_and_store_pageable() -> None:
     c.train(len(c.batches))
     c.check()
     for g in c.emb.groups.values():
-        ring = g.mover.ring
-        assert ring is not None and all(b.index.is_pinned() for b in ring.buffers)
+        for ring in (g.mover.ring_in, g.mover.ring_out):
+            assert ring is not None and all(b.index.is_pinned() for b in ring.buffers)
         assert not g.store.weights.is_pinned()  # the backing store stays pageable
 
 

@@ -22,8 +22,8 @@ from torchrec_scratchpipe import compat
 from torchrec_scratchpipe.core.plan import SlotPlanner
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.core.layout import RowLayout
-from torchrec_scratchpipe.core.mover import staging_ring
-from torchrec_scratchpipe.core.staging import StagingRing
+from torchrec_scratchpipe.core.mover import staging_rings
+from torchrec_scratchpipe.core.staging import staging_host_bytes
 from torchrec_scratchpipe.core.store import BackingStore
 from torchrec_scratchpipe.distributed.kernel import engine_config
 from torchrec_scratchpipe.distributed.types import FUSED_PARAMS_KEY, ScratchPipeTableParams, to_runtime_sharding
@@ -85,7 +85,7 @@ def test_plan_shows_kernel_and_storage(device: str, caplog: pytest.LogCaptureFix
         device_part = r["scratchpad_bytes"] + r["staging_bytes"]
         if device == "cuda":  # device memory: scratchpad + staging (+ io); host: backing store
             assert so_shard.storage.ddr == r["backing_store_bytes"] + r["host_staging_bytes"]
-            assert r["host_staging_bytes"] == StagingRing.host_bytes(r["slots"], row_bytes) > 0
+            assert r["host_staging_bytes"] == staging_host_bytes(r["slots"], row_bytes, r["rows_per_step"]) > 0
             assert device_part < so_shard.storage.hbm < device_part + 2 * 1024 * 1024
         else:  # one memory on CPU; no pinned staging
             assert so_shard.storage.hbm == 0 and r["host_staging_bytes"] == 0
@@ -104,11 +104,11 @@ def test_host_estimate_matches_allocations(lf: float) -> None:
     for r, shard in zip(planner.scratchpipe_summary, _options(planner, "big_table")[0].shards):
         store = BackingStore([r["rows"]], RowLayout(FP["optimizer"], 64))
         slots = SlotPlanner(r["rows"], r["slots"])
-        ring = staging_ring(store, r["slots"], pin=False)  # pinned on CUDA: same bytes (powers of two)
-        allocated = store.nbytes() + ring.nbytes() + _nbytes(
+        rings = staging_rings(store, r["slots"], pin=False, rows_per_step=r["rows_per_step"])  # pinned on CUDA: same bytes
+        allocated = store.nbytes() + sum(ring.nbytes() for ring in rings) + _nbytes(
             [slots.row_to_slot, slots._tag, slots.slot_to_row, slots.last_use, slots.queue.slots, slots.queue.stamps]
         )
-        assert ring.nbytes() == r["host_staging_bytes"]
+        assert sum(ring.nbytes() for ring in rings) == r["host_staging_bytes"]
         assert abs(shard.storage.ddr - allocated) <= 0.05 * allocated, (shard.storage.ddr, allocated)
 
 

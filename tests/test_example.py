@@ -56,9 +56,10 @@ def test_kernel_choice_per_table_and_errors() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not (Path(sys.executable).parent / "torchx").exists(), reason="needs torchx (not in the GPU kit)")
 def test_torchx_launch_two_processes() -> None:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               PYTHONPATH=str(ROOT))  # this checkout, also where another one is installed in the venv
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))  # this checkout first
     torchx = Path(sys.executable).parent / "torchx"
     cmd = [str(torchx), "run", "-s", "local_cwd", "torchrec_scratchpipe/components.py:train", "--nproc_per_node", "2",
            "--", *SMALL, "--steps", "4", "--sharding-type", "row_wise"]

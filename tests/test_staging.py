@@ -11,20 +11,20 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from engine_utils import FullTableReference, make_tables, power_law_stream, train_and_compare, window_capacity
 from torchrec_scratchpipe import ScratchPipeConfig, ScratchPipeEmbeddingBags
 from torchrec_scratchpipe.core.layout import RowLayout
-from torchrec_scratchpipe.core.mover import Mover, staging_ring
-from torchrec_scratchpipe.core.staging import StagingRing
+from torchrec_scratchpipe.core.mover import Mover, staging_ring, staging_rings
+from torchrec_scratchpipe.core.staging import RING_BUFFERS, StagingRing, ring_buffers, staging_host_bytes
 from torchrec_scratchpipe.core.store import BackingStore
 
 ROWS = [997, 300, 61]
 
 
 def _staged(emb: ScratchPipeEmbeddingBags, buffer_bytes: int, buffers: int) -> List[StagingRing]:
-    """Give every group of a fresh engine a staged mover with a small ring (forces chunks)."""
-    rings = []
+    """Give every group of a fresh engine a staged mover with small rings (forces chunks)."""
+    rings: List[StagingRing] = []
     for g in emb.groups.values():
-        ring = staging_ring(g.store, g.capacity, pin=False, buffers=buffers, buffer_bytes=buffer_bytes)
-        g.mover = Mover(g.store, g.pad, g.stats, ring=ring)
-        rings.append(ring)
+        pair = staging_rings(g.store, g.capacity, pin=False, buffers=buffers, buffer_bytes=buffer_bytes)
+        g.mover = Mover(g.store, g.pad, g.stats, rings=pair)
+        rings.extend(pair)
     return rings
 
 
@@ -84,7 +84,7 @@ def test_victims_land_before_their_rows_are_collected_again() -> None:
     group = next(iter(emb.groups.values()))
     store, pad = group.store, group.pad
     store.weights.zero_()
-    mover = Mover(store, pad, group.stats, ring=staging_ring(store, 8, pin=False, buffers=4))
+    mover = Mover(store, pad, group.stats, rings=staging_rings(store, 8, pin=False, buffers=4))
     with torch.no_grad():
         pad.weights.copy_(torch.arange(32, dtype=torch.float32).view(8, 4))
     mover._stage_out(torch.tensor([10, 11]), torch.tensor([0, 1]))
@@ -116,3 +116,33 @@ def test_ring_allocates_what_host_bytes_counts(optimizer: EmbOptimType, capacity
         )
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
         assert spans[-1][1] <= ring.nbytes() // len(ring.buffers)
+
+
+@pytest.mark.parametrize("rows_per_step,wraps", [(None, True), ("batch", False)], ids=["default", "sized"])
+def test_rings_sized_for_a_step_never_wrap(rows_per_step: Any, wraps: bool) -> None:
+    """Rings sized from the rows a step moves (here: the most distinct rows of any batch,
+    what the planner's estimate bounds) never come round, within a step or the next, to a
+    buffer still holding that step's copies; the default two small buffers do."""
+    tables = make_tables([997], [8])
+    stream = power_law_stream([997], 40, 16, seed=7)
+    cfg = ScratchPipeConfig(cache_rows=window_capacity(stream, [997], 1), lookahead=1, learning_rate=0.1, background_planning=False)
+    emb = ScratchPipeEmbeddingBags(tables, cfg)
+    (g,) = emb.groups.values()
+    per_step = max(int(k.values().unique().numel()) for k in stream) if rows_per_step == "batch" else None
+    pair = staging_rings(g.store, g.capacity, pin=False, buffer_bytes=1 << 10, rows_per_step=per_step)
+    g.mover = Mover(g.store, g.pad, g.stats, rings=pair)
+    ref = FullTableReference(tables, cfg.optimizer, lr=0.1)
+    ref.load(emb.table_weights())
+    train_and_compare(emb, ref, stream, 1, seed=1)
+    assert emb.stats()[g.name]["d2h_rows"] > 0 and all(r.rows < per_step for r in pair if per_step)
+    assert (sum(r.wraps for r in pair) > 0) == wraps, [(len(r.buffers), r.rows, r.wraps) for r in pair]
+
+
+def test_ring_buffers_from_rows_per_step() -> None:
+    row = 64 * 4 + 4
+    per_buffer = StagingRing.rows_per_buffer(10**6, row)
+    assert ring_buffers(None, per_buffer) == RING_BUFFERS
+    assert ring_buffers(per_buffer, per_buffer) == 2 and ring_buffers(per_buffer + 1, per_buffer) == 4
+    ring = StagingRing(row, 10**6, pin=False, rows_per_step=3 * per_buffer, buffer_bytes=1 << 24)
+    assert len(ring.buffers) == 6 and ring.nbytes() == StagingRing.host_bytes(10**6, row, rows_per_step=3 * per_buffer)
+    assert staging_host_bytes(10**6, row, 3 * per_buffer) == 2 * ring.nbytes()

@@ -132,15 +132,23 @@ class ModelSpec:
         return {k: v.detach().clone() for k, v in self.build(torch.device("cpu")).state_dict().items()}
 
 
+def default_backend() -> str:
+    """The process-group backend of the tools: gloo for CPU tensors, and NCCL for CUDA
+    tensors where CUDA and NCCL are available (what TorchRec trains with on GPUs)."""
+    if torch.cuda.is_available() and dist.is_nccl_available():
+        return "cpu:gloo,cuda:nccl"
+    return "gloo"
+
+
 def init_single_process_group() -> dist.ProcessGroup:
-    """A world-size-1 gloo group on 127.0.0.1 (no-op when one exists)."""
+    """A world-size-1 group on 127.0.0.1 (``default_backend()``; no-op when one exists)."""
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        dist.init_process_group(default_backend(), rank=0, world_size=1)
     return dist.GroupMember.WORLD  # type: ignore[return-value]
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -10,6 +10,7 @@ import torch
 from torchrec.datasets.utils import Batch
 from tqdm import tqdm
 
+from torchrec_scratchpipe.bench.timing import StepTimer
 from torchrec_scratchpipe.core.layout import RowLayout
 from torchrec_scratchpipe.distributed.stats import cache_stats, scratchpipe_kernels
 from torchrec_scratchpipe.training import AnySpec, KernelChoice, build_trainer, local_table_weights
@@ -22,7 +23,9 @@ class ArmResult:
     Args:
         label: arm name in reports.
         simulated: True when the numbers come from the cache simulator, not training.
-        step_s: wall time of each timed step (empty when simulated).
+        step_s: time of each timed step (empty when simulated): on CPU its wall time; on
+            CUDA the device time since the previous step ended (CUDA events, one
+            synchronize per ``TIMING_BLOCK`` steps: the host runs ahead as in training).
         losses: loss of every step (empty when simulated).
         breakdown_s: per timed step, seconds by part: ``planner``, ``mover``, ``wait`` (for the
             background planner) and ``rest`` on the training thread, and ``background`` (planning
@@ -61,6 +64,10 @@ class ArmResult:
     notes: List[str] = field(default_factory=list)
     error: Optional[str] = None
     weights: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+
+#: Steps timed between two device synchronizations on CUDA.
+TIMING_BLOCK = 16
 
 
 def _sp_counters(model: torch.nn.Module) -> Dict[str, float]:
@@ -106,29 +113,41 @@ def run_arm(
     bar = tqdm(total=len(batches), desc=choice.label, disable=not progress, leave=False)
     before = _sp_counters(trainer.model)
     result.breakdown_s = {"planner": [], "mover": [], "wait": [], "rest": [], "background": []}
+    # CUDA: events and one synchronize per block, no per-step wait (see bench/timing.py)
+    timer = StepTimer(device)
+    elapsed: List[float] = []
+    losses: List[torch.Tensor] = []
+    deltas: List[Dict[str, float]] = []
     step = 0
     while True:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        timer.begin()
         try:
             out = trainer.pipeline.progress(it)
         except StopIteration:
             break
-        loss = float(out[0])  # forces the step to finish
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - t0
+        if timer.cuda:
+            timer.end()
+            losses.append(out[0].detach())
+        else:
+            losses.append(out[0].detach().float())  # on CPU the step is done: read it, then stop the clock
+            timer.end()
         after = _sp_counters(trainer.model)
-        d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+        deltas.append({k: after.get(k, 0.0) - before.get(k, 0.0) for k in after})
         before = after
-        result.losses.append(loss)
+        step += 1
+        if step % TIMING_BLOCK == 0:
+            elapsed.extend(timer.flush())
+        bar.update(1)
+    elapsed.extend(timer.flush())
+    bar.close()
+    result.losses = [float(x) for x in losses]
+    for i, (d, seconds) in enumerate(zip(deltas, elapsed)):
         result.h2d_rows.append(int(d.get("h2d_rows", 0)))
         result.d2h_rows.append(int(d.get("d2h_rows", 0)))
         result.h2d_bytes.append(int(d.get("h2d_bytes", 0)))
         result.d2h_bytes.append(int(d.get("d2h_bytes", 0)))
-        if step >= warmup:
-            result.step_s.append(elapsed)
+        if i >= warmup:
+            result.step_s.append(seconds)
             # on the training thread; the background planner's share overlaps training
             background = d.get("planner_background_s", 0.0) + d.get("mover_background_s", 0.0)
             planner = d.get("planner_s", 0.0) - d.get("planner_background_s", 0.0)
@@ -136,10 +155,16 @@ def run_arm(
             wait = d.get("blocked_s", 0.0)
             for part, value in (("planner", planner), ("mover", mover), ("wait", wait), ("background", background)):
                 result.breakdown_s[part].append(value)
-            result.breakdown_s["rest"].append(elapsed - planner - mover - wait)
-        step += 1
-        bar.update(1)
-    bar.close()
+            result.breakdown_s["rest"].append(seconds - planner - mover - wait)
+    if choice.kernel == "scratchpipe":
+        h = choice.horizon if choice.horizon is not None else choice.lookahead
+        if warmup < h + 1 or len(elapsed) - warmup < 4 * h:
+            note = (
+                f"{len(elapsed) - warmup} timed steps after {warmup} warm-up with H={h}: the timings "
+                f"include filling the window; time at least 4H={4 * h} steps after at least H+1={h + 1} warm-up."
+            )
+            result.notes.append(note)
+            print(f"note: {choice.label}: {note}", file=sys.stderr)
     totals = _sp_counters(trainer.model)
     result.lookups = int(totals.get("lookups", 0))
     result.unique_rows = int(totals.get("unique_rows", 0))

@@ -18,7 +18,7 @@ from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.core.layout import RowLayout, check_optimizer, state_names
 from torchrec_scratchpipe.core.group import POOLING, GroupBatch, TableGroup, check_unpooled, pooling_of
 from torchrec_scratchpipe.core.plan import CapacityError
-from torchrec_scratchpipe.core.validate import HostIds, check_kjt, host_ids, split_groups
+from torchrec_scratchpipe.core.validate import HostIds, check_kjt, host_ids, split_groups, to_device
 from torchrec_scratchpipe.core.window import WindowEntry
 from torchrec_scratchpipe.core.worker import PlanWorker
 from torchrec_scratchpipe.defaults import check_window
@@ -35,6 +35,20 @@ class PreparedBatch:
     kjt: KeyedJaggedTensor
     per_group: List[Tuple[_Bags, torch.Tensor, torch.Tensor]]  # ((offsets, weights), rows, ids) per group
     seconds: float
+    counts: List[int] = dataclasses.field(default_factory=list)  # ids per feature, from the host copy
+
+    def hand_to(self, stream: Any) -> None:
+        """Hand the batch's device tensors (bag offsets, per-sample weights), made on the
+        current stream, to the CUDA ``stream`` its forward will run on: ``stream`` waits
+        for the current stream's work so far, and the allocator keeps the tensors until
+        ``stream``'s use of them is done (``record_stream``). Nothing to do on CPU.
+        """
+        tensors = [t for (offsets, weights), _, _ in self.per_group for t in (offsets, weights) if t is not None and t.is_cuda]
+        if not tensors:
+            return
+        stream.wait_stream(torch.cuda.current_stream(tensors[0].device))
+        for t in tensors:
+            t.record_stream(stream)
 
 
 @dataclass
@@ -43,6 +57,7 @@ class _Queued:
 
     token: int
     kjt: KeyedJaggedTensor
+    counts: List[int]  # ids per feature (host): what an unpooled forward splits by
 
 
 class ScratchPipeEmbeddingBags(torch.nn.Module):
@@ -66,6 +81,9 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             writes the whole packed store, ``.clone()`` it first). False: one contiguous
             tensor per value (what TorchRec's ``ShardedTensor`` needs; the TorchRec
             kernel uses it).
+        staging_rows: rows a step is expected to move into (and out of) each table, by
+            name (e.g. the planner's estimate); a group's staging rings on CUDA are sized
+            for the sum over its tables. None: their default size.
 
     Example::
 
@@ -88,6 +106,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         config: ScratchPipeConfig,
         device: Optional[torch.device] = None,
         packed_store: bool = True,
+        staging_rows: Optional[Dict[str, int]] = None,
     ) -> None:
         super().__init__()
         self.device = device or torch.device("cpu")
@@ -107,7 +126,10 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
                 raise ValueError(f"table {t.name!r}: pooling {pooling_of(t)} is not supported (use SUM, MEAN or NONE).")
             tag = RowLayout.for_table(config.optimizer, t).group_tag  # weight dtypes train apart
             by_key.setdefault(f"dim{t.embedding_dim}_{pooling_of(t).name.lower()}{tag}", []).append(t)
-        self.groups: Dict[str, TableGroup] = {k: TableGroup(k, v, config, self.device, packed_store) for k, v in by_key.items()}
+        per_step = {k: sum((staging_rows or {}).get(t.name, 0) for t in v) or None for k, v in by_key.items()}
+        self.groups: Dict[str, TableGroup] = {
+            k: TableGroup(k, v, config, self.device, packed_store, per_step[k]) for k, v in by_key.items()
+        }
         for i, g in enumerate(self.groups.values()):
             self.add_module(f"scratchpad_{i}", g.pad)
         self.tables = list(tables)
@@ -132,18 +154,22 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         self._dirty = False  # slots may hold updates the store has not seen (flush writes them back)
         self._stale = False  # the store was loaded: resident slots must be refreshed from it
         self.owner: Any = None  # the pipeline whose batches are queued (set by that pipeline)
+        self._counts: List[int] = []  # ids per feature of the batch the latest forward looked up
         for g in self.groups.values():
             g.init_weights()
 
     # ---------------------------------------------------------------- batches in
-    def _rows(self, kjt: KeyedJaggedTensor, host: Optional[HostIds] = None) -> List[Tuple[_Bags, torch.Tensor, torch.Tensor]]:
+    def _rows(
+        self, kjt: KeyedJaggedTensor, host: Optional[HostIds] = None
+    ) -> Tuple[List[Tuple[_Bags, torch.Tensor, torch.Tensor]], List[int]]:
         """Validate on the host copy; return, per group, ((offsets, weights) on the device,
-        distinct rows, group row of each id)."""
+        distinct rows, group row of each id), and the ids of each feature."""
         host = host if host is not None else host_ids(kjt, self.intake_stream)
         per_feature = check_kjt(host, self.feature_names, self._feature_tables, self._feature_rows)[1]
         counts = per_feature[self._split_order].split(self._split_sizes)
         parts = split_groups(kjt, host, per_feature, self._group_features, self.device)
-        return [((offsets, weights), *g.rows_of(ids, n)) for g, (ids, offsets, weights), n in zip(self.groups.values(), parts, counts)]
+        per_group = [((offsets, weights), *g.rows_of(ids, n)) for g, (ids, offsets, weights), n in zip(self.groups.values(), parts, counts)]
+        return per_group, per_feature.tolist()  # a host tensor: no device sync
 
     def prefetch(self, kjt: KeyedJaggedTensor, host: Optional[HostIds] = None) -> int:
         """Announce a future batch; return its token (pass it to ``pooled`` to name the batch).
@@ -170,10 +196,10 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             ValueError, CapacityError: as ``prefetch``.
         """
         t0 = time.perf_counter()
-        per_group = self._rows(kjt, host)
+        per_group, counts = self._rows(kjt, host)
         for g, (_, rows, _) in zip(self.groups.values(), per_group):
             g.window.check_fits(rows)  # the batch's one capacity check, before any group queues it
-        return PreparedBatch(kjt, per_group, time.perf_counter() - t0)
+        return PreparedBatch(kjt, per_group, time.perf_counter() - t0, counts)
 
     def enqueue(self, batch: PreparedBatch) -> int:
         """Queue a prepared batch (see ``prefetch``); return its token."""
@@ -189,7 +215,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             g.stats.planner_s += time.perf_counter() - t1
             g.read_ahead(entry)
         token = next(self._tokens)
-        self._queue.append(_Queued(token, batch.kjt))
+        self._queue.append(_Queued(token, batch.kjt, batch.counts))
         return token
 
     def _plan_ahead(self) -> None:
@@ -241,7 +267,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         if head is not None and (head.token == token if token is not None else head.kjt is kjt):
             return self._train_head(train)
         if not train:
-            parts = self._rows(kjt)
+            parts, self._counts = self._rows(kjt)
             return self._join([g.lookup(ids, *dev, self.device) for g, (dev, _, ids) in zip(self.groups.values(), parts)])
         if head is not None or token is not None:
             raise ValueError(
@@ -260,7 +286,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         for g in self.groups.values():
             if not g.window.plan_head():
                 raise CapacityError(g.capacity_message(g.window.pending[0]))
-        self._queue.popleft()
+        self._counts = self._queue.popleft().counts
         entries = [g.window.take(fill=False) for g in self.groups.values()]
         plan_first = train and self._background  # the thread plans ahead while this batch trains
         if plan_first:
@@ -273,7 +299,8 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
                 g.stats.train_misses += int((g.planner.slot_to_row[plan.slots] != plan.rows).sum())
                 g.stats.steps += 1
                 g.mover.wait_ready(batch.ready)
-                slot_idx = g.planner.row_to_slot.index_select(0, batch.ids).to(self.device, torch.int64, non_blocking=True)
+                # through pinned memory on CUDA: a pageable copy would make the host wait
+                slot_idx = to_device(g.planner.row_to_slot.index_select(0, batch.ids), self.device).to(self.device, torch.int64)
                 out = g.pad(slot_idx, batch.offsets, batch.weights)
                 node = _update_node(out) if train else None
                 if node is None:  # no update will run: the slots are free once the reads are issued
@@ -318,8 +345,10 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         pooled embeddings, or for unpooled tables ``{feature: JaggedTensor}`` as
         TorchRec's ``EmbeddingCollection`` returns."""
         if self.unpooled:
-            values = torch.split(self.embeddings(kjt), kjt.length_per_key())
-            return {f: JaggedTensor(values=v, lengths=kjt[f].lengths()) for f, v in zip(self.feature_names, values)}
+            # split by the host copy's counts and a view of the lengths: no device sync
+            values = torch.split(self.embeddings(kjt), self._counts)
+            lengths = kjt.lengths().view(len(self.feature_names), -1)
+            return {f: JaggedTensor(values=v, lengths=n) for f, v, n in zip(self.feature_names, values, lengths)}
         return KeyedTensor(keys=self.feature_names, length_per_key=self._dims, values=self.pooled(kjt))
 
     # ---------------------------------------------------------------- state
@@ -327,6 +356,31 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         """Per-group counters (``GroupStats``, their only owner), plus ``capacity``."""
         self._sync()
         return {name: dict(g.stats.as_dict(), capacity=g.capacity) for name, g in self.groups.items()}
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "ScratchPipeEmbeddingBags":
+        """``Module._apply`` (``.to``, ``.cuda``, ``.half``, ``to_empty``, TorchRec's DDP
+        wrapping): nothing of the engine is moved, cast or copied.
+
+        The backing store stays in host memory (tables larger than device memory are the
+        point), and the scratchpad, its streams and staging buffers stay on the device the
+        engine was built for, with the tables' own precision (their ``data_type``; a cast
+        such as ``.half()`` changes the model's other tensors only). A call that keeps the
+        device, as DDP's ``.to(device)`` does, is therefore a no-op here; one that asks for
+        another device raises (the engine changes nothing).
+
+        Raises:
+            ValueError: ``fn`` moves tensors to another device than the scratchpad's.
+        """
+        pad = next(iter(self.groups.values())).pad.weights
+        probe = torch.empty(0, dtype=pad.dtype, device=pad.device)
+        moved = fn(probe)
+        if isinstance(moved, torch.Tensor) and moved.device != probe.device:
+            raise ValueError(
+                f"ScratchPipe tables {[t.name for t in self.tables]} cannot move from {probe.device} to "
+                f"{moved.device}: the backing store stays in host memory and the scratchpad on the device "
+                "the engine (or the DMP) was built with. Build it with that device instead."
+            )
+        return self
 
     def __getstate__(self) -> Dict[str, Any]:
         """Copies (deepcopy, pickling) are taken once the background planner is idle, so

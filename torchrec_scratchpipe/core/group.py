@@ -47,6 +47,8 @@ class TableGroup:
         device: where the scratchpad lives.
         packed_store: rows packed in the store, or one contiguous region per value
             (see ``BackingStore(packed=...)``).
+        rows_per_step: rows a step is expected to move each way (sizes the mover's
+            staging rings on CUDA; None: their default size).
 
     Example::
 
@@ -57,7 +59,13 @@ class TableGroup:
     """
 
     def __init__(
-        self, name: str, tables: List[Any], config: ScratchPipeConfig, device: torch.device, packed_store: bool = True
+        self,
+        name: str,
+        tables: List[Any],
+        config: ScratchPipeConfig,
+        device: torch.device,
+        packed_store: bool = True,
+        rows_per_step: Optional[int] = None,
     ) -> None:
         self.name = name
         self.tables = tables
@@ -74,7 +82,7 @@ class TableGroup:
         )
         self.stats = GroupStats()
         self.planner = SlotPlanner(self.store.num_rows, self.capacity, config.victim_policy)
-        self.mover = Mover(self.store, self.pad, self.stats)
+        self.mover = Mover(self.store, self.pad, self.stats, rows_per_step=rows_per_step)
         self.window = PlanWindow(
             self.planner, config.lookahead, config.effective_horizon, self._on_planned,
             name=f"table group {name!r} (tables {[t.name for t in tables]})", stats=self.stats,

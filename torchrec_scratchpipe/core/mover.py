@@ -1,7 +1,9 @@
 """Stages 2-4 and 6: collect, exchange, insert and write-back of one table group.
 
-On CPU the stages run in order inside ``move_in``. On CUDA rows travel through a fixed
-ring of pinned staging buffers (``StagingRing``) and the copies run on a side stream:
+On CPU the stages run in order inside ``move_in``. On CUDA rows travel through two fixed
+rings of pinned staging buffers (``StagingRing``: one for rows coming in, one for victims
+going out, each sized from the rows a step is expected to move) and the copies run on a
+side stream:
 
 - rows moving in are gathered straight into a buffer as packed rows (weights and
   optimizer state together, ``core/store.py``), copied to the device as one tensor, and
@@ -34,9 +36,15 @@ from torchrec_scratchpipe.core.store_api import RowStore
 _Incoming = Tuple[torch.Tensor, torch.Tensor]  # device slots, device packed rows
 
 
-def staging_ring(store: RowStore, capacity: int, pin: bool = True, **kw: int) -> StagingRing:
-    """The staging ring a mover of ``store`` with ``capacity`` slots uses (see ``StagingRing``)."""
+def staging_ring(store: RowStore, capacity: int, pin: bool = True, **kw: Any) -> StagingRing:
+    """One staging ring for a mover of ``store`` with ``capacity`` slots (see ``StagingRing``)."""
     return StagingRing(store.layout.bytes_per_row, capacity, pin=pin, **kw)
+
+
+def staging_rings(store: RowStore, capacity: int, pin: bool = True, **kw: Any) -> Tuple[StagingRing, StagingRing]:
+    """The two rings (rows in, victims out) a mover uses; ``kw`` as for ``StagingRing``
+    (``rows_per_step``: the rows a step is expected to move each way)."""
+    return staging_ring(store, capacity, pin, **kw), staging_ring(store, capacity, pin, **kw)
 
 
 class Mover:
@@ -46,8 +54,11 @@ class Mover:
         store: host-side full tables (pageable memory).
         pad: device-side slots.
         stats: counters to update (rows and bytes each way).
-        ring: staging buffers. None: a pinned ring on CUDA, direct copies on CPU. A ring
-            given on CPU runs the staged path without streams (to test it).
+        rings: staging buffers, ``(in, out)``. None: pinned rings on CUDA
+            (``staging_rings``), direct copies on CPU. Rings given on CPU run the staged
+            path without streams (to test it).
+        rows_per_step: rows a step is expected to move each way (sizes the default rings;
+            None: ``RING_BUFFERS`` buffers each).
 
     Example::
 
@@ -57,7 +68,12 @@ class Mover:
     """
 
     def __init__(
-        self, store: RowStore, pad: Scratchpad, stats: GroupStats, ring: Optional[StagingRing] = None
+        self,
+        store: RowStore,
+        pad: Scratchpad,
+        stats: GroupStats,
+        rings: Optional[Tuple[StagingRing, StagingRing]] = None,
+        rows_per_step: Optional[int] = None,
     ) -> None:
         self.store = store
         self.pad = pad
@@ -66,7 +82,11 @@ class Mover:
         self.cuda = self.device.type == "cuda"
         self.row_bytes = store.layout.bytes_per_row
         self.stream: Optional["torch.cuda.Stream"] = torch.cuda.Stream(self.device) if self.cuda else None
-        self.ring = ring if ring is not None or not self.cuda else staging_ring(store, pad.weights.shape[0])
+        self.rows_per_step = rows_per_step
+        if rings is None and self.cuda:
+            rings = staging_rings(store, pad.weights.shape[0], rows_per_step=rows_per_step)
+        self.ring_in: Optional[StagingRing] = rings[0] if rings is not None else None
+        self.ring_out: Optional[StagingRing] = rings[1] if rings is not None else None
         self._retired: Optional["torch.cuda.Event"] = None
         self._pending: Deque[StagingBuffer] = deque()  # victims waiting for the store, oldest first
 
@@ -81,12 +101,14 @@ class Mover:
         self.stats.h2d_rows += plan.miss_rows.numel()
         self.stats.d2h_bytes += plan.victim_rows.numel() * self.row_bytes
         self.stats.h2d_bytes += plan.miss_rows.numel() * self.row_bytes
-        if self.ring is None:
+        if self.ring_in is None or self.ring_out is None:
             if plan.victim_rows.numel():
                 self.store.scatter(plan.victim_rows, self._read(plan.victim_slots))
             if plan.miss_rows.numel():
                 self._insert(plan.miss_slots, self.store.gather(plan.miss_rows))
             return None
+        self.ring_in.begin_step()
+        self.ring_out.begin_step()
         self._land_overlapping(plan.miss_rows)  # hazard 2: collect reads current rows
         with self._side():
             incoming = self._stage_in(plan.miss_rows, plan.miss_slots)
@@ -106,18 +128,18 @@ class Mover:
         self.pad.read(slots, out=self.store.views(packed))
         return packed
 
-    def _chunks(self, rows: torch.Tensor, slots: torch.Tensor) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        assert self.ring is not None
-        step = self.ring.rows
+    @staticmethod
+    def _chunks(ring: StagingRing, rows: torch.Tensor, slots: torch.Tensor) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        step = ring.rows
         for i in range(0, rows.numel(), step):
             yield rows[i : i + step], slots[i : i + step]
 
     def _stage_in(self, rows: torch.Tensor, slots: torch.Tensor) -> List[_Incoming]:
         """Gather ``rows`` into staging buffers and start copying them (and ``slots``) to the device."""
-        assert self.ring is not None
+        assert self.ring_in is not None
         out = []
-        for r, s in self._chunks(rows, slots):
-            buf = self.ring.acquire(self._land_through)
+        for r, s in self._chunks(self.ring_in, rows, slots):
+            buf = self.ring_in.acquire()  # holds no victims: those are in ring_out
             n = r.numel()
             staged = buf.rows(n)
             self.store.gather(r, out=staged)
@@ -129,9 +151,9 @@ class Mover:
 
     def _stage_out(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
         """Copy the victims in ``slots`` into staging buffers; they land in the store later."""
-        assert self.ring is not None
-        for r, s in self._chunks(rows, slots):
-            buf = self.ring.acquire(self._land_through)
+        assert self.ring_out is not None
+        for r, s in self._chunks(self.ring_out, rows, slots):
+            buf = self.ring_out.acquire(self._land_through)
             n = r.numel()
             buf.index[:n].copy_(s)
             idx = buf.index[:n].to(self.device, non_blocking=True, copy=True)
@@ -218,7 +240,7 @@ class Mover:
         On CUDA the copy runs on the side stream after everything issued so far on the
         training stream, and the training stream waits for it.
         """
-        if self.ring is None:
+        if self.ring_in is None:
             if rows.numel():
                 self._insert(slots, self.store.gather(rows))
             return

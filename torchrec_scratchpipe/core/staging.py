@@ -11,6 +11,12 @@ copy has completed, so the host never overwrites memory a copy still reads.
 Each buffer is one flat allocation whose size is a power of two: PyTorch's caching host
 allocator rounds pinned blocks up to a power of two, so what ``host_bytes`` counts is
 exactly what pinning allocates.
+
+A mover has one ring per direction (rows in, victims out), each sized from the rows one
+step is expected to move (``ring_buffers``: the planner's estimate): a step's chunks fill
+at most half the ring, so a step never comes round to a buffer it or the step before it
+used, whose copies may still be queued behind that step's backward (``wraps`` counts the
+times it did).
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ from typing import Callable, List, Optional
 
 import torch
 
-#: Buffers in the ring of one table group.
-RING_BUFFERS = 4
+#: Buffers in one ring when nothing says how many rows a step moves.
+RING_BUFFERS = 2
 #: Bytes of one buffer (a power of two) unless the whole scratchpad needs less.
 BUFFER_BYTES = 1 << 24
 #: Bytes of the slot index carried with every staged row (int64).
@@ -30,6 +36,20 @@ INDEX_BYTES = 8
 
 #: Room for aligning the packed rows after the index.
 _SLACK = 64
+
+
+def ring_buffers(rows_per_step: Optional[int], rows_per_buffer: int) -> int:
+    """Buffers of one ring: twice the chunks one step's ``rows_per_step`` rows take (so a
+    step uses buffers the previous step did not), at least ``RING_BUFFERS``.
+
+    Example::
+
+        >>> ring_buffers(None, 1000), ring_buffers(800, 1000), ring_buffers(5000, 1000)
+        (2, 2, 10)
+    """
+    if rows_per_step is None or rows_per_step <= 0:
+        return RING_BUFFERS
+    return max(RING_BUFFERS, 2 * -(-int(rows_per_step) // rows_per_buffer))
 
 
 def _buffer_size(rows: int, row_bytes: int) -> int:
@@ -65,9 +85,10 @@ class StagingRing:
     Args:
         row_bytes: bytes of one packed row (``RowLayout.bytes_per_row``).
         capacity: slots of the scratchpad (no buffer needs more rows than this).
-        buffers: number of buffers.
+        buffers: number of buffers (None: ``ring_buffers(rows_per_step, rows)``).
         buffer_bytes: bytes of one buffer (a power of two) when the scratchpad is larger.
         pin: pin the buffers (ignored without CUDA).
+        rows_per_step: rows one step is expected to move this way (sizes ``buffers``).
 
     Example::
 
@@ -82,10 +103,13 @@ class StagingRing:
         self,
         row_bytes: int,
         capacity: int,
-        buffers: int = RING_BUFFERS,
+        buffers: Optional[int] = None,
         buffer_bytes: int = BUFFER_BYTES,
         pin: bool = True,
+        rows_per_step: Optional[int] = None,
     ) -> None:
+        rows = self.rows_per_buffer(capacity, row_bytes, buffer_bytes)
+        buffers = ring_buffers(rows_per_step, rows) if buffers is None else buffers
         if buffers < 1 or buffer_bytes & (buffer_bytes - 1):
             raise ValueError(f"need >= 1 buffers of a power-of-two size, got {buffers} x {buffer_bytes} bytes.")
         if row_bytes <= 0:
@@ -104,6 +128,13 @@ class StagingRing:
             self.buffers.append(StagingBuffer(packed, index))
         self._next = 0
         self.waits = 0  # times a buffer was still in use when it came round again
+        self.wraps = 0  # times a step came round to a buffer it or the step before it used
+        self._step = 0
+        self._used = [-2] * buffers  # step each buffer was last handed out in
+
+    def begin_step(self) -> None:
+        """A new step's moves start (``wraps`` compares each buffer's last use with it)."""
+        self._step += 1
 
     @staticmethod
     def rows_per_buffer(capacity: int, row_bytes: int, buffer_bytes: int = BUFFER_BYTES) -> int:
@@ -112,12 +143,20 @@ class StagingRing:
         return max(1, min(capacity, fit))
 
     @staticmethod
-    def host_bytes(capacity: int, row_bytes: int, buffers: int = RING_BUFFERS, buffer_bytes: int = BUFFER_BYTES) -> int:
-        """Host memory a ring allocates for a scratchpad of ``capacity`` slots.
+    def host_bytes(
+        capacity: int,
+        row_bytes: int,
+        buffers: Optional[int] = None,
+        buffer_bytes: int = BUFFER_BYTES,
+        rows_per_step: Optional[int] = None,
+    ) -> int:
+        """Host memory one ring allocates for a scratchpad of ``capacity`` slots.
 
-        ``row_bytes`` is what one packed row takes (``RowLayout.bytes_per_row``).
+        ``row_bytes`` is what one packed row takes (``RowLayout.bytes_per_row``); buffers
+        as for the constructor. A mover has two rings (``staging_host_bytes``).
         """
         rows = StagingRing.rows_per_buffer(capacity, row_bytes, buffer_bytes)
+        buffers = ring_buffers(rows_per_step, rows) if buffers is None else buffers
         return buffers * _buffer_size(rows, row_bytes)
 
     def nbytes(self) -> int:
@@ -131,8 +170,12 @@ class StagingRing:
             land: called with the buffer when it still holds victims to scatter into the
                 store (after its copy completed, before it is reused).
         """
-        buf = self.buffers[self._next]
-        self._next = (self._next + 1) % len(self.buffers)
+        i = self._next
+        buf = self.buffers[i]
+        self._next = (i + 1) % len(self.buffers)
+        if self._step - self._used[i] < 2:
+            self.wraps += 1
+        self._used[i] = self._step
         if buf.done is not None:
             if not buf.done.query():
                 self.waits += 1
@@ -142,3 +185,16 @@ class StagingRing:
             land(buf)
         return buf
 
+
+
+def staging_host_bytes(capacity: int, row_bytes: int, rows_per_step: Optional[int] = None) -> int:
+    """Host memory of a mover's two rings (rows in, victims out), each sized for ``rows_per_step``.
+
+    Example::
+
+        >>> # 1M slots of 64-dim fp32 rows with row-wise Adagrad (260 bytes a row), 100k
+        >>> # rows moved each way per step: 2 x 4 buffers of 16 MiB
+        >>> staging_host_bytes(1_000_000, 260, 100_000) / 2**20
+        128.0
+    """
+    return 2 * StagingRing.host_bytes(capacity, row_bytes, rows_per_step=rows_per_step)

@@ -164,7 +164,7 @@ def check_kjt(
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t`` (host) on ``device``: through pinned memory and without a host wait on CUDA."""
-    if device.type != "cuda":
+    if device.type != "cuda" or t.device.type != "cpu":
         return t
     return t.pin_memory().to(device, non_blocking=True)
 

@@ -10,8 +10,10 @@ Storage of one ScratchPipe shard (``r`` rows, ``d`` columns, ``C = ceil(lf * r)`
 - host memory (DDR): the backing store ``r * row`` and the planner's maps
   (``SlotPlanner.host_bytes``: ``8 r`` for the row -> slot map and de-duplication
   scratch, about ``36 C`` for the slot -> row map, last uses and the recency queue),
-  plus on CUDA the mover's ring of pinned staging buffers (``StagingRing.host_bytes``:
-  4 buffers of ``min(C, 16 MiB / (row + 8))`` rows, each rounded up to a power of two).
+  plus on CUDA the mover's two rings of pinned staging buffers, one each way
+  (``staging_host_bytes``: buffers of ``min(C, 16 MiB / (row + 8))`` rows, each rounded up
+  to a power of two, twice as many per ring as the rows a step is expected to move
+  need, at least 2).
 - with a file store (``ScratchPipeConfig.store``, ``core/file_store.py``) the backing
   store's host part is its cache, ``min(r, host_cache_bytes / row)`` rows, and its row ->
   cache-slot map (``FileStore.host_bytes``); the file, ``r * row`` plus its header, is
@@ -58,7 +60,7 @@ from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.core.file_store import FileStore
 from torchrec_scratchpipe.core.layout import TBE_DEFAULT_OPTIMIZER, RowLayout
 from torchrec_scratchpipe.core.plan import SlotPlanner
-from torchrec_scratchpipe.core.staging import StagingRing
+from torchrec_scratchpipe.core.staging import staging_host_bytes
 from torchrec_scratchpipe.defaults import LIBRARY_LOAD_FACTOR
 from torchrec_scratchpipe.distributed.types import SCRATCHPIPE
 
@@ -195,6 +197,7 @@ class ScratchPipeStorageEstimator(ShardEstimator):
                 assert store is not None
                 store_bytes = FileStore.host_bytes(rows, row, int(store.host_cache_bytes or 0))
                 file_bytes = FileStore.file_bytes(rows, layout, packed=False)  # the kernel's store is unpacked
+            per_step = min(slots, math.ceil(rows_moved_per_batch(so, rows, topo.world_size, self._constraints)))
             parts.append(
                 {
                     "rows": rows,
@@ -206,7 +209,8 @@ class ScratchPipeStorageEstimator(ShardEstimator):
                     "file_bytes": file_bytes,
                     "planner_bytes": SlotPlanner.host_bytes(rows, slots),
                     "backing_store_bytes": store_bytes + SlotPlanner.host_bytes(rows, slots),
-                    "host_staging_bytes": StagingRing.host_bytes(slots, row) if on_device else 0,
+                    "rows_per_step": per_step,
+                    "host_staging_bytes": staging_host_bytes(slots, row, per_step) if on_device else 0,
                     "input_bytes": int(in_size),
                     "output_bytes": int(out_sz),
                 }

@@ -10,6 +10,7 @@ dict keys and ``fused_optimizer`` state it builds for ``fused``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
@@ -41,6 +42,7 @@ from torchrec_scratchpipe.core.layout import TBE_DEFAULT_OPTIMIZER, state_names
 from torchrec_scratchpipe.core.engine import PreparedBatch, ScratchPipeEmbeddingBags
 from torchrec_scratchpipe.core.plan import CapacityError
 from torchrec_scratchpipe.defaults import LIBRARY_LOAD_FACTOR
+from torchrec_scratchpipe.distributed.placement import STORE_DEVICE, placed_tables
 from torchrec_scratchpipe.distributed.types import FUSED_PARAMS_KEY, ScratchPipeTableParams
 
 
@@ -159,6 +161,12 @@ class _EngineTable:
     init_fn: Optional[Callable[[torch.Tensor], Any]] = field(default=None, repr=False)
 
 
+def _staging_rows(config: GroupedEmbeddingConfig) -> Dict[str, int]:
+    """Rows a step is expected to move per table of ``config`` (the plan's estimate)."""
+    params = (config.fused_params or {}).get(FUSED_PARAMS_KEY)
+    return dict(params.staging_rows) if params is not None else {}
+
+
 class _EngineAdapter:
     """What ``EmbeddingFusedOptimizer`` expects of a TBE, answered by the engine."""
 
@@ -254,6 +262,9 @@ class ScratchPipeEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
         sharding_type: Optional[ShardingType] = None,
     ) -> None:
         super().__init__()
+        # The shards' tensors are store views in host memory, whatever device the plan
+        # names: their ShardedTensor metadata says so (``placement.py``).
+        config = dataclasses.replace(config, embedding_tables=placed_tables(config.embedding_tables, STORE_DEVICE))
         self._config = config
         self._pg = pg
         self._sharding_type = sharding_type
@@ -277,7 +288,9 @@ class ScratchPipeEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
         self._device = device if device is not None else torch.device("cpu")
         try:
             # ShardedTensor local shards must be contiguous: one tensor per value, not packed rows
-            self._engine = ScratchPipeEmbeddingBags(engine_tables, self._sp_config, self._device, packed_store=False)
+            self._engine = ScratchPipeEmbeddingBags(
+                engine_tables, self._sp_config, self._device, packed_store=False, staging_rows=_staging_rows(config)
+            )
         except ValueError as e:
             raise ValueError(f"ScratchPipe tables {self._names}: {e}") from e
         self._state_names: List[str] = state_names(self._sp_config.optimizer)
@@ -286,6 +299,8 @@ class ScratchPipeEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
         states = self._engine.optimizer_states()
         self._weights: List[torch.Tensor] = [weights[n] for n in self._names]
         self._states: List[Dict[str, torch.Tensor]] = [states[n] for n in self._names]
+        if any(w.device != STORE_DEVICE for w in self._weights):
+            raise RuntimeError(f"ScratchPipe tables {self._names}: the backing store is not on {STORE_DEVICE}.")
         self._optim = ScratchPipeFusedOptimizer(config, self, pg)
         self._params: Optional[Dict[str, TableBatchedEmbeddingSlice]] = None  # built once, on first use
         self._token: Optional[int] = None  # names the batch of the next forward (set by the lookup)

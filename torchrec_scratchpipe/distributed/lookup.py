@@ -81,8 +81,15 @@ class ScratchPipeLookupMixin:
         prepared: List[PreparedBatch],
         forward_stream: Optional[Any] = None,
     ) -> None:
-        """Prefetch for TorchRec's caching kernels and queue the prepared ScratchPipe batches."""
+        """Prefetch for TorchRec's caching kernels and queue the prepared ScratchPipe batches.
+
+        ``forward_stream``: the CUDA stream the batch's forward will run on, when it is not
+        the current one (the batch's device tensors are handed to it: ``PreparedBatch.hand_to``).
+        """
         super().prefetch(sparse_features, forward_stream)  # type: ignore[misc]
+        if forward_stream is not None:
+            for p in prepared:
+                p.hand_to(forward_stream)
         if prepared:
             kernels = self.scratchpipe_kernels()
             self._tokens[sparse_features] = [(k, k.enqueue(p)) for k, p in zip(kernels, prepared)]

@@ -20,6 +20,7 @@ names outside its enum, so during ``plan()`` (and only then)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -59,6 +60,7 @@ from torchrec_scratchpipe.distributed.sharded_base import ScratchPipeSharderMixi
 from torchrec_scratchpipe.distributed.types import (
     FUSED_PARAMS_KEY,
     SCRATCHPIPE,
+    ScratchPipeParameterSharding,
     ScratchPipeTableParams,
     check_load_factor,
 )
@@ -83,6 +85,22 @@ def scratchpipe_kernel_registered() -> ContextManager[None]:
         ...     pass  # EmbeddingShardingPlanner.plan(...) accepts "scratchpipe" here
     """
     return compute_kernels_accepted([SCRATCHPIPE])
+
+
+def with_staging_rows(plan: ShardingPlan, summary: List[Dict[str, Any]]) -> ShardingPlan:
+    """``plan`` with every ``"scratchpipe"`` entry carrying the rows a step is expected to
+    move per shard of each ScratchPipe table (the estimator's ``rows_per_step``, the most
+    over a table's shards): the kernels size their staging rings with them."""
+    per_table: Dict[str, int] = {}
+    for r in summary:
+        per_table[r["table"]] = max(per_table.get(r["table"], 0), int(r["rows_per_step"]))
+    rows = tuple(sorted(per_table.items()))
+    for module_plan in plan.plan.values():
+        for name, ps in list(module_plan.items()):  # type: ignore[attr-defined]
+            if ps.compute_kernel == SCRATCHPIPE:
+                fields = {f.name: getattr(ps, f.name) for f in dataclasses.fields(ParameterSharding)}
+                module_plan[name] = ScratchPipeParameterSharding(**fields, staging_rows=rows)  # type: ignore[index]
+    return plan
 
 
 def scratchpipe_tables(constraints: Optional[Dict[str, ParameterConstraints]]) -> List[str]:
@@ -338,34 +356,11 @@ class ShardingPlanner(EmbeddingShardingPlanner):
             self._enumerator.check(module, sharders)
         with scratchpipe_kernel_registered():
             plan = super().plan(module, sharders)
-        for module_plan in plan.plan.values():
-            for name, ps in module_plan.items():  # type: ignore[attr-defined]
-                if ps.compute_kernel == SCRATCHPIPE:
-                    check_plan_entry(name, ps)
-        return plan
-
-    def collective_plan(
-        self,
-        module: nn.Module,
-        sharders: Optional[List[ModuleSharder[nn.Module]]] = None,
-        pg: Optional[dist.ProcessGroup] = None,
-    ) -> ShardingPlan:
-        """Plan on rank 0 and broadcast the plan, as TorchRec does; but when rank 0 refuses
-        (a ``ValueError`` from ``plan``), every rank raises it, instead of the other ranks
-        waiting for a plan that never comes."""
-        if pg is None:
-            if not dist.is_initialized():
-                raise ValueError("collective_plan needs an initialized process group; use plan() on one process.")
-            pg = dist.GroupMember.WORLD
-        chosen = sharders if sharders is not None else get_default_sharders()
-
-        def plan_or_refusal() -> Any:
-            try:
-                return self.plan(module, chosen)
-            except ValueError as e:
-                return _Refusal(str(e))
-
-        result = invoke_on_rank_and_broadcast_result(pg, 0, plan_or_refusal)  # type: ignore[arg-type]
-        if isinstance(result, _Refusal):
-            raise ValueError(f"{result.message} (refused by rank 0's planner)")
-        return result
+from torchrec_scratchpipe.distributed.sharded_base import ScratchPipeSharderMixin, check_plan_entry
+from torchrec_scratchpipe.distributed.types import (
+    FUSED_PARAMS_KEY,
+    SCRATCHPIPE,
+    ScratchPipeParameterSharding,
+    ScratchPipeTableParams,
+    check_load_factor,
+)

@@ -20,6 +20,7 @@ from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSha
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.distributed.kernel import ScratchPipeEmbeddingBag
 from torchrec_scratchpipe.distributed.lookup import ScratchPipeLookupMixin
+from torchrec_scratchpipe.distributed.placement import STORE_DEVICE, placed_spec
 from torchrec_scratchpipe.distributed.types import SCRATCHPIPE, check_load_factor, is_scratchpipe, to_runtime_sharding
 
 #: Sharding types ScratchPipe tables can use (pooled and sequence alike).
@@ -55,6 +56,17 @@ def check_plan_entry(name: str, ps: ParameterSharding) -> None:
         )
 
 
+#: Why a TorchRec train pipeline that prefetches cannot drive ScratchPipe tables, and what to use.
+PREFETCH_PIPELINE_REFUSED = (
+    "ScratchPipe tables are prefetched by torchrec_scratchpipe's ScratchPipeTrainPipeline "
+    "(torchrec_scratchpipe.distributed.pipeline), not by TorchRec's PrefetchTrainPipelineSparseDist: "
+    "that pipeline announces one batch ahead on its own stream and has ranks agree on nothing, while a "
+    "scratchpad plans L batches ahead with H in view and drops a batch any rank refuses on every rank. "
+    "Use ScratchPipeTrainPipeline(model, optimizer, device, lookahead, horizon); it also prefetches "
+    "TorchRec's fused_uvm_caching tables in the same model."
+)
+
+
 def unwrap(lookup: nn.Module) -> nn.Module:
     """The lookup inside TorchRec's DDP wrapper (data-parallel lookups are wrapped)."""
     while isinstance(lookup, DistributedDataParallel):
@@ -85,11 +97,17 @@ class ScratchPipeShardedMixin:
 
     def _initialize_torch_state(self, *args: Any, **kwargs: Any) -> None:
         # TorchRec leaves state handling of customized_kernel tables to subclasses. Ours
-        # expose store views exactly like ``fused``, so let TorchRec treat them as fused.
+        # expose store views exactly like ``fused``, so let TorchRec treat them as fused,
+        # with the shards placed where the store is (host memory), not where the plan
+        # trains them (the ShardedTensors' metadata must match their tensors' device).
         plan = self.module_sharding_plan
         self.module_sharding_plan = EmbeddingModuleShardingPlan(
             {
-                name: dataclasses.replace(ps, compute_kernel=EmbeddingComputeKernel.FUSED.value)
+                name: dataclasses.replace(
+                    ps,
+                    compute_kernel=EmbeddingComputeKernel.FUSED.value,
+                    sharding_spec=placed_spec(ps.sharding_spec, STORE_DEVICE),  # type: ignore[arg-type]
+                )
                 if is_scratchpipe(ps)
                 else ps
                 for name, ps in plan.items()
@@ -99,6 +117,36 @@ class ScratchPipeShardedMixin:
             super()._initialize_torch_state(*args, **kwargs)  # type: ignore[misc]  (1.6.1 takes no argument)
         finally:
             self.module_sharding_plan = plan
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """``Module._apply`` (``.to``, ``.cuda``, ``.half``, TorchRec's DDP wrapping) for every
+        tensor but the ScratchPipe tables' parameters.
+
+        Those parameters view the host-memory backing store (``named_parameters_by_table``):
+        moved or copied, they would be a full copy of each table on the device, and a later
+        ``load_state_dict`` would write into the copy instead of the store. They are left
+        out of ``fn``. TorchRec keeps its lookups (and so the kernels) outside the module
+        tree, so ``fn`` is shown to each kernel's engine first: the engines keep their
+        tensors where they are, and refuse ``fn`` if it asks for another device
+        (``ScratchPipeEmbeddingBags._apply``), before anything of this module changes.
+        """
+        kernels = self.scratchpipe_kernels()
+        for kernel in kernels:
+            kernel.engine._apply(fn)
+        views = {id(p) for kernel in kernels for _, p in kernel.named_parameters_by_table()}
+        held = []  # (module, its parameters as they were)
+        for module in self.modules():  # type: ignore[attr-defined]
+            if any(p is not None and id(p) in views for p in module._parameters.values()):
+                held.append((module, dict(module._parameters)))
+                for name in [n for n, p in module._parameters.items() if p is not None and id(p) in views]:
+                    del module._parameters[name]
+        try:
+            return super()._apply(fn, recurse)  # type: ignore[misc]
+        finally:
+            for module, before in held:  # the store views back, in their places
+                now = dict(module._parameters)
+                module._parameters.clear()
+                module._parameters.update({n: p if id(p) in views else now.get(n, p) for n, p in before.items()})
 
     def reset_parameters(self) -> None:
         super().reset_parameters()  # type: ignore[misc]
@@ -117,6 +165,18 @@ class ScratchPipeShardedMixin:
         """Reload resident slots from the store views (after a state dict was loaded)."""
         for kernel in self.scratchpipe_kernels():
             kernel.reload()
+
+    def prefetch(self, dist_input: KJTList, forward_stream: Optional[Any] = None, ctx: Optional[Any] = None) -> None:
+        """Announce a batch's input-dist output to every kernel (``prepare_prefetch``, then
+        ``commit_prefetch``), as TorchRec's ``prefetch`` does for its caching kernels.
+
+        Raises:
+            RuntimeError: called by one of TorchRec's train pipelines (they pass ``ctx``),
+                e.g. ``PrefetchTrainPipelineSparseDist``, on a module with ScratchPipe tables.
+        """
+        if ctx is not None and self.scratchpipe_kernels():
+            raise RuntimeError(PREFETCH_PIPELINE_REFUSED)
+        self.commit_prefetch(dist_input, self.prepare_prefetch(dist_input), forward_stream)
 
     def prepare_prefetch(self, dist_input: KJTList) -> List[Any]:
         """Validate a batch's input-dist output for every ScratchPipe kernel; nothing changes.

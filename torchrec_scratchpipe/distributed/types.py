@@ -42,6 +42,10 @@ class ScratchPipeTableParams:
         load_factor: scratchpad slots as a fraction of the shard's rows.
         options: sharder-wide ``ScratchPipeConfig`` fields (sorted ``(name, value)``
             pairs) from ``get_sharders(config)``; empty when no config was given.
+        staging_rows: ``(table, rows)`` for every ScratchPipe table of the plan: the rows a
+            step is expected to move into (and out of) one of its shards, as the planner's
+            estimator prices them; they size the staging rings. The same for every table
+            of a plan, and left out of comparisons, so tables group into kernels as before.
 
     Example::
 
@@ -52,9 +56,12 @@ class ScratchPipeTableParams:
 
     load_factor: float
     options: Tuple[Tuple[str, Any], ...] = ()
+    staging_rows: Tuple[Tuple[str, int], ...] = dataclasses.field(default=(), compare=False)
 
     @staticmethod
-    def build(load_factor: Optional[float], config: Optional[ScratchPipeConfig]) -> "ScratchPipeTableParams":
+    def build(
+        load_factor: Optional[float], config: Optional[ScratchPipeConfig], staging_rows: Tuple[Tuple[str, int], ...] = ()
+    ) -> "ScratchPipeTableParams":
         """Params for a table with ``load_factor`` (None: ``defaults.LIBRARY_LOAD_FACTOR``) under ``config``."""
         lf = capacity.resolve_load_factor(load_factor, "CacheParams.load_factor")
         options: Tuple[Tuple[str, Any], ...] = ()
@@ -66,7 +73,7 @@ class ScratchPipeTableParams:
                     if f.name not in _PER_TABLE_FIELDS
                 )
             )
-        return ScratchPipeTableParams(lf, options)
+        return ScratchPipeTableParams(lf, options, tuple(staging_rows))
 
 
 def check_load_factor(load_factor: Optional[float], table: str) -> None:
@@ -90,10 +97,13 @@ class ScratchPipeParameterSharding(ParameterSharding):
     table's settings, which TorchRec merges into the table's fused params.
 
     Args:
-        scratchpipe: the table's :class:`ScratchPipeTableParams`.
+        scratchpipe: the table's :class:`ScratchPipeTableParams` (set by the sharder).
+        staging_rows: set by ``ShardingPlanner`` on its ``"scratchpipe"`` entries: see
+            ``ScratchPipeTableParams.staging_rows``.
     """
 
     scratchpipe: Optional[ScratchPipeTableParams] = None
+    staging_rows: Tuple[Tuple[str, int], ...] = ()
 
     def get_additional_fused_params(self) -> Dict[str, Any]:
         """Fused params TorchRec adds for ``customized_kernel`` tables."""
@@ -121,4 +131,5 @@ def to_runtime_sharding(ps: ParameterSharding, config: Optional[ScratchPipeConfi
     fields = {f.name: getattr(ps, f.name) for f in dataclasses.fields(ParameterSharding)}
     fields["compute_kernel"] = CUSTOMIZED
     lf = ps.cache_params.load_factor if ps.cache_params is not None else None
-    return ScratchPipeParameterSharding(**fields, scratchpipe=ScratchPipeTableParams.build(lf, config))
+    rows = getattr(ps, "staging_rows", ())
+    return ScratchPipeParameterSharding(**fields, scratchpipe=ScratchPipeTableParams.build(lf, config, rows), staging_rows=rows)
