@@ -356,11 +356,34 @@ class ShardingPlanner(EmbeddingShardingPlanner):
             self._enumerator.check(module, sharders)
         with scratchpipe_kernel_registered():
             plan = super().plan(module, sharders)
-from torchrec_scratchpipe.distributed.sharded_base import ScratchPipeSharderMixin, check_plan_entry
-from torchrec_scratchpipe.distributed.types import (
-    FUSED_PARAMS_KEY,
-    SCRATCHPIPE,
-    ScratchPipeParameterSharding,
-    ScratchPipeTableParams,
-    check_load_factor,
-)
+        for module_plan in plan.plan.values():
+            for name, ps in module_plan.items():  # type: ignore[attr-defined]
+                if ps.compute_kernel == SCRATCHPIPE:
+                    check_plan_entry(name, ps)
+        return with_staging_rows(plan, self.scratchpipe_summary)
+
+    def collective_plan(
+        self,
+        module: nn.Module,
+        sharders: Optional[List[ModuleSharder[nn.Module]]] = None,
+        pg: Optional[dist.ProcessGroup] = None,
+    ) -> ShardingPlan:
+        """Plan on rank 0 and broadcast the plan, as TorchRec does; but when rank 0 refuses
+        (a ``ValueError`` from ``plan``), every rank raises it, instead of the other ranks
+        waiting for a plan that never comes."""
+        if pg is None:
+            if not dist.is_initialized():
+                raise ValueError("collective_plan needs an initialized process group; use plan() on one process.")
+            pg = dist.GroupMember.WORLD
+        chosen = sharders if sharders is not None else get_default_sharders()
+
+        def plan_or_refusal() -> Any:
+            try:
+                return self.plan(module, chosen)
+            except ValueError as e:
+                return _Refusal(str(e))
+
+        result = invoke_on_rank_and_broadcast_result(pg, 0, plan_or_refusal)  # type: ignore[arg-type]
+        if isinstance(result, _Refusal):
+            raise ValueError(f"{result.message} (refused by rank 0's planner)")
+        return result
