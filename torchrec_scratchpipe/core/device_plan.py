@@ -121,11 +121,16 @@ class DevicePlanner:
             per_feature: number of ids of each feature (int64, host).
         """
         n = values.numel()
-        dev = self.device
-        ids = values.to(dev, non_blocking=True).long() + torch.repeat_interleave(
-            feature_base.to(dev), per_feature.to(dev), output_size=n
-        )
+        base = self._on_device(feature_base)
+        ids = self._on_device(values).long() + torch.repeat_interleave(base, self._on_device(per_feature), output_size=n)
         return self.dedup(ids), ids
+
+    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the planner's device; from host memory to CUDA through pinned memory, so
+        the copy is asynchronous (the host does not wait for the device)."""
+        if self.device.type == "cuda" and t.device.type == "cpu":
+            return (t if t.is_pinned() else t.pin_memory()).to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     def dedup(self, ids: torch.Tensor) -> torch.Tensor:
         """Distinct rows of ``ids`` in first-seen order, padded with ``num_rows`` to ``len(ids)``."""
