@@ -27,6 +27,15 @@ from torchrec_scratchpipe import ScratchPipeConfig, ScratchPipeEmbeddingBags
 from torchrec_scratchpipe.core.validate import host_ids
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(autouse=True)
+def _host_planner(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These cases test the host planners' path on CUDA (staging ring, host mover hazards);
+    a CUDA engine would otherwise get the device planner (tests/test_device_cuda.py)."""
+    from torchrec_scratchpipe.core import native
+
+    monkeypatch.setenv("SCRATCHPIPE_PLANNER", "native" if native.available() else "torch")
 ROWS = [997, 300, 61]
 CUDA = torch.device("cuda")
 #: GPU cycles one delay spins (tens of milliseconds): far longer than any copy here.

@@ -59,24 +59,54 @@ def test_matches_full_table_training(
             torch.testing.assert_close(got, want.view(got.shape), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("path", ["native", "reference"])
+@pytest.mark.parametrize("path", ["native", "torch", "device"])
 @pytest.mark.parametrize("lookahead,horizon", [(4, 12)])
 @pytest.mark.parametrize("capacity", ["window", "batch"])
-def test_both_planner_paths_match(path: str, lookahead: int, horizon: int, capacity: str, monkeypatch) -> None:
-    """The C++ planner operator and the PyTorch reference both train like the full tables."""
+def test_every_planner_matches(path: str, lookahead: int, horizon: int, capacity: str, monkeypatch) -> None:
+    """The C++ planner operator, the PyTorch reference and the device planner (chosen by
+    ``SCRATCHPIPE_PLANNER``) all train like the full tables."""
     from torchrec_scratchpipe.core import native
 
     if path == "native" and not native.available():
         pytest.skip("native planner not built (python -m torchrec_scratchpipe.core.native)")
-    monkeypatch.setenv("SCRATCHPIPE_NATIVE", "1" if path == "native" else "0")
+    monkeypatch.setenv("SCRATCHPIPE_PLANNER", path)
     emb, ref, _ = run_pair([8, 8, 8], EmbOptimType.EXACT_ROWWISE_ADAGRAD, lookahead, horizon, capacity, False)
-    assert all(g.planner.native == (path == "native") for g in emb.groups.values())
+    assert all(g.planner.kind == path for g in emb.groups.values())
     assert emb.stats()["dim8_sum"]["train_misses"] == 0
     weights, states = emb.table_weights(), emb.optimizer_states()
     for name, w in ref.weights().items():
         torch.testing.assert_close(weights[name], w, atol=0, rtol=0)
         for got, want in zip(states[name].values(), ref.states()[name]):
             torch.testing.assert_close(got, want.view(got.shape), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("background", [True, False], ids=["background", "inline"])
+def test_device_planner_trains_as_the_host_planner_bit_for_bit(background: bool) -> None:
+    """Same plans, so the same moves and the same updates: weights, states and counters equal."""
+    stream = power_law_stream(ROWS, 60, BATCH, seed=4)
+    cache_rows = window_capacity(stream, ROWS, 0)  # the largest batch: the window stalls
+    runs = {}
+    for path in ("torch", "device"):
+        torch.manual_seed(0)  # the same initial weights
+        cfg = ScratchPipeConfig(cache_rows=cache_rows, lookahead=2, horizon=9, optimizer=EmbOptimType.EXACT_ADAGRAD,
+                                learning_rate=0.1, background_planning=background, planner=path)
+        emb = runs[path] = ScratchPipeEmbeddingBags(make_tables(ROWS, [8, 8, 8]), cfg)
+        for k in stream[:10]:
+            emb.prefetch(k)
+        for i, k in enumerate(stream):
+            emb(k).values().square().sum().backward()
+            if i + 10 < len(stream):
+                emb.prefetch(stream[i + 10])
+    host, dev = runs["torch"], runs["device"]
+    for name, w in host.table_weights().items():
+        assert torch.equal(dev.table_weights()[name], w), name
+        for a, b in zip(host.optimizer_states()[name].values(), dev.optimizer_states()[name].values()):
+            assert torch.equal(a, b), name
+    keep = ("plan_misses", "evictions", "window_stalls", "peak_held_rows", "h2d_rows", "d2h_rows", "unique_rows",
+            "lookups", "train_misses", "steps", "h2d_bytes", "d2h_bytes")
+    hs, ds = host.stats()["dim8_sum"], dev.stats()["dim8_sum"]
+    assert {k: hs[k] for k in keep} == {k: ds[k] for k in keep}
+    assert hs["window_stalls"] > 0 and hs["evictions"] > 0
 
 
 def test_mixed_dims_form_groups_and_match() -> None:

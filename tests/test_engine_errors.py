@@ -107,10 +107,21 @@ def test_unsupported_optimizer_on_cpu() -> None:
         ScratchPipeEmbeddingBags(make_tables(ROWS, [4, 4]), ScratchPipeConfig(optimizer=EmbOptimType.ADAM))
 
 
-def test_background_planning_is_refused_on_cuda() -> None:
-    cfg = ScratchPipeConfig(cache_rows=8, background_planning=True)
-    with pytest.raises(ValueError, match="background_planning=True needs a CPU scratchpad"):
-        ScratchPipeEmbeddingBags(make_tables(ROWS, [4, 4]), cfg, device=torch.device("cuda"))
+def test_unknown_planner_in_the_environment_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCRATCHPIPE_PLANNER", "gpu")
+    with pytest.raises(ValueError, match="SCRATCHPIPE_PLANNER must be one of 'native', 'device', 'torch'"):
+        ScratchPipeEmbeddingBags(make_tables(ROWS, [4, 4]), ScratchPipeConfig(cache_rows=8))
+
+
+@pytest.mark.parametrize("name", ["native", "device", "torch"])
+def test_planner_follows_the_config_over_the_environment(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchrec_scratchpipe.core import native
+
+    if name == "native" and not native.available():
+        pytest.skip("native planner not built")
+    monkeypatch.setenv("SCRATCHPIPE_PLANNER", "torch" if name != "torch" else "device")
+    emb = ScratchPipeEmbeddingBags(make_tables(ROWS, [4, 4]), ScratchPipeConfig(cache_rows=8, planner=name))
+    assert [g.planner.kind for g in emb.groups.values()] == [name]
 
 
 @pytest.mark.parametrize(
@@ -124,6 +135,7 @@ def test_background_planning_is_refused_on_cuda() -> None:
         ({"lookahead": 3, "horizon": 2}, "invalid window lookahead=3, horizon=2: need 0 <= lookahead <= horizon"),
         ({"lookahead": 1, "horizon": 2000}, "horizon <= 1024"),
         ({"victim_policy": "mru"}, "victim_policy must be one of"),
+        ({"planner": "gpu"}, "ScratchPipeConfig.planner must be one of 'native', 'device', 'torch'"),
     ],
 )
 def test_bad_config(kwargs: Dict[str, Any], message: str) -> None:

@@ -49,6 +49,8 @@ from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.core.layout import OPTIMIZERS_BY_NAME
 from torchrec_scratchpipe.core.engine import ScratchPipeEmbeddingBags
 from torchrec_scratchpipe.core.plan import SlotPlan
+from torchrec_scratchpipe.core.planner_api import PLANNER_KINDS
+from torchrec_scratchpipe.bench.launches import device_step_launches
 from torchrec_scratchpipe.data.synthetic import SyntheticClickLog, SyntheticConfig
 
 
@@ -68,6 +70,8 @@ class EngineBenchConfig:
         unpooled: a sequence workload: unpooled tables (``EmbeddingCollection`` style,
             TBE with ``PoolingMode.NONE``), ``pooling`` being the sequence length
             (e.g. ``--unpooled --batch-size 1024 --pooling 50``).
+        planner: ``ScratchPipeConfig.planner`` (``native``, ``torch``, ``device``; None:
+            ``SCRATCHPIPE_PLANNER``, else by device).
     """
 
     tables: int = 26
@@ -86,6 +90,7 @@ class EngineBenchConfig:
     seed: int = 0
     background_planning: Optional[bool] = None
     unpooled: bool = False
+    planner: Optional[str] = None
 
     def __post_init__(self) -> None:
         defaults.check_window(self.lookahead, self.horizon)
@@ -124,6 +129,7 @@ def _engine(cfg: EngineBenchConfig, device: torch.device) -> ScratchPipeEmbeddin
     sp = ScratchPipeConfig(
         load_factor=cfg.load_factor, lookahead=cfg.lookahead, horizon=cfg.horizon,
         optimizer=OPTIMIZERS_BY_NAME[defaults.OPTIMIZER], background_planning=cfg.background_planning,
+        planner=cfg.planner,
     )
     return ScratchPipeEmbeddingBags(tables, sp, device=device)
 
@@ -157,6 +163,17 @@ class _HostMoverProbe:
         t5 = time.perf_counter()
         self.offset += nbytes
         return {"host": (t1 - t0) + (t3 - t2), "memcpy": t5 - t4, "bytes": float(nbytes)}
+
+
+def _launches(cfg: EngineBenchConfig, emb: ScratchPipeEmbeddingBags, group: Any) -> int:
+    """Ops one plan-and-move step of a device-planned group dispatches (``bench.launches``), at
+    this run's sizes, counted on meta tensors (its steps have the same ops at every size).
+    Capacity is raised to fit the window by id count there: a stall check would read data."""
+    ids = cfg.batch_size * cfg.pooling
+    horizon = cfg.lookahead if cfg.horizon is None else cfg.horizon
+    capacity = max(group.capacity, (cfg.lookahead + 1) * ids * len(group.tables))
+    steps = device_step_launches(group.store.table_rows, capacity, ids, cfg.lookahead, horizon, group.layout, steps=2)
+    return steps[-1]
 
 
 def _median_rate(nbytes: List[float], seconds: List[float]) -> float:
@@ -240,7 +257,9 @@ def run(cfg: EngineBenchConfig) -> Dict[str, object]:
         "config": asdict(cfg),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),
-        "native_planner": group.planner.native,
+        "native_planner": group.planner.kind == "native",
+        "planner_kind": group.planner.kind,
+        "launches_per_step": _launches(cfg, emb, group) if group.planner.kind == "device" else None,
         "background_planning": emb.config.plans_in_background(device, batches[0].values().numel()),
         "full_tbe_step_ms": ms["full"],
         "scratchpipe_step_ms": step,
@@ -287,7 +306,8 @@ def format_table(result: Dict[str, Any]) -> str:
         ("    mover", f"{r['mover_background_ms']:.2f} ms"),
         ("planner cost to the step", f"{100 * r['planner_fraction']:.1f}% (on the training thread + waits)"),
         ("planner busy time", f"{100 * r['planner_busy_fraction']:.1f}% of step (both threads)"),
-        (f"planner per step ({'native' if r['native_planner'] else 'PyTorch'})", f"{r['planner_ms']:.2f} ms, {r['planner_m_ids_per_s']:.1f} M ids/s"),
+        ("planner launches per group per step", "host planner" if r["launches_per_step"] is None else str(r["launches_per_step"])),
+        (f"planner per step ({r['planner_kind']})", f"{r['planner_ms']:.2f} ms, {r['planner_m_ids_per_s']:.1f} M ids/s"),
         ("one-gather floor", f"{r['floor_ms']:.3f} ms, {r['floor_m_ids_per_s']:.0f} M ids/s"),
         ("planner / floor", f"{r['planner_floor_ratio']:.1f}x"),
         ("mover host side (gather + scatter)", f"{r['host_mover_ms']:.2f} ms, {r['host_mover_gbps']:.1f} GB/s"),
@@ -328,6 +348,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         if name == "background_planning":
             parser.add_argument(flag, choices=["auto", "on", "off"], default="auto",
                                 help="plan on a background thread (auto: ScratchPipeConfig's choice)")
+        elif name == "planner":
+            parser.add_argument(flag, choices=list(PLANNER_KINDS), default=None,
+                                help="slot planner (default: SCRATCHPIPE_PLANNER, else by device)")
         elif name == "device":
             parser.add_argument(flag, choices=["cpu", "cuda"], default=value, help="training device")
         elif isinstance(value, bool):

@@ -12,6 +12,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMo
 
 from torchrec_scratchpipe.core.capacity import check_load_factor, resolve_load_factor, slots_for_rows
 from torchrec_scratchpipe.core.policy import VictimPolicy
+from torchrec_scratchpipe.core.planner_api import check_planner
 from torchrec_scratchpipe.core.store_api import StoreSpec
 from torchrec_scratchpipe.defaults import LIBRARY_LOOKAHEAD, check_window
 
@@ -94,7 +95,13 @@ class ScratchPipeConfig:
             at least ``BACKGROUND_MIN_IDS`` ids in a table group. There, planning costs a
             large share of the step, and FBGEMM's CPU TBE keeps only about 1.4 of 2 cores busy;
             for smaller batches the second thread's contention costs more than it hides.
-            On CUDA the host already plans while the device trains, and True is refused.
+            On CUDA the host planners (``planner="native"`` or ``"torch"``) plan next to
+            the device's training anyway; True there overlaps their host work too.
+        planner: which slot planner a table group uses (``core/planner_api.py``):
+            ``"native"`` (the C++ operator, host maps), ``"torch"`` (the PyTorch
+            reference, host maps) or ``"device"`` (maps and plans on the scratchpad's
+            device, static shapes). None: ``SCRATCHPIPE_PLANNER``, else ``"native"`` on
+            CPU when built (``"torch"`` otherwise) and ``"device"`` on CUDA.
         store: where each table group keeps its full tables (``StoreSpec``): None or
             ``kind="host"`` in host memory; ``kind="file"`` in a file in ``directory``
             behind a host cache of ``host_cache_bytes`` per table (``core/file_store.py``).
@@ -121,6 +128,7 @@ class ScratchPipeConfig:
     victim_policy: VictimPolicy = VictimPolicy.FUTURE
     background_planning: Optional[bool] = None
     store: Optional[StoreSpec] = None
+    planner: Optional[str] = None
 
     def __post_init__(self) -> None:
         # Validation only. A field normalized here (e.g. a string turned into an enum) must be
@@ -134,6 +142,8 @@ class ScratchPipeConfig:
         check_tbe_options(options)
         object.__setattr__(self, "tbe_options", tuple(sorted(options.items())))
         object.__setattr__(self, "victim_policy", VictimPolicy.parse(self.victim_policy, "victim_policy"))
+        if self.planner is not None:
+            check_planner(self.planner, "ScratchPipeConfig.planner")
         if not isinstance(self.optimizer, EmbOptimType):
             raise ValueError(f"optimizer must be an fbgemm EmbOptimType, got {self.optimizer!r}.")
         if self.store is not None and not isinstance(self.store, StoreSpec):

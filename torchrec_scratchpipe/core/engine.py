@@ -111,11 +111,6 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         super().__init__()
         self.device = device or torch.device("cpu")
         check_optimizer(config.optimizer, self.device)
-        if config.background_planning and self.device.type != "cpu":
-            raise ValueError(
-                f"background_planning=True needs a CPU scratchpad, got device {self.device}: on CUDA "
-                "the host already plans while the device trains. Leave it None (automatic) or False."
-            )
         if not tables:
             raise ValueError("ScratchPipeEmbeddingBags needs at least one table.")
         self.unpooled = check_unpooled(tables)
@@ -208,8 +203,8 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
         self._background = self.config.plans_in_background(self.device, largest)
         for g, ((offsets, weights), rows, ids) in zip(self.groups.values(), batch.per_group):
             g.stats.planner_s += batch.seconds / len(self.groups)
-            g.stats.lookups += ids.numel()
-            g.stats.unique_rows += rows.numel()
+            g.stats.add("lookups", ids.numel())
+            g.stats.add("unique_rows", g.planner.row_count(rows))
             t1 = time.perf_counter()
             entry = g.window.push(rows, GroupBatch(ids, offsets, weights), fill=False, checked=True)  # next-use links: planner time
             g.stats.planner_s += time.perf_counter() - t1
@@ -296,7 +291,7 @@ class ScratchPipeEmbeddingBags(torch.nn.Module):
             for g, entry in zip(self.groups.values(), entries):
                 assert entry is not None and entry.plan is not None
                 plan, batch = entry.plan, entry.payload
-                g.stats.train_misses += int((g.planner.slot_to_row[plan.slots] != plan.rows).sum())
+                g.stats.add("train_misses", g.planner.train_misses(plan))
                 g.stats.steps += 1
                 g.mover.wait_ready(batch.ready)
                 # through pinned memory on CUDA: a pageable copy would make the host wait

@@ -14,10 +14,12 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec_scratchpipe.compat import PoolingMode
 from torchrec_scratchpipe.core.config import ScratchPipeConfig
 from torchrec_scratchpipe.core.layout import OUTPUT_DTYPE, RowLayout, weight_dtype_of
+from torchrec_scratchpipe.core.device_mover import DeviceMover
 from torchrec_scratchpipe.core.mover import Mover
-from torchrec_scratchpipe.core.plan import SlotPlanner
+from torchrec_scratchpipe.core.planner_api import make_planner
 from torchrec_scratchpipe.core.scratchpad import Scratchpad
 from torchrec_scratchpipe.core.stats import GroupStats
+from torchrec_scratchpipe.core.store import BackingStore
 from torchrec_scratchpipe.core.store_api import open_store
 from torchrec_scratchpipe.core.window import PlanWindow, WindowEntry
 
@@ -76,13 +78,23 @@ class TableGroup:
             config.store, [t.num_embeddings for t in tables], self.layout, packed_store, "+".join(t.name for t in tables)
         )
         self.capacity = config.slots_for(self.store.num_rows)
+        self.planner = make_planner(self.store.num_rows, self.capacity, config.victim_policy, device, config.planner)
+        on_device = self.planner.kind == "device"  # its mover inserts padding into one spare slot
+        if on_device and not isinstance(self.store, BackingStore):
+            raise ValueError(
+                f"table group {name!r}: the device planner's mover reads the host store directly, so it cannot "
+                "run over a file store; choose planner='native' or 'torch' (or SCRATCHPIPE_PLANNER) for file-backed tables."
+            )
         self.pad = Scratchpad(
-            self.capacity, self.layout, [len(t.feature_names) for t in tables], POOLING[pooling_of(tables[0])],
+            self.capacity + on_device, self.layout, [len(t.feature_names) for t in tables], POOLING[pooling_of(tables[0])],
             config, device, [t.name for t in tables],
         )
         self.stats = GroupStats()
-        self.planner = SlotPlanner(self.store.num_rows, self.capacity, config.victim_policy)
-        self.mover = Mover(self.store, self.pad, self.stats, rows_per_step=rows_per_step)
+        self.mover: Mover = (
+            DeviceMover(self.store, self.pad, self.stats, self.capacity)
+            if on_device and isinstance(self.store, BackingStore)
+            else Mover(self.store, self.pad, self.stats, rows_per_step=rows_per_step)
+        )
         self.window = PlanWindow(
             self.planner, config.lookahead, config.effective_horizon, self._on_planned,
             name=f"table group {name!r} (tables {[t.name for t in tables]})", stats=self.stats,
@@ -93,9 +105,14 @@ class TableGroup:
         t0 = time.perf_counter()
         plan = entry.plan
         assert plan is not None
-        self.stats.plan_misses += plan.miss_rows.numel()
-        self.stats.evictions += plan.victim_rows.numel()
-        self.stats.peak_held_rows = max(self.stats.peak_held_rows, plan.held_after)
+        if plan.counts is not None:  # a device plan: counts stay on the device
+            self.stats.add("plan_misses", plan.counts[1])
+            self.stats.add("evictions", plan.counts[2])
+            self.stats.peak("peak_held_rows", plan.counts[3])
+        else:
+            self.stats.add("plan_misses", plan.miss_rows.numel())
+            self.stats.add("evictions", plan.victim_rows.numel())
+            self.stats.peak("peak_held_rows", plan.held_after)
         entry.payload.ready = self.mover.move_in(plan)
         self.store.collected(entry.step)
         self.stats.mover_s += time.perf_counter() - t0
@@ -139,10 +156,10 @@ class TableGroup:
             offsets, weights: the group's bag offsets and per-sample weights (on ``device``).
             device: where the output goes.
         """
-        rows, inverse = torch.unique(group_ids, return_inverse=True)
+        rows, inverse = torch.unique(group_ids.cpu(), return_inverse=True)
         self.mover.land_all()  # evicted rows have landed in the store
         table = self.store.weights_of(rows).to(device)
-        slots = self.planner.row_to_slot.index_select(0, rows).long()
+        slots = self.planner.row_to_slot.index_select(0, rows.to(self.planner.device)).long().cpu()
         resident = (slots >= 0).nonzero().squeeze(1)
         for entry in self.window.planned:  # rows moved in for planned batches have arrived
             self.mover.wait_ready(entry.payload.ready)
@@ -163,7 +180,7 @@ class TableGroup:
         waiting = sum(not e.done for e in self.window.trained)
         return (
             f"table group {self.name!r} (tables {[t.name for t in self.tables]}): the batch needs "
-            f"{entry.rows.numel()} distinct rows, but {waiting} batch(es) that ran forward and "
+            f"{self.planner.distinct(entry.rows)} distinct rows, but {waiting} batch(es) that ran forward and "
             f"have not finished backward hold {self.planner.held_slots()} of the {self.capacity} "
             "slots. Call backward on those outputs first (their rows stay held until their "
             "update is done), run forwards you will not backward under torch.no_grad() or "

@@ -97,6 +97,8 @@ class Mover:
         Returns:
             On CUDA, an event the training stream must wait on before using the batch.
         """
+        if plan.counts is not None:  # padded with out-of-range sentinels: never index the store with it
+            raise TypeError("a device planner's plan is padded: move it with core/device_mover.DeviceMover.")
         self.stats.d2h_rows += plan.victim_rows.numel()
         self.stats.h2d_rows += plan.miss_rows.numel()
         self.stats.d2h_bytes += plan.victim_rows.numel() * self.row_bytes

@@ -15,7 +15,7 @@ from typing import Callable, Deque, List, Optional, Tuple, Union
 import torch
 
 from torchrec_scratchpipe.core import native as _native
-from torchrec_scratchpipe.core.next_use import Distance
+from torchrec_scratchpipe.core.next_use import Distance, NextUse
 from torchrec_scratchpipe.core.policy import VictimPolicy
 from torchrec_scratchpipe.core.recency import RankedSlots, RecencyQueue
 
@@ -45,6 +45,10 @@ class SlotPlan:
         victim_rows: resident rows evicted for them (to be written back).
         victim_slots: slots those victims held (a subset of ``miss_slots``).
         held_after: slots held by planned batches right after this plan.
+        counts: a device planner's plan (``core/device_plan.py``): its tensors are padded
+            to the batch's id count (rows with ``num_rows``, slots with ``capacity``) and
+            this int64 tensor holds ``[rows, misses, victims, held_after]`` on the device.
+            None: the fields above are exact.
     """
 
     step: int
@@ -55,6 +59,7 @@ class SlotPlan:
     victim_rows: torch.Tensor
     victim_slots: torch.Tensor
     held_after: int = 0
+    counts: Optional[torch.Tensor] = None
 
 
 class SlotPlanner:
@@ -111,6 +116,8 @@ class SlotPlanner:
         if native and dev.type != "cpu":
             raise ValueError(f"the native planner runs on CPU maps only, got device {dev}: pass native=None.")
         self.native = dev.type == "cpu" and _native.enabled(native)
+        self.kind = "native" if self.native else "torch"
+        self.device = dev
         self.row_to_slot = torch.full((num_rows,), -1, dtype=torch.int32, device=dev)
         self.slot_to_row = torch.full((capacity,), -1, dtype=torch.int64, device=dev)
         # Step of each slot's last plan (-1: never); entry ``capacity`` is a sink for misses.
@@ -150,6 +157,22 @@ class SlotPlanner:
     def resident(self) -> torch.Tensor:
         """Boolean mask over slots that hold a row."""
         return self.slot_to_row >= 0
+
+    def row_count(self, rows: torch.Tensor) -> int:
+        """Distinct rows in ``rows`` (as ``group_rows`` gives them: all of it)."""
+        return rows.numel()
+
+    def distinct(self, rows: torch.Tensor) -> int:
+        """``row_count`` (the planner seam's host count, ``core/planner_api.py``)."""
+        return rows.numel()
+
+    def new_next_use(self) -> NextUse:
+        """A next-use tracker over this planner's rows (native when the planner is)."""
+        return NextUse(self.num_rows, native=self.native)
+
+    def train_misses(self, plan: SlotPlan) -> int:
+        """Rows of ``plan`` not in their planned slot now (0 by construction)."""
+        return int((self.slot_to_row[plan.slots] != plan.rows).sum())
 
     def recency_order(self) -> torch.Tensor:
         """Unheld and held slots (int64) from least to most recently used (queue order)."""

@@ -17,8 +17,9 @@ from typing import Any, Callable, Deque, List, Optional
 
 import torch
 
-from torchrec_scratchpipe.core.next_use import Distance, NextUse
+from torchrec_scratchpipe.core.next_use import Distance
 from torchrec_scratchpipe.core.plan import CapacityError, SlotPlan, SlotPlanner
+from torchrec_scratchpipe.core.planner_api import NextUseTracker, Planner
 from torchrec_scratchpipe.core.stats import GroupStats
 from torchrec_scratchpipe.defaults import check_window
 
@@ -45,7 +46,7 @@ class PlanWindow:
     """Keeps batches from ``push`` to retirement and plans up to L ahead of training.
 
     Args:
-        planner: the slot planner of one scratchpad.
+        planner: the slot planner of one scratchpad (any ``core/planner_api.Planner``).
         lookahead: L; planning ahead stops once L+1 batches (those taken for training and
             not yet finished included) hold slots.
         horizon: H >= L; the victim policy sees the ids of batches up to H ahead of the
@@ -72,7 +73,7 @@ class PlanWindow:
 
     def __init__(
         self,
-        planner: SlotPlanner,
+        planner: Planner,
         lookahead: int,
         horizon: Optional[int] = None,
         on_planned: Optional[Callable[[WindowEntry], None]] = None,
@@ -89,7 +90,7 @@ class PlanWindow:
         self.planned: Deque[WindowEntry] = deque()
         self.pending: Deque[WindowEntry] = deque()
         self.next_step = 0
-        self.next_use = NextUse(planner.num_rows, native=planner.native)
+        self.next_use: NextUseTracker = planner.new_next_use()
 
     @property
     def stalls(self) -> int:
@@ -116,7 +117,10 @@ class PlanWindow:
             CapacityError: the batch alone has more distinct ``rows`` than the scratchpad
                 has slots (names the scratchpad, the rows needed and the slots).
         """
-        n, c = rows.numel(), self.planner.capacity
+        c = self.planner.capacity
+        if rows.numel() <= c:  # no count needed (a device planner's rows are padded: reading them waits)
+            return
+        n = self.planner.distinct(rows)
         if n > c:
             raise CapacityError(
                 f"{self.name}: one batch needs {n} distinct rows but the scratchpad has {c} slots. "
