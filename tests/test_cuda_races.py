@@ -159,3 +159,35 @@ def test_host_runs_ahead_of_the_device() -> None:
     timer.end()
     assert not torch.cuda.current_stream().query(), "the host waited for the device within a step"
     assert len(timer.flush()) == 1 and timer.syncs == 1
+
+
+@pytest.mark.parametrize("handed", [True, False], ids=["handed", "not_handed"])
+def test_a_batch_prepared_on_another_stream_is_handed_to_the_forward_stream(handed: bool) -> None:
+    """``PreparedBatch.hand_to`` (what ``commit(..., forward_stream)`` does): a batch whose
+    device tensors are made on a prefetch stream, behind a delay, trains right on the forward
+    stream; without the hand-off the forward reads its bag offsets before they exist."""
+    from engine_utils import FullTableReference, make_tables, power_law_stream
+
+    from torchrec_scratchpipe.core.config import ScratchPipeConfig
+    from torchrec_scratchpipe.core.engine import ScratchPipeEmbeddingBags
+
+    device = torch.device("cuda")
+    rows = [500, 300]
+    tables = make_tables(rows, [8, 8])
+    emb = ScratchPipeEmbeddingBags(tables, ScratchPipeConfig(cache_rows=256, lookahead=0,
+                                                             optimizer=EmbOptimType.EXACT_SGD), device)
+    ref = FullTableReference(tables, EmbOptimType.EXACT_SGD, lr=0.01, device=device)
+    ref.load(emb.table_weights())
+    kjt = power_law_stream(rows, 1, batch=64, seed=9)[0]
+    prefetch = torch.cuda.Stream()
+    with torch.cuda.stream(prefetch):
+        _delay(device)  # the prefetch stream is still busy when the forward is issued
+        on_device = kjt.to(device, non_blocking=True)
+        prepared = emb.prepare(on_device, host=host_ids(kjt))
+    if handed:
+        prepared.hand_to(torch.cuda.current_stream())
+    emb.enqueue(prepared)
+    out = emb(on_device).values()
+    torch.cuda.synchronize()
+    same = torch.equal(out, ref(kjt.to(device)))
+    assert same if handed else not same
