@@ -112,6 +112,23 @@ class FullTableReference:
                 kernel, j = self._tbe[t.name]
                 kernel.split_embedding_weights()[j].copy_(weights[t.name])
 
+    def load_states(self, states: Dict[str, Dict[str, torch.Tensor]]) -> None:
+        """Copy optimizer states in: ``{table: {state name: tensor}}``, in FBGEMM's order."""
+        with torch.no_grad():
+            for t in self.tables:
+                if t.name not in states:
+                    continue
+                kernel, j = self._tbe[t.name]
+                for dst, src in zip(kernel.emb_module.split_optimizer_states()[j], states[t.name].values()):
+                    dst.copy_(src.view(dst.shape))
+
+    def set_learning_rate(self, lr: float) -> None:
+        for kernel in self.kernels:
+            kernel.emb_module.set_learning_rate(lr)
+
+    def get_learning_rate(self) -> float:
+        return float(self.kernels[0].emb_module.get_learning_rate())
+
     def __call__(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         parts: Dict[str, torch.Tensor] = {}
         for kernel, idx in zip(self.kernels, self.members):
