@@ -130,10 +130,10 @@ def row_views(packed: torch.Tensor, layout: RowLayout) -> Dict[str, torch.Tensor
     Example::
 
         >>> from torchrec_scratchpipe.core.layout import EmbOptimType
-        >>> layout = RowLayout(EmbOptimType.EXACT_ROWWISE_ADAGRAD, dim=2)
+        >>> layout = RowLayout(EmbOptimType.EXACT_ROWWISE_ADAGRAD, dim=4)
         >>> v = row_views(torch.zeros(3, layout.bytes_per_row, dtype=torch.uint8), layout)
         >>> v["momentum1"].fill_(1.0).shape, v["weights"].shape, v["weights"].stride()
-        (torch.Size([3]), torch.Size([3, 2]), (3, 1))
+        (torch.Size([3]), torch.Size([3, 4]), (5, 1))
     """
     if packed.dim() != 2 or packed.dtype != torch.uint8 or packed.shape[1] != layout.bytes_per_row:
         raise ValueError(
@@ -159,9 +159,9 @@ def empty_rows(
     Example::
 
         >>> from torchrec_scratchpipe.core.layout import EmbOptimType
-        >>> layout = RowLayout(EmbOptimType.EXACT_SGD, dim=2)
+        >>> layout = RowLayout(EmbOptimType.EXACT_SGD, dim=4)
         >>> row_views(empty_rows(4, layout), layout)["weights"].shape
-        torch.Size([4, 2])
+        torch.Size([4, 4])
     """
     pin = pin and torch.cuda.is_available() and (device is None or torch.device(device).type == "cpu")
     out = torch.empty((n, layout.bytes_per_row), dtype=torch.uint8, device=device, pin_memory=pin)
