@@ -31,3 +31,10 @@ def test_dedup_scratch_is_one_bit_per_row_natively(rows: int) -> None:
         p = SlotPlanner(rows, 4, native=True)
         assert p._tag.numel() * p._tag.element_size() == (rows + 7) // 8
     assert SlotPlanner(rows, 4, native=False)._tag.numel() == rows
+
+
+@pytest.mark.parametrize("rows, slots", [(10, 0), (0, 4), (10, -1)])
+def test_an_empty_planner_is_refused(rows: int, slots: int) -> None:
+    with pytest.raises(ValueError, match=rf"capacity \({slots}\) and num_rows \({rows}\) must be positive"):
+        SlotPlanner(rows, slots, device=META)
+    SlotPlanner(1, 1, device=META)  # the smallest planner there is
