@@ -38,3 +38,18 @@ def test_an_empty_planner_is_refused(rows: int, slots: int) -> None:
     with pytest.raises(ValueError, match=rf"capacity \({slots}\) and num_rows \({rows}\) must be positive"):
         SlotPlanner(rows, slots, device=META)
     SlotPlanner(1, 1, device=META)  # the smallest planner there is
+
+
+@pytest.mark.skipif(not native.available(), reason="native planner not built")
+def test_a_native_planner_takes_any_next_use_callable_on_the_pytorch_path() -> None:
+    """``try_plan``'s ``next_use`` may be any callable (not only the window's ``Distance``):
+    a native planner then plans that batch on the PyTorch path, with the same result."""
+    plans = []
+    for flag in (True, False):
+        p = SlotPlanner(20, 3, native=flag)
+        far = lambda slots, p=p: torch.where(p.slot_to_row.index_select(0, slots) == 1, 1, 5).int()  # noqa: E731
+        got = [p.try_plan(torch.tensor([0, 1, 2]), 0, far)]
+        p.release(got[0])
+        got.append(p.try_plan(torch.tensor([3]), 1, far))  # row 1 is needed soonest: evict 0 or 2 first
+        plans.append([(g.miss_rows.tolist(), g.victim_rows.tolist()) for g in got])
+    assert plans[0] == plans[1] and plans[0][1][1] != [1]
