@@ -53,3 +53,18 @@ def test_a_native_planner_takes_any_next_use_callable_on_the_pytorch_path() -> N
         got.append(p.try_plan(torch.tensor([3]), 1, far))  # row 1 is needed soonest: evict 0 or 2 first
         plans.append([(g.miss_rows.tolist(), g.victim_rows.tolist()) for g in got])
     assert plans[0] == plans[1] and plans[0][1][1] != [1]
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_future_victims_come_from_beyond_the_first_queue_chunk(flag: bool) -> None:
+    """With more unheld slots than one walk chunk (65,536), rows no batch needs soon are still
+    the victims, even when every slot of the first chunk holds a row needed soon."""
+    if flag and not native.available():
+        pytest.skip("native planner not built")
+    n = 70_000
+    p = SlotPlanner(n + 10, n, native=flag)
+    p.release(p.try_plan(torch.arange(n), 0))  # the queue: rows 0 .. n-1, least recent first
+    soon = 66_000  # rows 0 .. soon-1 are needed at the next step; the rest never
+    dist = lambda slots: torch.where(p.slot_to_row.index_select(0, slots) < soon, 1, 2**31 - 1).int()  # noqa: E731
+    plan = p.try_plan(torch.arange(n, n + 10), 1, dist)
+    assert bool((plan.victim_rows >= soon).all()), plan.victim_rows
