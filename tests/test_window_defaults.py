@@ -24,3 +24,14 @@ def test_take_plans_the_next_batches_behind_the_one_taken() -> None:
     taken = w.take()
     assert taken is not None and taken.step == 0
     assert w.planned_steps() == [0, 1, 2]  # the taken batch and L = 2 behind it
+
+
+def test_clear_releases_the_dropped_plans() -> None:
+    p = SlotPlanner(100, 4)
+    w = PlanWindow(p, lookahead=1, horizon=2)
+    for i in range(3):
+        w.push(torch.tensor([2 * i, 2 * i + 1]))
+    assert p.held_slots() == 4  # two planned batches fill the slots
+    w.clear()
+    assert p.held_slots() == 0 and w.planned_steps() == []
+    assert w.push(torch.tensor([50, 51])).plan is not None and w.push(torch.tensor([60, 61])).plan is not None
