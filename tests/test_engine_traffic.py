@@ -58,7 +58,11 @@ def _train(policy: str) -> Dict[str, Dict[str, float]]:
         emb(k).values().sum().backward()
         if i + HORIZON + 1 < len(stream):
             emb.prefetch(stream[i + HORIZON + 1])
-    return emb.stats()
+    stats = emb.stats()
+    for name, g in emb.groups.items():  # bytes moved: whole packed rows (weights and optimizer state)
+        s = stats[name]
+        assert (s["h2d_bytes"], s["d2h_bytes"]) == (s["h2d_rows"] * g.layout.bytes_per_row, s["d2h_rows"] * g.layout.bytes_per_row)
+    return stats
 
 
 def _simulated(table: int, policy: str, num_rows: int) -> Tuple[int, int, BatchStream]:

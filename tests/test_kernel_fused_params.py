@@ -20,3 +20,10 @@ def test_cache_precision_must_be_the_tables_own() -> None:
     engine_config({"cache_precision": SparseType.FP16}, "['t0']", weights_precision=SparseType.FP16)  # the same: fine
     with pytest.raises(ValueError, match=r"ScratchPipe tables \['t0'\]: fused param cache_precision=.*differs from the tables' weights"):
         engine_config({"cache_precision": SparseType.FP16}, "['t0']", weights_precision=SparseType.FP32)
+
+
+def test_a_bad_setting_is_refused_naming_the_tables() -> None:
+    from torchrec_scratchpipe.distributed.types import FUSED_PARAMS_KEY, ScratchPipeTableParams
+
+    with pytest.raises(ValueError, match=r"^ScratchPipe tables \['t0'\]: load_factor must be > 0"):
+        engine_config({FUSED_PARAMS_KEY: ScratchPipeTableParams(-1.0)}, "['t0']")

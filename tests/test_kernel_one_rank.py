@@ -72,3 +72,19 @@ def test_hyper_parameter_updates_reach_the_engine_or_are_refused_by_name(one_ran
         with pytest.raises(ValueError, match=r"can only update the learning rate, got \['eps', 'lr'\]"):
             kernel.fused_optimizer.update_hyper_parameters({"lr": 0.5, "eps": 0.1})
         assert abs(kernel.engine.get_learning_rate() - 0.125) < 1e-7  # refused before any change
+
+
+def test_parameters_and_stats_by_table_as_fused_names_them(one_rank: None) -> None:
+    import torchrec_scratchpipe.distributed as tsp
+
+    sp, ref, _ = _pair()
+    fused = [k for lookup in ref.module._lookups for k in lookup._emb_modules]
+    for kernel in tsp.scratchpipe_kernels(sp):
+        names = {f"{t}.weight" for t in kernel.table_names}
+        want = {n for k in fused for n, _ in k.named_parameters() if n in names}
+        assert {n for n, _ in kernel.named_parameters()} == want == names
+        stats = kernel.stats()
+        assert set(stats) == set(kernel.engine.groups)
+        for group, s in stats.items():
+            g = kernel.engine.groups[group]
+            assert s["tables"] == [t.name for t in g.tables] and s["rows"] == g.store.num_rows, group

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
+import pytest
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
 from engine_utils import FullTableReference, make_tables, power_law_stream, train_and_compare, window_capacity
 from torchrec_scratchpipe import ScratchPipeConfig, ScratchPipeEmbeddingBags
+from torchrec_scratchpipe.core.mover import Mover, staging_ring
 
 ROWS = [200, 150, 120, 90]
 DIMS = [8, 16, 8, 4]  # three groups: dim8 (t0, t2), dim16 (t1), dim4 (t3)
@@ -38,7 +40,9 @@ def _assert_resident_slots_hold_the_store(emb: ScratchPipeEmbeddingBags) -> None
             assert torch.equal(tensor.detach()[slots], g.store.states[state][rows]), f"group {name}: stale {state}"
 
 
-def test_live_load_refreshes_every_group() -> None:
+@pytest.mark.parametrize("staged", [False, True])
+def test_live_load_refreshes_every_group(staged: bool) -> None:
+    """``staged``: rows move through a small ring of staging buffers (the CUDA path, run on CPU)."""
     lookahead, horizon = 2, 4
     tables = make_tables(ROWS, DIMS)
     stream = power_law_stream(ROWS, 16, 8, seed=3)
@@ -46,6 +50,9 @@ def test_live_load_refreshes_every_group() -> None:
                             optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.1, background_planning=False)
     emb = ScratchPipeEmbeddingBags(tables, cfg)
     assert len(emb.groups) == 3
+    if staged:
+        for g in emb.groups.values():
+            g.mover = Mover(g.store, g.pad, g.stats, ring=staging_ring(g.store, g.capacity, pin=False, buffers=2, buffer_bytes=1 << 10))
     ref = FullTableReference(tables, cfg.optimizer, lr=0.1)
     ref.load(emb.table_weights())
     loaded = {}

@@ -335,6 +335,7 @@ def main() -> None:
     ap.add_argument("modules", nargs="*")
     ap.add_argument("--list", action="store_true", help="print the module -> tests map and stop")
     ap.add_argument("--retest", action="store_true", help="rerun only the survivors of each module's last run")
+    ap.add_argument("--reclassify", action="store_true", help="classify each module's last results again with equivalent.toml as it is now")
     ap.add_argument("--markdown", action="store_true", help="print summary.json as docs/benchmarks.md's tables and stop")
     ap.add_argument("--count", action="store_true", help="count each module's mutants (no tests run) and stop")
     ap.add_argument("--max-mutants", type=int, default=None, help="run at most N mutants per module (the rest are skipped, and reported)")
@@ -346,6 +347,20 @@ def main() -> None:
             print(f"{m}: {' '.join(modmap[m]['tests']) or '(none)'}")
         return
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.reclassify:
+        for m in todo:
+            name = m.replace("/", "__").removesuffix(".py")
+            path, session = OUT / f"{name}.json", OUT / f"{name}.sqlite"
+            if not (path.exists() and session.exists()):
+                continue
+            prev = json.loads(path.read_text())
+            if prev.get("source_sha") not in (None, _sha(ROOT / PACKAGE / m)):
+                raise SystemExit(f"{m} changed since its run: run it again.")
+            source = (ROOT / PACKAGE / m).read_text().splitlines()
+            prev.update(classify(m, cosmic("dump", str(session), cwd=OUT), source, load_equivalents()))
+            path.write_text(json.dumps(prev, indent=1))
+        (OUT / "summary.json").write_text(json.dumps(summarize(collect()), indent=1))
+        return
     if args.markdown:
         print(markdown(summarize(collect())))
         return
