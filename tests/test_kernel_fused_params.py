@@ -25,5 +25,5 @@ def test_cache_precision_must_be_the_tables_own() -> None:
 def test_a_bad_setting_is_refused_naming_the_tables() -> None:
     from torchrec_scratchpipe.distributed.types import FUSED_PARAMS_KEY, ScratchPipeTableParams
 
-    with pytest.raises(ValueError, match=r"^ScratchPipe tables \['t0'\]: load_factor must be > 0"):
+    with pytest.raises(ValueError, match=r"^ScratchPipe tables \[.t0.\]: load_factor must be a fraction"):
         engine_config({FUSED_PARAMS_KEY: ScratchPipeTableParams(-1.0)}, "['t0']")

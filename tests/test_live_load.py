@@ -16,7 +16,7 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
 from engine_utils import FullTableReference, make_tables, power_law_stream, train_and_compare, window_capacity
 from torchrec_scratchpipe import ScratchPipeConfig, ScratchPipeEmbeddingBags
-from torchrec_scratchpipe.core.mover import Mover, staging_ring
+from torchrec_scratchpipe.core.mover import Mover, staging_rings
 
 ROWS = [200, 150, 120, 90]
 DIMS = [8, 16, 8, 4]  # three groups: dim8 (t0, t2), dim16 (t1), dim4 (t3)
@@ -52,7 +52,7 @@ def test_live_load_refreshes_every_group(staged: bool) -> None:
     assert len(emb.groups) == 3
     if staged:
         for g in emb.groups.values():
-            g.mover = Mover(g.store, g.pad, g.stats, ring=staging_ring(g.store, g.capacity, pin=False, buffers=2, buffer_bytes=1 << 10))
+            g.mover = Mover(g.store, g.pad, g.stats, rings=staging_rings(g.store, g.capacity, pin=False, buffers=2, buffer_bytes=1 << 10))
     ref = FullTableReference(tables, cfg.optimizer, lr=0.1)
     ref.load(emb.table_weights())
     loaded = {}
