@@ -47,7 +47,7 @@ from typing import Deque, Optional, Tuple, Union
 import torch
 
 from torchrec_scratchpipe.core.device_next_use import DeviceNextUse
-from torchrec_scratchpipe.core.plan import NEVER, CapacityError, NextUseFn, SlotPlan
+from torchrec_scratchpipe.core.plan import NEVER, CapacityError, NextUseFn, SlotPlan, check_planner_size
 from torchrec_scratchpipe.core.policy import VictimPolicy
 from torchrec_scratchpipe.defaults import MAX_HORIZON
 
@@ -81,10 +81,7 @@ class DevicePlanner:
         policy: Union[VictimPolicy, str] = VictimPolicy.FUTURE,
         device: Optional[torch.device] = None,
     ) -> None:
-        if capacity <= 0 or num_rows <= 0:
-            raise ValueError(f"capacity ({capacity}) and num_rows ({num_rows}) must be positive.")
-        if capacity >= 2**31 - 1:
-            raise ValueError(f"capacity ({capacity}) must be below 2**31 - 1 slots.")
+        check_planner_size(num_rows, capacity)
         self.num_rows = num_rows
         self.capacity = capacity
         self.policy = VictimPolicy.parse(policy)

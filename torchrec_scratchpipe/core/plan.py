@@ -62,6 +62,15 @@ class SlotPlan:
     counts: Optional[torch.Tensor] = None
 
 
+def check_planner_size(num_rows: int, capacity: int) -> None:
+    """Raise a ValueError unless a planner of ``capacity`` slots over ``num_rows`` rows can exist
+    (both positive; slots fit the int32 maps). Every planner checks this."""
+    if capacity <= 0 or num_rows <= 0:
+        raise ValueError(f"capacity ({capacity}) and num_rows ({num_rows}) must be positive.")
+    if capacity >= 2**31 - 1:
+        raise ValueError(f"capacity ({capacity}) must be below 2**31 - 1 slots.")
+
+
 class SlotPlanner:
     """Slot map (row -> slot, slot -> row), holds and victim choice.
 
@@ -104,10 +113,7 @@ class SlotPlanner:
         device: Optional[torch.device] = None,
         native: Optional[bool] = None,
     ) -> None:
-        if capacity <= 0 or num_rows <= 0:
-            raise ValueError(f"capacity ({capacity}) and num_rows ({num_rows}) must be positive.")
-        if capacity >= 2**31 - 1:
-            raise ValueError(f"capacity ({capacity}) must be below 2**31 - 1 slots.")
+        check_planner_size(num_rows, capacity)
         self.num_rows = num_rows
         self.capacity = capacity
         self.policy = VictimPolicy.parse(policy)
