@@ -138,8 +138,9 @@ def run_ab(cfg: ABConfig) -> Dict[str, Any]:
     its error in place of its numbers; the other arms still run (see :func:`failures`).
     """
     device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads = cfg.threads_on(device)
+    if threads:
+        torch.set_num_threads(threads)
     work = sequence_workload(cfg) if cfg.model == "sequence" else dlrm_workload(cfg)
     spec, batches = work.spec, work.batches
     init_single_process_group()
@@ -233,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=non_negative_int, default=d.seed, help="seed of the data and initial weights")
     train.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
     train.add_argument("--threads", type=non_negative_int, default=d.threads,
-                       help="torch CPU threads (0: torch's default; more than the free cores slow CPU runs)")
+                       help="torch CPU threads (0: torch's default; default: 1 on CPU, where more than the free "
+                            "cores slow runs, the host's own count on CUDA)")
     store = p.add_argument_group("backing store of the ScratchPipe arms")
     store.add_argument("--store", default=d.store,
                        help="host (tables in host memory) | file:DIR (a file per table group in DIR, behind a host cache)")

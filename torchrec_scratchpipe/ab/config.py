@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+import torch
+
 from torchrec_scratchpipe import defaults
 from torchrec_scratchpipe.cli import tool_window
 from torchrec_scratchpipe.core.capacity import check_load_factor
@@ -49,8 +51,10 @@ class ABConfig:
             Every ScratchPipe arm must be bitwise equal to ``fused`` with each of them.
         seed: seed of the data and of the initial weights.
         out: output folder for the Markdown table, JSON and plots.
-        threads: torch CPU threads (0: torch's default). One is the default: the ops are
-            small, and on a busy machine more threads than free cores slow CPU runs tenfold.
+        threads: torch CPU threads (0: torch's default, the host's cores). None (default):
+            one on CPU, where the ops are small and on a busy machine more threads than free
+            cores slow runs tenfold; the host's own count on CUDA, where the host plans and
+            launches next to the device (``threads_on``).
         progress: show tqdm bars.
         store, host_cache_mb: the ScratchPipe arms' backing store, ``"host"`` or
             ``"file:DIR"`` with a host cache of ``host_cache_mb`` MiB per table
@@ -85,7 +89,7 @@ class ABConfig:
     learning_rate: float = defaults.LEARNING_RATE
     seed: int = defaults.SEED
     out: Path = Path("out/ab")
-    threads: int = 1
+    threads: Optional[int] = None
     progress: bool = True
     # -- backing store of the ScratchPipe arms (issue 22) --
     store: str = "host"
@@ -114,7 +118,7 @@ class ABConfig:
             tool_window(L, self.horizon, "--lookaheads")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
-        if self.threads < 0:
+        if self.threads is not None and self.threads < 0:
             raise ValueError(f"--threads must be >= 0, got {self.threads}.")
         if self.steps <= 0 or self.warmup < 0:
             raise ValueError(f"--steps must be > 0 and --warmup >= 0, got {self.steps} and {self.warmup}.")
@@ -130,6 +134,21 @@ class ABConfig:
     def store_spec(self) -> StoreSpec:
         """The ScratchPipe arms' ``StoreSpec`` (raises a ValueError naming the flag)."""
         return StoreSpec.parse(self.store, self.host_cache_mb)
+
+    def threads_on(self, device: torch.device) -> int:
+        """torch CPU threads for a run on ``device`` (0: leave torch's default).
+
+        Example::
+
+            >>> import torch
+            >>> ABConfig().threads_on(torch.device("cpu")), ABConfig().threads_on(torch.device("cuda"))
+            (1, 0)
+            >>> ABConfig(threads=3).threads_on(torch.device("cuda"))
+            3
+        """
+        if self.threads is not None:
+            return self.threads
+        return defaults.THREADS if device.type == "cpu" else 0
 
     def horizon_for(self, lookahead: int) -> int:
         """H of the ScratchPipe arm with lookahead ``lookahead``."""
