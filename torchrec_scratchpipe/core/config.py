@@ -11,6 +11,7 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMode
 
 from torchrec_scratchpipe.core.capacity import check_load_factor, resolve_load_factor, slots_for_rows
+from torchrec_scratchpipe.core.layout import TBE_DEFAULT_OPTIMIZER
 from torchrec_scratchpipe.core.policy import VictimPolicy
 from torchrec_scratchpipe.core.planner_api import check_planner
 from torchrec_scratchpipe.core.store_api import StoreSpec
@@ -76,7 +77,10 @@ class ScratchPipeConfig:
         horizon: H >= L, batches ahead of the training batch whose ids the victim policy
             may look at (ids only; nothing moves for them). Defaults to ``lookahead``.
             ``defaults.check_window`` validates the pair.
-        optimizer: fused optimizer applied in backward inside the scratchpad.
+        optimizer: fused optimizer applied in backward inside the scratchpad. Default:
+            FBGEMM TBE's own (``layout.TBE_DEFAULT_OPTIMIZER``, exact SGD), what ``fused``
+            trains with when TorchRec passes none, so a config given to ``get_sharders``
+            does not change the fallback.
         learning_rate, eps, weight_decay, beta1, beta2: optimizer hyper-parameters,
             passed to FBGEMM's TBE.
         stochastic_rounding: round FP16 weight updates stochastically (FBGEMM TBE's
@@ -117,7 +121,7 @@ class ScratchPipeConfig:
     load_factor: Optional[float] = None
     lookahead: int = LIBRARY_LOOKAHEAD
     horizon: Optional[int] = None
-    optimizer: EmbOptimType = EmbOptimType.EXACT_ROWWISE_ADAGRAD
+    optimizer: EmbOptimType = TBE_DEFAULT_OPTIMIZER
     learning_rate: float = 0.01
     eps: float = 1e-8
     weight_decay: float = 0.0
