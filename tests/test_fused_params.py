@@ -208,3 +208,18 @@ def test_gradient_clipping_under_dmp_is_bitwise_fused() -> None:
 
     (diff,) = spawn(_clipped_pair, 1)
     assert diff == 0.0
+
+
+def test_a_sharder_config_does_not_change_the_fallback_optimizer() -> None:
+    """``get_sharders(ScratchPipeConfig(lookahead=2))`` trains what ``fused`` would with no
+    optimizer given (FBGEMM TBE's default); an optimizer the config names is the fallback."""
+    from torchrec_scratchpipe.distributed.types import FUSED_PARAMS_KEY, ScratchPipeTableParams
+
+    def fallback(config: ScratchPipeConfig) -> EmbOptimType:
+        return engine_config({FUSED_PARAMS_KEY: ScratchPipeTableParams.build(0.1, config)}).optimizer
+
+    assert fallback(ScratchPipeConfig(lookahead=2)) == engine_config({}).optimizer == TBE_DEFAULTS["optimizer"]
+    assert TBE_DEFAULTS["optimizer"] == EmbOptimType.EXACT_SGD
+    assert fallback(ScratchPipeConfig(optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD)) == EmbOptimType.EXACT_ROWWISE_ADAGRAD
+    assert engine_config({FUSED_PARAMS_KEY: ScratchPipeTableParams.build(0.1, ScratchPipeConfig(lookahead=2)),
+                          "optimizer": EmbOptimType.EXACT_ADAGRAD}).optimizer == EmbOptimType.EXACT_ADAGRAD  # TorchRec's wins
