@@ -29,10 +29,10 @@ TOL = 0.0  # bit for bit with fused (max |diff| == 0)
 SP_TABLES = ("t_big", "t_mid", "t_odd")
 
 
-def _fused_params() -> Dict[str, Any]:
+def _fused_params(optimizer: Optional[Any] = None) -> Dict[str, Any]:
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
-    return {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.1, "eps": 1e-8}
+    return {"optimizer": optimizer or EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.1, "eps": 1e-8}
 
 
 def _load_factors(tables: List[Any], sharding: str, world_size: int) -> Dict[str, float]:
@@ -94,14 +94,14 @@ def _sp_sharders(fp: Dict[str, Any], store_dir: Optional[str]) -> List[Any]:
 
 def _equivalence(
     rank: int, ws: int, sharding: str, ebc: Any, full: Dict[str, torch.Tensor], steps: int = STEPS,
-    store_dir: Optional[str] = None,
+    store_dir: Optional[str] = None, optimizer: Optional[Any] = None,
 ) -> Dict[str, Any]:
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 
     import torchrec_scratchpipe.distributed as tsp
 
     tables = make_tables()
-    fp = _fused_params()
+    fp = _fused_params(optimizer)
     lfs = _load_factors(tables, sharding, ws)
     # column-wise: t_big (dim 16) splits into two 8-column shards, one per rank
     extra: Dict[str, Any] = {"min_partition": 8} if sharding == "column_wise" else {}
@@ -229,6 +229,11 @@ def _all_checks(rank: int, ws: int, store_dir: Optional[str] = None) -> Dict[str
         return out
     if ws > 1:  # column-wise needs two ranks to split a table; fewer steps keep it quick
         out["column_wise"] = _equivalence(rank, ws, "column_wise", ebc, full, steps=40)
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+    # exact (per-column) Adagrad too, bit for bit: row-wise on two ranks, table-wise on one
+    out["adagrad"] = _equivalence(rank, ws, "row_wise" if ws > 1 else "table_wise", ebc, full, steps=30,
+                                  optimizer=EmbOptimType.EXACT_ADAGRAD)
     out["lookahead"] = _lookahead(rank, ws, ebc, full)
     out["sgd"] = _sgd_in_backward(rank, ws, full)
     if ws == 1:
@@ -260,6 +265,8 @@ def _check(results: List[Dict[str, Any]], ws: int, store: bool = False) -> None:
             continue
         la = res["lookahead"]
         assert la["out"] <= TOL and la["final"] <= TOL, la
+        ada = res["adagrad"]
+        assert ada["out"] <= TOL and ada["final"] <= TOL and ada["swap_final"] <= TOL, ada
         assert la["train_misses"] == 0 and set(la["steps"].values()) == {30}, la
         sgd = res["sgd"]
         assert sgd["out"] <= TOL and sgd["final"] <= TOL and sgd["moved"] > 0.01, sgd
