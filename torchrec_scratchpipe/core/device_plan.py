@@ -47,7 +47,7 @@ from typing import Deque, Optional, Tuple, Union
 import torch
 
 from torchrec_scratchpipe.core.device_next_use import DeviceNextUse
-from torchrec_scratchpipe.core.plan import NEVER, CapacityError, NextUseFn, SlotPlan, check_planner_size
+from torchrec_scratchpipe.core.plan import NEVER, CapacityError, NextUseFn, SlotPlan, check_planner_size, release_oldest
 from torchrec_scratchpipe.core.policy import VictimPolicy
 from torchrec_scratchpipe.defaults import MAX_HORIZON
 
@@ -168,13 +168,7 @@ class DevicePlanner:
 
     def release(self, plan: SlotPlan) -> None:
         """Drop the holds of the oldest planned batch once it has finished training."""
-        if not self._held or self._held[0][0] != plan.step:
-            oldest = self._held[0][0] if self._held else None
-            raise RuntimeError(
-                f"release() of step {plan.step}, but the oldest unreleased plan is step {oldest}: "
-                "release batches in the order they were planned."
-            )
-        self._held.popleft()
+        release_oldest(self._held, plan.step)
 
     def unrank(self) -> None:
         """Nothing is ranked across plans here: every plan ranks every slot afresh."""

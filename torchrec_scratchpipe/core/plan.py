@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from collections import deque
-from typing import Callable, Deque, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, List, Optional, Tuple, Union
 
 import torch
 
@@ -60,6 +60,18 @@ class SlotPlan:
     victim_slots: torch.Tensor
     held_after: int = 0
     counts: Optional[torch.Tensor] = None
+
+
+def release_oldest(held: Deque[Any], step: int) -> None:
+    """Pop the oldest hold of a planner's queue (entries start with their step), which must
+    be ``step``'s: batches are released in the order they were planned."""
+    if not held or held[0][0] != step:
+        oldest = held[0][0] if held else None
+        raise RuntimeError(
+            f"release() of step {step}, but the oldest unreleased plan is step {oldest}: "
+            "release batches in the order they were planned."
+        )
+    held.popleft()
 
 
 def check_planner_size(num_rows: int, capacity: int) -> None:
@@ -303,13 +315,7 @@ class SlotPlanner:
 
     def release(self, plan: SlotPlan) -> None:
         """Drop the holds of the oldest planned batch once it has finished training."""
-        if not self._held or self._held[0][0] != plan.step:
-            oldest = self._held[0][0] if self._held else None
-            raise RuntimeError(
-                f"release() of step {plan.step}, but the oldest unreleased plan is step {oldest}: "
-                "release batches in the order they were planned."
-            )
-        self._held.popleft()
+        release_oldest(self._held, plan.step)
 
     def _hold(self, moved: torch.Tensor, oldest_held: int, step: int, n: int) -> None:
         """Count the new plan's slots as held at ``step``, moving hits off older held steps.
