@@ -18,8 +18,8 @@ def check_load_factor(value: Any, what: str = "load_factor") -> float:
 
     Example::
 
-        >>> check_load_factor(0.25)
-        0.25
+        >>> check_load_factor(0.25), check_load_factor(1)
+        (0.25, 1.0)
         >>> check_load_factor(float("inf"), "CacheParams.load_factor")
         Traceback (most recent call last):
         ...
